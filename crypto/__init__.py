@@ -1,0 +1,1 @@
+"""Envelope encryption: key-encryption keys, per-installation data keys, sealed records."""

@@ -1,0 +1,1 @@
+"""The HTTP edge of telemetry-ingest: routes, auth, validation, batching, metrics."""

@@ -1,0 +1,130 @@
+"""Bearer-token authentication with a bounded cache that follows revocations within a second."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+
+import asyncpg
+from aiohttp import web
+
+from crypto.tokens import MAX_TOKEN_LENGTH, hash_token, role_of, same_hash
+from ingest.errors import Forbidden, Unauthorized
+from storage import tokens as token_store
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.25  # revocations reach every worker within about this long
+CACHE_TTL = 60.0  # belt and braces: even a missed revocation expires from the cache
+# Revocation numbers are handed out before commit, so they can become visible slightly out of
+# order; re-reading a short overlap makes sure a late-committing revocation is not skipped.
+_OVERLAP = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a token id (safe to log) and what it is bound to."""
+
+    token_id: str
+    role: str
+    install_id: uuid.UUID | None
+    agent_id: uuid.UUID | None
+
+
+class Authenticator:
+    """Resolves bearer tokens to principals; cached, bounded, revocation-aware."""
+
+    def __init__(self, pool: asyncpg.Pool, *, max_entries: int = 100_000, on_revoke: Callable[[uuid.UUID], None] | None = None) -> None:
+        self._pool = pool
+        self._max = max_entries
+        self._cache: OrderedDict[bytes, tuple[Principal, float]] = OrderedDict()
+        self._hash_by_id: dict[str, bytes] = {}
+        self._position = 0
+        self._on_revoke = on_revoke
+
+    async def authenticate(self, request: web.Request, *roles: str) -> Principal:
+        """The principal behind the request's bearer token, which must have one of roles."""
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN_LENGTH or role_of(token) is None:
+            raise Unauthorized("a valid bearer token is required")
+        principal = await self.resolve(token)
+        if principal.role not in roles:
+            raise Forbidden("this token's role may not call this endpoint")
+        return principal
+
+    async def resolve(self, token: str) -> Principal:
+        """Look a token up (cache first); Unauthorized if unknown or revoked."""
+        digest = hash_token(token)
+        hit = self._cache.get(digest)
+        now = time.monotonic()
+        if hit is not None and now - hit[1] < CACHE_TTL:
+            self._cache.move_to_end(digest)
+            return hit[0]
+        async with self._pool.acquire() as conn:
+            row = await token_store.find_active(conn, digest)
+        if row is None or not same_hash(row.token_hash, digest):
+            self._forget(digest)
+            raise Unauthorized("unknown or revoked token")
+        principal = Principal(row.token_id, row.role, row.install_id, row.agent_id)
+        self._cache[digest] = (principal, now)
+        self._hash_by_id[row.token_id] = digest
+        while len(self._cache) > self._max:
+            old, (p, _) = self._cache.popitem(last=False)
+            self._hash_by_id.pop(p.token_id, None)
+        return principal
+
+    def _forget(self, digest: bytes) -> None:
+        hit = self._cache.pop(digest, None)
+        if hit is not None:
+            self._hash_by_id.pop(hit[0].token_id, None)
+
+    async def start_following(self) -> None:
+        """Learn where the revocation log stands now (cache is empty, so nothing to evict)."""
+        async with self._pool.acquire() as conn:
+            self._position = await token_store.revocation_position(conn)
+
+    async def poll_revocations(self) -> int:
+        """Evict every token revoked since the last poll; returns how many were seen."""
+        async with self._pool.acquire() as conn:
+            rows = await token_store.revoked_since(conn, max(0, self._position - _OVERLAP))
+        for r in rows:
+            digest = self._hash_by_id.pop(r["token_id"], None)
+            if digest is not None:
+                self._cache.pop(digest, None)
+            if r["install_id"] is not None and self._on_revoke is not None and r["revoke_seq"] > self._position:
+                self._on_revoke(r["install_id"])
+            self._position = max(self._position, r["revoke_seq"])
+        return len(rows)
+
+    async def follow(self) -> None:
+        """Poll revocations forever (cancelled at shutdown)."""
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            try:
+                await self.poll_revocations()
+            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # The database is away: requests fail with 503 meanwhile; keep trying.
+                log.warning("revocation poll failed: %s", type(exc).__name__)
+
+
+async def auth_ctx(app: web.Application):
+    """cleanup_ctx: the authenticator and its revocation follower."""
+    from ingest.keys import AUTH, DATA_KEYS, POOL
+
+    data_keys = app[DATA_KEYS]
+    auth = Authenticator(app[POOL], on_revoke=data_keys.evict)
+    await auth.start_following()
+    app[AUTH] = auth
+    task = asyncio.create_task(auth.follow())
+    yield
+    task.cancel()
+    with suppress(asyncio.CancelledError):
+        await task

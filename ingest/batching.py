@@ -1,0 +1,155 @@
+"""Group commit: concurrent requests' records written in batches, one transaction each.
+
+A request submits its record and waits; a flusher takes everything queued (up to
+a row and a byte bound), writes it in one transaction, and only then resolves
+each waiting request with its outcome. The queue is bounded: when full, the
+request is refused at once with 503 instead of waiting without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
+from typing import Any, Generic, TypeVar
+
+import asyncpg
+
+from ingest.errors import Unavailable
+from ingest.metrics import Metrics
+from storage.partitions import ensure_partitions
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+WriteBatch = Callable[[asyncpg.Connection, Sequence[T]], Awaitable[Sequence[Any]]]
+
+# Errors that mean "the database is not there or not taking work": answer 503 and carry on.
+DATABASE_TROUBLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+class GroupCommitWriter(Generic[T]):
+    """A bounded queue of records and the flushers that commit them in batches."""
+
+    def __init__(
+        self,
+        name: str,
+        pool: asyncpg.Pool,
+        write: WriteBatch[T],
+        metrics: Metrics,
+        *,
+        max_queue: int,
+        max_rows: int,
+        max_bytes: int,
+        retry_after: int = 1,
+        flushers: int = 2,
+    ) -> None:
+        self.name = name
+        self._pool = pool
+        self._write = write
+        self._queue: asyncio.Queue[tuple[T, int, asyncio.Future]] = asyncio.Queue(max_queue)
+        self._max_rows = max_rows
+        self._max_bytes = max_bytes
+        self._retry_after = retry_after
+        self._flushers = flushers
+        self._tasks: list[asyncio.Task] = []
+        self._closing = False
+        self._depth = metrics.queue_depth.labels(name)
+        self._rows = metrics.batch_rows.labels(name)
+        self._latency = metrics.flush_latency.labels(name)
+        self._overload = metrics.rejected.labels("overload")
+
+    def start(self) -> None:
+        """Start the flushers."""
+        self._tasks = [asyncio.create_task(self._run(), name=f"{self.name}-flusher-{i}") for i in range(self._flushers)]
+
+    async def submit(self, record: T, size: int = 0) -> Any:
+        """Queue a record and wait until its batch is committed; returns its outcome. 503 when full or closing."""
+        if self._closing:
+            raise Unavailable("shutting down", headers={"Retry-After": str(self._retry_after)})
+        fut = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait((record, size, fut))
+        except asyncio.QueueFull:
+            raise Unavailable("ingest queue is full", headers={"Retry-After": str(self._retry_after)}) from None
+        self._depth.inc()
+        # Shielded: if the client goes away, the record is still committed (or failed) cleanly.
+        return await asyncio.shield(fut)
+
+    def _take_batch(self, first: tuple[T, int, asyncio.Future]) -> tuple[list[tuple[T, int, asyncio.Future]], bool]:
+        """The batch starting with first, and whether a stop sentinel was met while taking it."""
+        batch = [first]
+        size = first[1]
+        stop = False
+        while len(batch) < self._max_rows and size < self._max_bytes:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if item is None:
+                stop = True
+                break
+            batch.append(item)
+            size += item[1]
+        self._depth.dec(len(batch))
+        return batch, stop
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            if first is None:  # stop sentinel from close(): everything before it is flushed
+                return
+            batch, stop = self._take_batch(first)
+            await self._flush(batch)
+            if stop:
+                return
+
+    async def _flush(self, batch: list[tuple[T, int, asyncio.Future]]) -> None:
+        records = [item[0] for item in batch]
+        started = time.perf_counter()
+        try:
+            outcomes = await self._write_with_partitions(records)
+        except DATABASE_TROUBLE as exc:
+            log.warning("%s batch of %d not committed: %s", self.name, len(batch), type(exc).__name__)
+            error = Unavailable("database unavailable", headers={"Retry-After": str(self._retry_after)})
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(error)
+            return
+        except BaseException as exc:
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(Unavailable("batch failed", headers={"Retry-After": str(self._retry_after)}))
+            if isinstance(exc, Exception):
+                log.exception("%s batch failed", self.name)
+                return
+            raise
+        self._latency.observe(time.perf_counter() - started)
+        self._rows.observe(len(batch))
+        for (_, _, fut), outcome in zip(batch, outcomes):
+            if not fut.done():
+                fut.set_result(outcome)
+
+    async def _write_with_partitions(self, records: list[T]) -> Sequence[Any]:
+        async with self._pool.acquire() as conn:
+            try:
+                return await self._write(conn, records)
+            except asyncpg.CheckViolationError as exc:
+                # "no partition of relation ... found for row": the day's partition is missing
+                # (clock jump, or the sweeper has not run for days). Make it and retry once.
+                if "partition" not in (exc.message or ""):  # only SQLSTATE would be nicer; 23514 is shared
+                    raise
+                await ensure_partitions(conn, dt.datetime.now(dt.timezone.utc).date())
+                return await self._write(conn, records)
+
+    async def close(self) -> None:
+        """Refuse new records, commit everything already queued, stop the flushers."""
+        self._closing = True
+        for _ in self._tasks:
+            await self._queue.put(None)  # waits for room: the flushers are draining meanwhile
+        for task in self._tasks:
+            with suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,103 @@
+"""Reading request bodies: content type, encoding, size limits while reading and while inflating, JSON."""
+
+from __future__ import annotations
+
+import io
+import zlib
+from typing import Any
+
+import orjson
+import zstandard
+from aiohttp import web
+
+from ingest.errors import BadRequest, TooLarge, UnsupportedMedia
+
+_CHUNK = 64 * 1024
+ENCODINGS = ("identity", "gzip", "zstd")
+
+
+def check_content_type(request: web.Request) -> None:
+    """415 unless the body is declared application/json (charset, if any, utf-8)."""
+    if request.content_type != "application/json":
+        raise UnsupportedMedia("Content-Type must be application/json")
+    charset = request.charset
+    if charset and charset.lower() not in ("utf-8", "utf8"):
+        raise UnsupportedMedia("JSON bodies must be UTF-8")
+
+
+def content_encoding(request: web.Request) -> str:
+    """The body's Content-Encoding, lower-cased; 415 for anything but identity, gzip or zstd."""
+    enc = request.headers.get("Content-Encoding", "identity").strip().lower() or "identity"
+    if enc not in ENCODINGS:
+        raise UnsupportedMedia("Content-Encoding must be identity, gzip or zstd")
+    return enc
+
+
+async def read_raw(request: web.Request, limit: int) -> bytes:
+    """The body as sent, refused with 413 as soon as it passes limit (whatever Content-Length says)."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise TooLarge(f"body is larger than {limit} bytes")
+    buf = bytearray()
+    async for chunk in request.content.iter_chunked(_CHUNK):
+        buf += chunk
+        if len(buf) > limit:
+            raise TooLarge(f"body is larger than {limit} bytes")
+    return bytes(buf)
+
+
+def inflate(data: bytes, encoding: str, limit: int) -> bytes:
+    """Decompress, stopping with 413 once the output passes limit (never inflating a bomb whole)."""
+    if encoding == "identity":
+        if len(data) > limit:
+            raise TooLarge(f"body is larger than {limit} bytes")
+        return data
+    out = bytearray()
+    try:
+        if encoding == "gzip":
+            d = zlib.decompressobj(wbits=31)
+            pending = data
+            while pending:
+                out += d.decompress(pending, limit + 1 - len(out))
+                if len(out) > limit:
+                    raise TooLarge(f"body inflates past {limit} bytes")
+                pending = d.unconsumed_tail
+                if d.eof:
+                    break
+            out += d.flush(limit + 1 - len(out))
+            if not d.eof:
+                raise BadRequest("truncated gzip body")
+        else:
+            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
+            while True:
+                chunk = reader.read(_CHUNK * 4)
+                if not chunk:
+                    break
+                out += chunk
+                if len(out) > limit:
+                    raise TooLarge(f"body inflates past {limit} bytes")
+    except (zlib.error, zstandard.ZstdError):
+        raise BadRequest(f"body is not valid {encoding}") from None
+    if len(out) > limit:
+        raise TooLarge(f"body inflates past {limit} bytes")
+    return bytes(out)
+
+
+def parse_object(data: bytes) -> dict[str, Any]:
+    """Parse a JSON object (400 for invalid JSON, invalid UTF-8 or a non-object)."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise BadRequest("body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("body must be a JSON object")
+    return doc
+
+
+async def read_json(request: web.Request, *, limit: int, decoded_limit: int) -> tuple[dict[str, Any], int, int]:
+    """Check type and encoding, read within limits, inflate within limits, parse; returns (doc, wire bytes, decoded bytes)."""
+    check_content_type(request)
+    encoding = content_encoding(request)
+    raw = await read_raw(request, limit)
+    data = inflate(raw, encoding, decoded_limit)
+    return parse_object(data), len(raw), len(data)

@@ -1,0 +1,269 @@
+"""The `telemetry-ingest` command line: parses arguments and calls into the packages; nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+
+from ingest.settings import Settings, SettingsError, describe
+
+log = logging.getLogger("ingest.cli")
+
+
+class CliError(Exception):
+    """A one-line message for the operator; exit status 1."""
+
+
+# ---------------------------------------------------------------- shared set-up
+
+
+def load_settings(args: argparse.Namespace | None = None) -> Settings:
+    overrides = {}
+    if args is not None:
+        for f in dataclasses.fields(Settings):
+            value = getattr(args, "opt_" + f.name, None)
+            if value is not None:
+                overrides[f.name] = value
+    return Settings.from_env(overrides=overrides)
+
+
+class Resolved:
+    """Settings with a DSN and master key, and the embedded server if one was started."""
+
+    def __init__(self, settings: Settings) -> None:
+        from crypto.errors import KeyError_
+        from crypto.keyring import KeyRing, load_or_create_key_file
+
+        self.embedded = None
+        if settings.dsn is None:
+            from storage.embedded import EmbeddedPostgres
+
+            self.embedded = EmbeddedPostgres(settings.data_dir)
+            try:
+                dsn = self.embedded.start()
+            except Exception as exc:
+                raise CliError(f"TELEMETRY_DATA_DIR: cannot start the embedded PostgreSQL in {self.embedded.pgdata}: {exc}") from None
+            settings = settings.replace(dsn=dsn)
+        if settings.master_key is None:
+            if self.embedded is None:
+                raise CliError("TELEMETRY_MASTER_KEY: required when TELEMETRY_DSN is set (make one with `telemetry-ingest keys generate`)")
+            key_file = settings.data_dir / "master.key"
+            value, created = load_or_create_key_file(key_file)
+            if created:
+                print(f"warning: generated a new key-encryption key in {key_file} (mode 0600); back it up: "
+                      "without it the stored e-mails and scans cannot be read", file=sys.stderr)
+            settings = settings.replace(master_key=value)
+        try:
+            self.ring = KeyRing.from_setting(settings.master_key)
+        except KeyError_ as exc:
+            raise CliError(f"TELEMETRY_MASTER_KEY: {exc}") from None
+        self.settings = settings
+
+    def close(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+async def _connect(settings: Settings):
+    import asyncpg
+
+    from storage.migrate import migrate
+    from storage.pool import check_durability, connect
+
+    try:
+        conn = await connect(settings.dsn)
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+        raise CliError(f"TELEMETRY_DSN: cannot connect to PostgreSQL: {type(exc).__name__}") from None
+    await check_durability(conn)
+    await migrate(conn)
+    return conn
+
+
+def _with_db(settings: Settings, work) -> object:
+    """Run `work(conn, resolved)` against the database, starting the embedded one if needed."""
+    resolved = Resolved(settings)
+    try:
+
+        async def main():
+            conn = await _connect(resolved.settings)
+            try:
+                return await work(conn, resolved)
+            finally:
+                await conn.close()
+
+        return asyncio.run(main())
+    finally:
+        resolved.close()
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ingest.logs import setup_logging
+
+    settings = load_settings(args)
+    setup_logging(settings.log_format)
+    resolved = Resolved(settings)
+    try:
+        if resolved.embedded is not None:
+            print(f"telemetry-ingest: no TELEMETRY_DSN set; using the embedded PostgreSQL in {resolved.embedded.pgdata}", file=sys.stderr)
+        asyncio.run(_prepare(resolved))
+        from ingest.server import serve
+
+        return serve(resolved.settings)
+    finally:
+        resolved.close()
+
+
+async def _prepare(resolved: Resolved) -> None:
+    import datetime as dt
+
+    from storage.partitions import ensure_partitions
+
+    conn = await _connect(resolved.settings)
+    try:
+        await ensure_partitions(conn, dt.datetime.now(dt.timezone.utc).date())
+        needed = [r["kek_id"] for r in await conn.fetch("SELECT DISTINCT kek_id FROM data_keys")]
+        missing = resolved.ring.missing(needed)
+        if missing:
+            raise CliError(f"TELEMETRY_MASTER_KEY: data keys are wrapped by key id(s) {', '.join(missing)}, which are not configured")
+    finally:
+        await conn.close()
+
+
+def _create_token(role: str, action: str):
+    def run(args: argparse.Namespace) -> int:
+        from crypto.tokens import new_token
+        from storage.audit import record
+        from storage.tokens import insert_token
+
+        token_id, token, token_hash = new_token(role)
+
+        async def work(conn, resolved):
+            async with conn.transaction():
+                await insert_token(conn, token_id, token_hash, role)
+                await record(conn, "cli", action, detail={"token_id": token_id})
+
+        _with_db(load_settings(), work)
+        print(f"token id: {token_id}")
+        print(token)
+        return 0
+
+    return run
+
+
+def cmd_tokens_revoke(args: argparse.Namespace) -> int:
+    from crypto.tokens import hash_token, role_of
+    from storage.audit import record
+    from storage.tokens import revoke
+
+    given = args.token.strip()
+    by_hash = hash_token(given) if role_of(given) else None
+
+    async def work(conn, resolved):
+        async with conn.transaction():
+            token_id = await revoke(conn, token_id=None if by_hash else given, token_hash=by_hash)
+            if token_id:
+                await record(conn, "cli", "token.revoke", detail={"token_id": token_id})
+            return token_id
+
+    token_id = _with_db(load_settings(), work)
+    if not token_id:
+        raise CliError("no active token with that value or id")
+    print(f"revoked {token_id}")
+    return 0
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from crypto.keyring import generate_key
+
+    print(generate_key())
+    return 0
+
+
+def cmd_policy_show(args: argparse.Namespace) -> int:
+    import orjson
+
+    from storage.policy import disclosure_rows
+
+    rows = disclosure_rows()
+    if args.format == "json":
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    print("| category | field | purpose | stored as | retention |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['category']} | `{r['field']}` | {r['purpose']} | {r['stored_as']} | {r['retention']} |")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="telemetry-ingest", description="Secure telemetry ingestion service.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the service", formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="settings (environment variable, default, meaning):\n" + "\n".join(f"  {v} [{d}] {h}" for v, d, h in describe()))
+    for f in dataclasses.fields(Settings):
+        serve.add_argument("--" + f.name.replace("_", "-"), dest="opt_" + f.name, metavar="VALUE", help=f.metadata["help"])
+    serve.set_defaults(func=cmd_serve)
+
+    secret = sub.add_parser("enroll-secret", help="enrollment secrets").add_subparsers(dest="action", required=True)
+    secret.add_parser("create", help="create an enrollment secret (printed on the last line)").set_defaults(func=_create_token("enroll", "enroll_secret.create"))
+
+    admin = sub.add_parser("admin-token", help="admin tokens").add_subparsers(dest="action", required=True)
+    admin.add_parser("create", help="create an admin token (printed on the last line)").set_defaults(func=_create_token("admin", "admin_token.create"))
+
+    tokens = sub.add_parser("tokens", help="tokens").add_subparsers(dest="action", required=True)
+    revoke = tokens.add_parser("revoke", help="revoke a token, given the token itself or its id")
+    revoke.add_argument("token")
+    revoke.set_defaults(func=cmd_tokens_revoke)
+
+    keys = sub.add_parser("keys", help="key-encryption keys").add_subparsers(dest="action", required=True)
+    keys.add_parser("generate", help="print a new key in the TELEMETRY_MASTER_KEY format").set_defaults(func=cmd_keys_generate)
+
+    policy = sub.add_parser("policy", help="the data policy").add_subparsers(dest="action", required=True)
+    show = policy.add_parser("show", help="print the disclosure table")
+    show.add_argument("--format", choices=("markdown", "json"), default="markdown")
+    show.set_defaults(func=cmd_policy_show)
+    return parser
+
+
+# Commands that later modules add: name -> function(subparsers) registering them.
+EXTENSIONS: list = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    for extend in EXTENSIONS:
+        extend(parser)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except SettingsError as exc:
+        print(f"telemetry-ingest: {exc}", file=sys.stderr)
+        return 2
+    except CliError as exc:
+        print(f"telemetry-ingest: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `telemetry-ingest policy show | head`
+        sys.stderr.close()
+        return 0
+    except Exception as exc:
+        from storage.errors import UnsafeDatabase
+
+        if isinstance(exc, UnsafeDatabase):
+            print(f"telemetry-ingest: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The allowlist filter: keep declared fields (checked against the policy), drop and report the rest.
+
+The policy tree is compiled once into nested closures, so filtering a document
+costs one dictionary walk, linear in its size. Dropped keys are reported as
+dotted paths with `[]` for list items (`software[].license_key`); a declared
+field of the wrong type, range or format raises Invalid with its path.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from ingest.errors import BadRequest, Invalid
+from storage.policy import Field
+
+# check(value, path, dropped) -> value to keep
+Check = Callable[[Any, str, dict], Any]
+
+_EMAIL = re.compile(r"^[^@\s\x00-\x1f]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+
+
+def _type_error(path: str, what: str) -> Invalid:
+    return Invalid(f"{path}: {what}")
+
+
+def _compile_scalar(f: Field) -> Check:
+    kind, max_len = f.kind, f.max_length
+    if kind == "string":
+        pattern = re.compile(f.pattern) if f.pattern else None
+
+        def check(v, path, dropped):
+            if type(v) is not str:
+                raise _type_error(path, "must be a string")
+            if max_len is not None and len(v) > max_len:
+                raise _type_error(path, f"must be at most {max_len} characters")
+            if pattern is not None and not pattern.match(v):
+                raise _type_error(path, "has characters outside the allowed set")
+            return v
+
+    elif kind == "integer":
+        lo, hi = f.minimum, f.maximum
+
+        def check(v, path, dropped):
+            if type(v) is not int:
+                raise _type_error(path, "must be an integer")
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                raise _type_error(path, f"must be between {lo} and {hi}")
+            return v
+
+    elif kind == "number":
+
+        def check(v, path, dropped):
+            if type(v) is not int and (type(v) is not float or not math.isfinite(v)):
+                raise _type_error(path, "must be a number")
+            return v
+
+    elif kind == "boolean":
+
+        def check(v, path, dropped):
+            if type(v) is not bool:
+                raise _type_error(path, "must be true or false")
+            return v
+
+    elif kind == "uuid":
+
+        def check(v, path, dropped):
+            if type(v) is not str or len(v) > 36:
+                raise _type_error(path, "must be a UUID string")
+            try:
+                return str(uuid.UUID(v))
+            except ValueError:
+                raise _type_error(path, "must be a UUID string") from None
+
+    elif kind == "time":
+
+        def check(v, path, dropped):
+            if type(v) is not str or not 10 <= len(v) <= 40 or "T" not in v.upper():
+                raise _type_error(path, "must be an RFC 3339 date-time")
+            try:
+                t = dt.datetime.fromisoformat(v)
+            except ValueError:
+                raise _type_error(path, "must be an RFC 3339 date-time") from None
+            if t.tzinfo is None:
+                raise _type_error(path, "must carry a time zone offset")
+            return v
+
+    elif kind == "email":
+
+        def check(v, path, dropped):
+            if type(v) is not str or len(v) > (max_len or 254) or not _EMAIL.match(v):
+                raise _type_error(path, "must be an e-mail address")
+            return v
+
+    else:  # pragma: no cover - the policy is ours
+        raise ValueError(f"unknown kind {kind}")
+    return check
+
+
+def _compile(f: Field, max_depth: int, depth: int) -> Check:
+    if f.kind == "object":
+        return _compile_object(f, max_depth, depth)
+    if f.kind == "list":
+        item = _compile(f.items, max_depth, depth + 1)
+        max_items = f.max_items
+
+        def check_list(v, path, dropped):
+            if type(v) is not list:
+                raise _type_error(path, "must be a list")
+            if max_items is not None and len(v) > max_items:
+                raise _type_error(path, f"must have at most {max_items} items")
+            item_path = path + "[]"
+            return [item(x, item_path, dropped) for x in v]
+
+        return check_list
+    return _compile_scalar(f)
+
+
+def _compile_object(f: Field, max_depth: int, depth: int) -> Check:
+    children = {c.name: _compile(c, max_depth, depth + 1) for c in f.fields}
+    required = tuple(c.name for c in f.fields if c.required)
+    optional_null = {c.name for c in f.fields if not c.required}
+    child_depth = depth + 1
+
+    def check_object(v, path, dropped):
+        if type(v) is not dict:
+            raise _type_error(path or "body", "must be an object")
+        out = {}
+        prefix = path + "." if path else ""
+        for key, value in v.items():
+            check = children.get(key)
+            if check is None:
+                _check_depth(value, child_depth, max_depth)
+                dropped[prefix + key] = None
+            elif value is None and key in optional_null:
+                out[key] = None
+            else:
+                out[key] = check(value, prefix + key, dropped)
+        for name in required:
+            if out.get(name) is None:
+                raise _type_error(prefix + name, "is required")
+        return out
+
+    return check_object
+
+
+def _check_depth(value: Any, depth: int, max_depth: int) -> None:
+    """400 if a dropped value nests deeper than allowed (it is not stored, but it is not accepted either)."""
+    if type(value) not in (dict, list):
+        return
+    stack = [(value, depth + 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > max_depth:
+            raise BadRequest(f"JSON nesting deeper than {max_depth}")
+        children = v.values() if type(v) is dict else v
+        for c in children:
+            if type(c) in (dict, list):
+                stack.append((c, d + 1))
+
+
+class Allowlist:
+    """A compiled filter for one category's root field."""
+
+    def __init__(self, root: Field, *, max_depth: int = 32) -> None:
+        self._check = _compile_object(root, max_depth, 1)
+
+    def filter_document(self, doc: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """(kept document, dropped dotted paths in first-seen order); Invalid or BadRequest on bad input."""
+        dropped: dict[str, None] = {}
+        kept = self._check(doc, "", dropped)
+        return kept, list(dropped)

@@ -1,0 +1,24 @@
+"""Every typed application key, in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import asyncpg
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from crypto.datakeys import DataKeyCache
+    from crypto.keyring import KeyRing
+    from ingest.auth import Authenticator
+    from ingest.batching import GroupCommitWriter
+    from ingest.metrics import Metrics
+    from ingest.settings import Settings
+
+SETTINGS = web.AppKey("settings", "Settings")
+METRICS = web.AppKey("metrics", "Metrics")
+POOL = web.AppKey("pool", asyncpg.Pool)
+KEYRING = web.AppKey("keyring", "KeyRing")
+DATA_KEYS = web.AppKey("data_keys", "DataKeyCache")
+AUTH = web.AppKey("auth", "Authenticator")
+HEARTBEAT_WRITER = web.AppKey("heartbeat_writer", "GroupCommitWriter")

@@ -1,0 +1,95 @@
+"""Middlewares: request metrics and access log outermost, then errors rendered as RFC 9457 problems."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import asyncpg
+import orjson
+from aiohttp import web
+
+from crypto.errors import CryptoError
+from ingest.errors import MethodNotAllowed, NotFoundProblem, Problem, TooLarge, Unavailable
+from ingest.keys import METRICS, SETTINGS
+from storage.errors import DatabaseUnavailable
+
+log = logging.getLogger("ingest.access")
+errlog = logging.getLogger("ingest.errors")
+
+PROBLEM_TYPE_BASE = "https://telemetry-ingest.dev/problems/"
+
+
+def problem_response(p: Problem) -> web.Response:
+    """Render a problem document."""
+    body = {"type": PROBLEM_TYPE_BASE + p.slug, "title": p.title, "status": p.status, "detail": p.detail}
+    return web.Response(body=orjson.dumps(body), status=p.status, content_type="application/problem+json", headers=p.headers)
+
+
+def route_of(request: web.Request) -> str:
+    """The matched route template (never the raw path, which may hold ids)."""
+    info = request.match_info
+    if getattr(info, "http_exception", None) is not None:
+        return "other"
+    resource = getattr(getattr(info, "route", None), "resource", None)
+    return "other" if resource is None else resource.canonical
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Map every failure to a problem document; database trouble to 503, never a stack trace."""
+    try:
+        return await handler(request)
+    except Problem as p:
+        if p.reason:
+            request.app[METRICS].reject(p.reason)
+        return problem_response(p)
+    except web.HTTPNotFound:
+        return problem_response(NotFoundProblem("no such resource"))
+    except web.HTTPMethodNotAllowed:
+        return problem_response(MethodNotAllowed("method not allowed on this resource"))
+    except web.HTTPRequestEntityTooLarge:
+        request.app[METRICS].reject("size")
+        return problem_response(TooLarge("body over the limit"))
+    except (DatabaseUnavailable, OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        sqlstate = getattr(exc, "sqlstate", None)
+        errlog.warning("database trouble on %s: %s %s", route_of(request), type(exc).__name__, sqlstate or "")
+        request.app[METRICS].reject("overload")
+        retry = str(request.app[SETTINGS].retry_after)
+        return problem_response(Unavailable("database unavailable", headers={"Retry-After": retry}))
+    except CryptoError:
+        errlog.error("crypto failure on %s", route_of(request))
+        retry = str(request.app[SETTINGS].retry_after)
+        return problem_response(Unavailable("key material unavailable", headers={"Retry-After": retry}))
+    except web.HTTPException as exc:
+        if exc.status >= 500:
+            raise
+        return problem_response(_generic(exc.status, exc.reason))
+
+
+def _generic(status: int, title: str) -> Problem:
+    p = Problem(title)
+    p.status, p.slug, p.title = status, "http-" + str(status), title
+    return p
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Count and time every request by route template and status; one access-log line per request."""
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        elapsed = time.perf_counter() - started
+        route = route_of(request)
+        request.app[METRICS].observe_request(route, request.method, status, elapsed)
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "request",
+                extra={"route": route, "method": request.method, "status": status, "latency_ms": round(elapsed * 1000, 2),
+                       "request_id": request.get("request_id", "")},
+            )

@@ -1,0 +1,110 @@
+"""Enrollment and heartbeats."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+
+import orjson
+from aiohttp import web
+
+from crypto.datakeys import wrap_context
+from crypto.envelope import new_key_bytes, seal
+from crypto.tokens import new_token
+from ingest.body import read_json
+from ingest.errors import Conflict, Forbidden, Invalid, RestrictedProblem, Unauthorized
+from ingest.filter import Allowlist
+from ingest.keys import AUTH, DATA_KEYS, HEARTBEAT_WRITER, KEYRING, METRICS, POOL, SETTINGS
+from ingest.net import anonymise, client_ip
+from storage import installations
+from storage.errors import AlreadyExists
+from storage.policy import ENROLLMENT, INSTALLATION
+
+_ENROLL = Allowlist(ENROLLMENT)
+
+
+def email_context(install_id: uuid.UUID) -> bytes:
+    """Associated data of an installation's sealed e-mail."""
+    return install_id.bytes + b"installation.email"
+
+
+def json_response(body: dict, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+async def enroll(request: web.Request) -> web.Response:
+    """POST /v1/enroll: an enrollment secret buys an installation token for a new install_id."""
+    app = request.app
+    await app[AUTH].authenticate(request, "enroll")
+    doc, _, _ = await read_json(request, limit=64 * 1024, decoded_limit=64 * 1024)
+    kept, _ = _ENROLL.filter_document(doc)  # nothing else in this body is stored, so extras are ignored
+    install_id = uuid.UUID(kept["install_id"])
+    token_id, token, token_hash = new_token("installation")
+    kek_id, wrapped = app[KEYRING].wrap(new_key_bytes(), wrap_context(install_id, 1))
+    try:
+        async with app[POOL].acquire() as conn:
+            await installations.enroll(conn, install_id, kek_id=kek_id, wrapped_key=wrapped, token_id=token_id, token_hash=token_hash)
+    except AlreadyExists:
+        raise Conflict("this install_id is already enrolled") from None
+    return json_response({"install_id": str(install_id), "token": token}, status=201)
+
+
+class Heartbeats:
+    """POST /v1/heartbeats: authenticate, read, filter, seal the e-mail, group-commit, answer after commit."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.settings = app[SETTINGS]
+        self.filter = Allowlist(INSTALLATION.root, max_depth=self.settings.json_max_depth)
+        metrics = app[METRICS]
+        self.wire_bytes = metrics.request_bytes.labels("/v1/heartbeats", "wire")
+        self.decoded_bytes = metrics.request_bytes.labels("/v1/heartbeats", "decoded")
+        self.dropped = metrics.fields_dropped.labels("installation")
+        self.encrypt_latency = metrics.encrypt_latency.labels("installation")
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        app, settings = self.app, self.settings
+        principal = await app[AUTH].authenticate(request, "installation")
+        limit = settings.heartbeat_max_bytes
+        doc, wire, decoded = await read_json(request, limit=limit, decoded_limit=limit)
+        self.wire_bytes.inc(wire)
+        self.decoded_bytes.inc(decoded)
+        kept, dropped = self.filter.filter_document(doc)
+        if dropped:
+            if settings.unknown_fields == "reject":
+                raise Invalid(f"undeclared fields: {', '.join(dropped)}")
+            self.dropped.inc(len(dropped))
+        install_id = uuid.UUID(kept["install_id"])
+        if install_id != principal.install_id:
+            raise Forbidden("install_id is not this token's installation")
+        email = kept.get("email")
+        email_ct = None
+        if email is not None:
+            started = time.perf_counter()
+            key = await app[DATA_KEYS].current(install_id)
+            email_ct = seal(key, email.encode(), email_context(install_id))
+            self.encrypt_latency.observe(time.perf_counter() - started)
+        row = installations.HeartbeatRow(
+            install_id,
+            dt.datetime.now(dt.timezone.utc),
+            kept["license_type"],
+            kept["version"],
+            kept["asset_count"],
+            kept.get("db_server_type"),
+            kept.get("web_server_type"),
+            email_ct,
+            anonymise(client_ip(request, settings.trusted_proxies)),
+        )
+        outcome = await app[HEARTBEAT_WRITER].submit(row, decoded)
+        if outcome == installations.RESTRICTED:
+            raise RestrictedProblem("processing of this installation is restricted; nothing was stored")
+        if outcome == installations.GONE:
+            raise Unauthorized("this installation no longer exists")
+        return json_response({"stored": True, "dropped_fields": dropped})
+
+
+def setup(app: web.Application) -> None:
+    """Add enrollment and heartbeat routes."""
+    app.router.add_post("/v1/enroll", enroll)
+    app.router.add_post("/v1/heartbeats", Heartbeats(app))

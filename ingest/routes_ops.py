@@ -1,0 +1,43 @@
+"""/healthz, /readyz and /metrics: unauthenticated, and saying nothing about anyone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ingest.keys import METRICS, POOL
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """200 while the process runs."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """200 when the database answers within a second, else 503."""
+    try:
+        async with asyncio.timeout(1.0):
+            async with request.app[POOL].acquire() as conn:
+                await conn.fetchval("SELECT 1")
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return web.json_response({"status": "database unavailable"}, status=503, headers={"Retry-After": "1"})
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition for the whole service."""
+    m = request.app[METRICS]
+    pool = request.app[POOL]
+    m.pool.labels("size").set(pool.get_size())
+    m.pool.labels("in_use").set(pool.get_size() - pool.get_idle_size())
+    return web.Response(body=m.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def setup(app: web.Application) -> None:
+    """Add the operational routes."""
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,144 @@
+"""Settings: one frozen dataclass, built once from the environment and `serve` flags, validated at start."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names it."""
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(v: str) -> int:
+        n = int(v)
+        if not lo <= n <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return n
+
+    return parse
+
+
+def _float(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(v: str) -> float:
+        n = float(v)
+        if not lo <= n <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return n
+
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(v: str) -> str:
+        if v not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return v
+
+    return parse
+
+
+def _networks(v: str) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in v.split(",") if p.strip())
+
+
+def _host(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be empty")
+    return v.strip()
+
+
+def _nonempty(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be empty")
+    return v
+
+
+def _setting(default: Any, parse: Callable[[str], Any], help: str) -> Any:
+    return field(default=default, metadata={"parse": parse, "help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable. Field `x_y` is read from TELEMETRY_X_Y and `serve --x-y`."""
+
+    # The contract's settings.
+    dsn: str | None = _setting(None, _nonempty, "PostgreSQL to use (unset: embedded PostgreSQL in the data directory)")
+    data_dir: Path = _setting(Path("./telemetry-data"), Path, "embedded database and generated key file")
+    master_key: str | None = _setting(None, _nonempty, "key-encryption keys, comma-separated base64; first is primary")
+    host: str = _setting("127.0.0.1", _host, "listen address")
+    port: int = _setting(8080, _int(0, 65535), "listen port")
+    workers: int = _setting(os.cpu_count() or 1, _int(1, 256), "worker processes sharing the port")
+    unknown_fields: str = _setting("drop", _choice("drop", "reject"), "what to do with undeclared fields: drop or reject")
+    trusted_proxies: tuple[Network, ...] = _setting((), _networks, "CIDRs whose X-Forwarded-For is believed")
+    sweep_interval: float = _setting(60.0, _float(0.05, 86400), "seconds between sweeps")
+    # Beyond the contract (documented in the README).
+    heartbeat_retention_days: int = _setting(30, _int(1, 3650), "days of heartbeat history kept")
+    inactive_days: int = _setting(400, _int(1, 36500), "days without heartbeat after which an installation is removed")
+    stats_k: int = _setting(5, _int(1, 1_000_000), "smallest group shown in statistics")
+    heartbeat_max_bytes: int = _setting(1 << 20, _int(1024, 1 << 30), "largest heartbeat body")
+    scan_max_bytes: int = _setting(16 << 20, _int(1024, 1 << 31), "largest scan body as sent")
+    scan_max_decoded_bytes: int = _setting(64 << 20, _int(1024, 1 << 32), "largest scan body after decompression")
+    json_max_depth: int = _setting(32, _int(2, 1000), "deepest JSON nesting accepted")
+    queue_size: int = _setting(10_000, _int(1, 10_000_000), "records waiting for commit per worker before 503")
+    batch_max_rows: int = _setting(1000, _int(1, 100_000), "rows per group-commit batch")
+    batch_max_bytes: int = _setting(8 << 20, _int(1024, 1 << 31), "bytes per group-commit batch")
+    db_pool_size: int = _setting(10, _int(1, 1000), "database connections per worker")
+    db_statement_cache: int = _setting(100, _int(0, 100_000), "prepared statements cached per connection (0 for PgBouncer transaction mode)")
+    rate_limit: float = _setting(0.0, _float(0, 1e9), "requests per second per token (0: off)")
+    rate_burst: int = _setting(100, _int(1, 1_000_000), "burst size of the per-token rate limit")
+    read_timeout: float = _setting(30.0, _float(0.1, 3600), "seconds a client may take to send its request")
+    retry_after: int = _setting(1, _int(1, 3600), "seconds suggested in Retry-After when overloaded")
+    log_format: str = _setting("text", _choice("text", "json"), "log lines as text or JSON")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, overrides: Mapping[str, str | None] | None = None) -> "Settings":
+        """Build from TELEMETRY_* variables, then flags (overrides), validating each; SettingsError names the bad one."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            var = env_name(f.name)
+            raw = env.get(var)
+            source = var
+            if overrides and overrides.get(f.name) is not None:
+                raw, source = overrides[f.name], "--" + f.name.replace("_", "-")
+            if raw is None or raw == "":
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except ValueError as exc:
+                raise SettingsError(f"{source}: invalid value {_shown(f.name, raw)}: {exc}") from None
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def env_name(field_name: str) -> str:
+    """TELEMETRY_ variable of a setting."""
+    return "TELEMETRY_" + field_name.upper()
+
+
+def _shown(name: str, raw: str) -> str:
+    # Never echo secrets into a log or terminal.
+    return "(hidden)" if name in {"dsn", "master_key"} else repr(raw)
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) of every setting, for --help and the README."""
+    out = []
+    for f in dataclasses.fields(Settings):
+        default = f.default
+        shown = "unset" if default is None else ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+        out.append((env_name(f.name), shown, f.metadata["help"]))
+    return out

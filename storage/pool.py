@@ -1,0 +1,44 @@
+"""The asyncpg connection pool and the start-up checks on the server."""
+
+from __future__ import annotations
+
+import asyncpg
+import orjson
+
+from storage.errors import UnsafeDatabase
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for typ in ("json", "jsonb"):
+        await conn.set_type_codec(typ, encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads, schema="pg_catalog")
+
+
+async def connect(dsn: str, *, timeout: float = 10) -> asyncpg.Connection:
+    """One connection with the same codecs as the pool's (for the command line and tests)."""
+    conn = await asyncpg.connect(dsn, timeout=timeout)
+    await _init_connection(conn)
+    return conn
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, statement_cache_size: int = 100) -> asyncpg.Pool:
+    """Open a pool; statement_cache_size=0 suits PgBouncer in transaction mode."""
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        statement_cache_size=statement_cache_size,
+        init=_init_connection,
+        command_timeout=30,
+        # A dead server must not hang a request forever: fail over to 503 fast.
+        timeout=5,
+    )
+
+
+async def check_durability(conn: asyncpg.Connection) -> None:
+    """Refuse a server where a commit could be acknowledged before it is on disk."""
+    value = await conn.fetchval("SHOW synchronous_commit")
+    if value == "off":
+        raise UnsafeDatabase("synchronous_commit is off: acknowledged writes could be lost; turn it on")
+    fsync = await conn.fetchval("SHOW fsync")
+    if fsync == "off":
+        raise UnsafeDatabase("fsync is off: acknowledged writes could be lost; turn it on")
