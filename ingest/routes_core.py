@@ -63,7 +63,7 @@ class Heartbeats:
         self.dropped = metrics.fields_dropped.labels("installation")
         self.encrypt_latency = metrics.encrypt_latency.labels("installation")
 
-    async def __call__(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.Response:
         app, settings = self.app, self.settings
         principal = await app[AUTH].authenticate(request, "installation")
         limit = settings.heartbeat_max_bytes
@@ -107,4 +107,4 @@ class Heartbeats:
 def setup(app: web.Application) -> None:
     """Add enrollment and heartbeat routes."""
     app.router.add_post("/v1/enroll", enroll)
-    app.router.add_post("/v1/heartbeats", Heartbeats(app))
+    app.router.add_post("/v1/heartbeats", Heartbeats(app).handle)

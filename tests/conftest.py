@@ -1,0 +1,102 @@
+"""Shared fixtures: a real PostgreSQL for the session, a fresh database per test, the real app on loopback."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.support import Service, start_service
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def pg_server_dsn() -> str:
+    """DSN of the session's PostgreSQL server: TELEMETRY_TEST_DSN, or an embedded one started here."""
+    given = os.environ.get("TELEMETRY_TEST_DSN")
+    if given:
+        yield given
+        return
+    from storage.embedded import EmbeddedPostgres
+
+    # Not under pytest's basetemp: another pytest run on the machine may prune that while we run.
+    base = Path(tempfile.mkdtemp(prefix="telemetry-test-pg-"))
+    server = EmbeddedPostgres(base)
+    yield server.start()
+    server.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+async def template_db(pg_server_dsn) -> str:
+    """A migrated template database; each test clones it (fast) instead of migrating anew."""
+    from storage.migrate import migrate
+
+    name = f"ti_template_{os.getpid()}"
+    admin = await asyncpg.connect(pg_server_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(_with_database(pg_server_dsn, name))
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    yield name
+
+
+def _with_database(dsn: str, database: str) -> str:
+    """The same server DSN pointing at another database."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+@pytest.fixture
+async def db_dsn(pg_server_dsn, template_db) -> AsyncIterator[str]:
+    """A fresh, migrated database for one test, dropped afterwards."""
+    name = f"ti_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(pg_server_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    finally:
+        await admin.close()
+    yield _with_database(pg_server_dsn, name)
+    admin = await asyncpg.connect(pg_server_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def master_key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+@pytest.fixture
+async def db(db_dsn) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection to the test's database, to check what was really stored."""
+    from storage.pool import connect
+
+    conn = await connect(db_dsn)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def service(db_dsn, master_key, tmp_path) -> AsyncIterator[Service]:
+    """The real app (create_app) on a loopback port, with default settings."""
+    async with start_service(db_dsn, master_key, tmp_path) as svc:
+        yield svc

@@ -1,0 +1,109 @@
+"""Helpers for tests: run the real app over real HTTP, run the real CLI, make tokens and bodies."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from ingest.app import create_app
+from ingest.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Service:
+    """A running app: its URL, an HTTP session, its settings and its aiohttp app."""
+
+    url: str
+    http: aiohttp.ClientSession
+    settings: Settings
+    app: web.Application
+    env: dict[str, str] = field(default_factory=dict)
+
+    async def request(self, method: str, path: str, *, token: str | None = None, json: Any = None,
+                      data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
+        """(status, parsed body or raw text, headers)."""
+        h = dict(headers or {})
+        if token is not None:
+            h["Authorization"] = f"Bearer {token}"
+        if json is not None:
+            data = orjson.dumps(json)
+            h.setdefault("Content-Type", "application/json")
+        if data is not None and len(data) > 512 * 1024:
+            data = io.BytesIO(data)  # aiohttp warns about large raw bytes bodies
+        async with self.http.request(method, self.url + path, data=data, headers=h) as resp:
+            raw = await resp.read()
+            try:
+                body = orjson.loads(raw) if raw else None
+            except orjson.JSONDecodeError:
+                body = raw.decode(errors="replace")
+            return resp.status, body, resp.headers
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run the real `telemetry-ingest` CLI against this service's database."""
+        return run_cli(*args, env=self.env, check=check)
+
+    def create_secret(self, kind: str = "enroll-secret") -> str:
+        """Create an enrollment secret (or admin token) with the CLI; the secret is the last stdout line."""
+        out = self.cli(kind, "create").stdout.strip().splitlines()
+        return out[-1]
+
+    async def enroll(self, install_id: uuid.UUID | None = None, secret: str | None = None) -> tuple[uuid.UUID, str]:
+        """Enroll an installation; returns (install_id, installation token)."""
+        install_id = install_id or uuid.uuid4()
+        secret = secret or self.create_secret()
+        status, body, _ = await self.request("POST", "/v1/enroll", token=secret, json={"install_id": str(install_id)})
+        assert status == 201, body
+        return install_id, body["token"]
+
+
+def run_cli(*args: str, env: dict[str, str], check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
+    full_env.update(env)
+    proc = subprocess.run([sys.executable, "-m", "ingest", *args], env=full_env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"telemetry-ingest {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def heartbeat_body(install_id: uuid.UUID, **extra: Any) -> dict[str, Any]:
+    body = {
+        "install_id": str(install_id),
+        "license_type": "enterprise",
+        "version": "4.2.1",
+        "asset_count": 120,
+        "db_server_type": "postgresql",
+        "web_server_type": "nginx",
+    }
+    body.update(extra)
+    return body
+
+
+@contextlib.asynccontextmanager
+async def start_service(dsn: str, master_key: str, data_dir: Path, **settings: Any):
+    """Start create_app(settings) on 127.0.0.1 with an ephemeral port; stop it (gracefully) afterwards."""
+    s = Settings(dsn=dsn, master_key=master_key, data_dir=data_dir, port=0, workers=1, **settings)
+    app = create_app(s)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    env = {"TELEMETRY_DSN": dsn, "TELEMETRY_MASTER_KEY": master_key, "TELEMETRY_DATA_DIR": str(data_dir)}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        try:
+            yield Service(f"http://127.0.0.1:{port}", http, s, app, env)
+        finally:
+            await runner.cleanup()

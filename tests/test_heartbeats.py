@@ -1,0 +1,358 @@
+"""Enrollment and heartbeats over real HTTP against a real PostgreSQL."""
+
+import asyncio
+import gzip
+import ipaddress
+import uuid
+
+import orjson
+import pytest
+import zstandard
+
+from crypto.datakeys import wrap_context
+from crypto.envelope import DataKey, open_
+from crypto.keyring import KeyRing
+from ingest.routes_core import email_context
+from tests.support import heartbeat_body, start_service
+
+JSON = {"Content-Type": "application/json"}
+
+
+def is_problem(body, headers, status):
+    assert headers["Content-Type"].startswith("application/problem+json")
+    assert body["status"] == status and body["type"] and body["title"] and body["detail"]
+    return True
+
+
+# ------------------------------------------------------------------ enrollment
+
+
+async def test_enroll_creates_installation_and_token(service, db):
+    install_id, token = await service.enroll()
+    assert token.startswith("tii_")
+    row = await db.fetchrow("SELECT * FROM installations WHERE install_id = $1", install_id)
+    assert row is not None and row["scan_retention_hours"] == 720
+    tokens = await db.fetch("SELECT * FROM tokens WHERE install_id = $1", install_id)
+    assert len(tokens) == 1 and tokens[0]["role"] == "installation"
+    # only the hash is stored: the token appears nowhere in the table
+    dump = str([dict(r) for r in await db.fetch("SELECT * FROM tokens")])
+    assert token not in dump and token[4:] not in dump
+    assert await db.fetchval("SELECT count(*) FROM data_keys WHERE install_id = $1", install_id) == 1
+
+
+async def test_enroll_twice_is_409(service):
+    secret = service.create_secret()
+    install_id, _ = await service.enroll(secret=secret)
+    status, body, headers = await service.request("POST", "/v1/enroll", token=secret, json={"install_id": str(install_id)})
+    assert status == 409 and is_problem(body, headers, 409)
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer tie_wrong", "Basic abc", "Bearer ", "Bearer " + "tie_" + "x" * 500])
+async def test_enroll_with_bad_secret_is_401(service, auth):
+    headers = {**JSON, **({"Authorization": auth} if auth else {})}
+    status, body, h = await service.request("POST", "/v1/enroll", data=orjson.dumps({"install_id": str(uuid.uuid4())}), headers=headers)
+    assert status == 401 and is_problem(body, h, 401)
+    assert "WWW-Authenticate" in h
+
+
+async def test_enroll_with_installation_token_is_403(service):
+    _, token = await service.enroll()
+    status, body, h = await service.request("POST", "/v1/enroll", token=token, json={"install_id": str(uuid.uuid4())})
+    assert status == 403 and is_problem(body, h, 403)
+
+
+async def test_enroll_bad_bodies(service):
+    secret = service.create_secret()
+    status, _, _ = await service.request("POST", "/v1/enroll", token=secret, json={"install_id": "not-a-uuid"})
+    assert status == 422
+    status, _, _ = await service.request("POST", "/v1/enroll", token=secret, json={})
+    assert status == 422
+    status, _, _ = await service.request("POST", "/v1/enroll", token=secret, data=b"{nope", headers=JSON)
+    assert status == 400
+    status, _, _ = await service.request("POST", "/v1/enroll", token=secret, data=b"{}", headers={"Content-Type": "text/plain"})
+    assert status == 415
+
+
+# ------------------------------------------------------------------ heartbeats
+
+
+async def test_heartbeat_is_stored_when_acknowledged(service, db):
+    install_id, token = await service.enroll()
+    status, body, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id))
+    assert status == 200 and body == {"stored": True, "dropped_fields": []}
+    cur = await db.fetchrow("SELECT * FROM installations WHERE install_id = $1", install_id)
+    assert (cur["license_type"], cur["version"], cur["asset_count"], cur["db_server_type"], cur["web_server_type"]) == (
+        "enterprise", "4.2.1", 120, "postgresql", "nginx")
+    assert cur["last_seen_at"] is not None
+    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", install_id) == 1
+    # a second heartbeat updates the current record and appends history
+    status, _, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, version="4.3.0", asset_count=7))
+    assert status == 200
+    cur = await db.fetchrow("SELECT version, asset_count FROM installations WHERE install_id = $1", install_id)
+    assert tuple(cur) == ("4.3.0", 7)
+    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", install_id) == 2
+
+
+async def test_unknown_fields_dropped_and_reported(service, db):
+    install_id, token = await service.enroll()
+    body = heartbeat_body(install_id, hostname="secret-host", extra={"nested": {"deep": "secret-nested"}}, ip="10.1.2.3")
+    status, resp, _ = await service.request("POST", "/v1/heartbeats", token=token, json=body)
+    assert status == 200
+    assert sorted(resp["dropped_fields"]) == ["extra", "hostname", "ip"]
+    dump = str([dict(r) for t in ("installations", "heartbeats") for r in await db.fetch(f"SELECT * FROM {t}")])
+    assert "secret-host" not in dump and "secret-nested" not in dump and "10.1.2.3" not in dump
+    metrics = (await service.request("GET", "/metrics"))[1]
+    assert 'telemetry_fields_dropped_total{category="installation"} 3.0' in metrics
+
+
+async def test_unknown_fields_rejected_in_reject_mode(db_dsn, master_key, tmp_path, db):
+    async with start_service(db_dsn, master_key, tmp_path, unknown_fields="reject") as svc:
+        install_id, token = await svc.enroll()
+        status, body, _ = await svc.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, hostname="x"))
+        assert status == 422 and "hostname" in body["detail"]
+        assert await db.fetchval("SELECT count(*) FROM heartbeats") == 0
+        status, _, _ = await svc.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id))
+        assert status == 200
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"license_type": None},
+        {"license_type": 5},
+        {"license_type": "x" * 33},
+        {"version": "1.0 beta"},
+        {"version": ""},
+        {"asset_count": -1},
+        {"asset_count": 10_000_001},
+        {"asset_count": "12"},
+        {"asset_count": 1.5},
+        {"asset_count": True},
+        {"email": "not-an-email"},
+        {"email": "a" * 250 + "@b.example"},
+        {"db_server_type": ["x"]},
+        {"install_id": "123"},
+    ],
+)
+async def test_invalid_fields_are_422_and_store_nothing(service, db, change):
+    install_id, token = await service.enroll()
+    body = heartbeat_body(install_id)
+    for k, v in change.items():
+        if v is None:
+            body.pop(k)
+        else:
+            body[k] = v
+    status, resp, headers = await service.request("POST", "/v1/heartbeats", token=token, json=body)
+    assert status == 422 and is_problem(resp, headers, 422)
+    assert await db.fetchval("SELECT count(*) FROM heartbeats") == 0
+
+
+async def test_missing_install_id_is_422(service):
+    install_id, token = await service.enroll()
+    body = heartbeat_body(install_id)
+    del body["install_id"]
+    status, _, _ = await service.request("POST", "/v1/heartbeats", token=token, json=body)
+    assert status == 422
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'"text"', b"\xff\xfe{}", b""])
+async def test_not_a_json_object_is_400(service, db, raw):
+    _, token = await service.enroll()
+    status, body, headers = await service.request("POST", "/v1/heartbeats", token=token, data=raw, headers=JSON)
+    assert status == 400 and is_problem(body, headers, 400)
+    assert await db.fetchval("SELECT count(*) FROM heartbeats") == 0
+
+
+async def test_other_installation_is_403(service, db):
+    a, _ = await service.enroll()
+    _, token_b = await service.enroll()
+    status, body, headers = await service.request("POST", "/v1/heartbeats", token=token_b, json=heartbeat_body(a))
+    assert status == 403 and is_problem(body, headers, 403)
+    assert await db.fetchval("SELECT last_seen_at FROM installations WHERE install_id = $1", a) is None
+
+
+async def test_auth_failures(service):
+    install_id, token = await service.enroll()
+    body = heartbeat_body(install_id)
+    assert (await service.request("POST", "/v1/heartbeats", json=body))[0] == 401
+    assert (await service.request("POST", "/v1/heartbeats", token="tii_" + "A" * 43, json=body))[0] == 401
+    admin = service.create_secret("admin-token")
+    assert (await service.request("POST", "/v1/heartbeats", token=admin, json=body))[0] == 403
+    secret = service.create_secret()
+    assert (await service.request("POST", "/v1/heartbeats", token=secret, json=body))[0] == 403
+
+
+async def test_size_limit_with_and_without_content_length(service, db):
+    install_id, token = await service.enroll()
+    big = orjson.dumps(heartbeat_body(install_id, pad="x" * (1 << 20)))
+    status, body, headers = await service.request("POST", "/v1/heartbeats", token=token, data=big, headers=JSON)
+    assert status == 413 and is_problem(body, headers, 413)
+
+    async def chunks():
+        for i in range(0, len(big), 65536):
+            yield big[i : i + 65536]
+
+    async with service.http.post(service.url + "/v1/heartbeats", data=chunks(),
+                                 headers={**JSON, "Authorization": f"Bearer {token}"}) as resp:
+        assert resp.status == 413
+    assert await db.fetchval("SELECT count(*) FROM heartbeats") == 0
+
+
+async def test_compressed_heartbeats(service, db):
+    install_id, token = await service.enroll()
+    raw = orjson.dumps(heartbeat_body(install_id))
+    for enc, data in (("gzip", gzip.compress(raw)), ("zstd", zstandard.ZstdCompressor().compress(raw))):
+        status, body, _ = await service.request("POST", "/v1/heartbeats", token=token, data=data, headers={**JSON, "Content-Encoding": enc})
+        assert status == 200, body
+    assert await db.fetchval("SELECT count(*) FROM heartbeats") == 2
+    # inflating past the limit is 413, an unknown encoding 415, a corrupt stream 400
+    bomb = gzip.compress(b"{" + b" " * (2 << 20) + b"}")
+    assert (await service.request("POST", "/v1/heartbeats", token=token, data=bomb, headers={**JSON, "Content-Encoding": "gzip"}))[0] == 413
+    assert (await service.request("POST", "/v1/heartbeats", token=token, data=raw, headers={**JSON, "Content-Encoding": "br"}))[0] == 415
+    assert (await service.request("POST", "/v1/heartbeats", token=token, data=b"garbage", headers={**JSON, "Content-Encoding": "gzip"}))[0] == 400
+    assert (await service.request("POST", "/v1/heartbeats", token=token, data=raw, headers={"Content-Type": "text/plain"}))[0] == 415
+    assert await db.fetchval("SELECT count(*) FROM heartbeats") == 2
+
+
+async def test_ip_is_anonymised_and_xff_ignored_from_untrusted_peer(service, db):
+    install_id, token = await service.enroll()
+    status, _, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id),
+                                         headers={"X-Forwarded-For": "198.51.100.77"})
+    assert status == 200
+    stored = await db.fetchval("SELECT ip_prefix FROM installations WHERE install_id = $1", install_id)
+    assert stored == ipaddress.ip_network("127.0.0.0/24")
+    assert await db.fetchval("SELECT ip_prefix FROM heartbeats WHERE install_id = $1", install_id) == stored
+    dump = str([dict(r) for t in ("installations", "heartbeats") for r in await db.fetch(f"SELECT * FROM {t}")])
+    assert "127.0.0.1" not in dump and "198.51.100" not in dump
+
+
+async def test_xff_believed_from_trusted_proxy(db_dsn, master_key, tmp_path, db):
+    async with start_service(db_dsn, master_key, tmp_path, trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),)) as svc:
+        install_id, token = await svc.enroll()
+        for xff, expected in (("198.51.100.77", "198.51.100.0/24"), ("2001:db8:abcd:12::1, 127.0.0.5", "2001:db8:abcd::/48")):
+            status, _, _ = await svc.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id), headers={"X-Forwarded-For": xff})
+            assert status == 200
+            assert await db.fetchval("SELECT ip_prefix FROM installations WHERE install_id = $1", install_id) == ipaddress.ip_network(expected)
+        dump = str([dict(r) for r in await db.fetch("SELECT * FROM heartbeats")])
+        assert "198.51.100.77" not in dump and "2001:db8:abcd:12" not in dump
+
+
+async def test_email_is_encrypted_at_rest(service, db, master_key):
+    install_id, token = await service.enroll()
+    email = f"admin-{uuid.uuid4().hex[:8]}@example.org"
+    status, _, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, email=email))
+    assert status == 200
+    for table in ("installations", "heartbeats", "tokens", "data_keys", "audit_log"):
+        text = await db.fetchval(f"SELECT coalesce(string_agg(t::text, ' '), '') FROM {table} t")
+        assert email not in text and email.encode().hex() not in text
+    ct = await db.fetchval("SELECT email_ct FROM installations WHERE install_id = $1", install_id)
+    # readable with the installation's data key, and only in its own context
+    kid, kek, wrapped = await db.fetchrow("SELECT key_id, kek_id, wrapped FROM data_keys WHERE install_id = $1", install_id)
+    key = DataKey.from_bytes(kid, KeyRing.from_setting(master_key).unwrap(kek, wrapped, wrap_context(install_id, kid)))
+    assert open_(key, ct, email_context(install_id)).decode() == email
+    with pytest.raises(Exception):
+        open_(key, ct, email_context(uuid.uuid4()))
+
+
+async def test_revoked_token_is_refused(service):
+    install_id, token = await service.enroll()
+    assert (await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id)))[0] == 200
+    out = service.cli("tokens", "revoke", token).stdout
+    assert "revoked tid_" in out
+    # the follower polls every 0.25 s; run one poll now instead of sleeping
+    from ingest.keys import AUTH
+
+    await service.app[AUTH].poll_revocations()
+    status, body, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id))
+    assert status == 401
+    assert service.cli("tokens", "revoke", token, check=False).returncode == 1
+
+
+async def test_revoke_by_id(service, db):
+    secret = service.create_secret()
+    token_id = await db.fetchval("SELECT token_id FROM tokens WHERE role = 'enroll'")
+    service.cli("tokens", "revoke", token_id)
+    status, _, _ = await service.request("POST", "/v1/enroll", token=secret, json={"install_id": str(uuid.uuid4())})
+    assert status == 401
+    actions = [r["action"] for r in await db.fetch("SELECT action FROM audit_log ORDER BY id")]
+    assert actions == ["enroll_secret.create", "token.revoke"]
+
+
+async def test_concurrent_heartbeats_are_group_committed(service, db):
+    installs = [await service.enroll(secret=None) for _ in range(4)]
+    n = 200
+
+    async def send(i):
+        install_id, token = installs[i % len(installs)]
+        return (await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, asset_count=i)))[0]
+
+    statuses = await asyncio.gather(*(send(i) for i in range(n)))
+    assert statuses == [200] * n
+    assert await db.fetchval("SELECT count(*) FROM heartbeats") == n
+    assert sorted(r[0] for r in await db.fetch("SELECT asset_count FROM heartbeats")) == list(range(n))
+    # rows written by one transaction share its xmin: fewer distinct xmins than rows means batching
+    transactions = await db.fetchval("SELECT count(DISTINCT xmin::text) FROM heartbeats")
+    assert transactions < n
+    metrics = (await service.request("GET", "/metrics"))[1]
+    assert f'telemetry_batch_rows_sum{{writer="heartbeat"}} {float(n)}' in metrics
+
+
+async def test_full_queue_answers_503_with_retry_after(db_dsn, master_key, tmp_path, db):
+    async with start_service(db_dsn, master_key, tmp_path, queue_size=1, batch_max_rows=1) as svc:
+        install_id, token = await svc.enroll()
+        # Hold the installation's row lock so the writer's batches cannot commit.
+        tx = db.transaction()
+        await tx.start()
+        await db.execute("SELECT 1 FROM installations WHERE install_id = $1 FOR UPDATE", install_id)
+        tasks = [asyncio.create_task(svc.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, asset_count=i))) for i in range(8)]
+        done = []
+        for _ in range(200):
+            done = [t for t in tasks if t.done()]
+            if len(done) >= 5:  # 2 batches in flight + 1 queued; the other 5 must be refused
+                break
+            await asyncio.sleep(0.02)
+        refused = [t.result() for t in done]
+        assert len(refused) == 5 and all(s == 503 and h.get("Retry-After") for s, _, h in refused)
+        await tx.rollback()
+        results = await asyncio.gather(*tasks)
+        accepted = [r for r in results if r[0] == 200]
+        assert len(accepted) == 3
+        assert await db.fetchval("SELECT count(*) FROM heartbeats") == 3
+
+
+async def test_shutdown_commits_queued_heartbeats(db_dsn, master_key, tmp_path, db):
+    ctx = start_service(db_dsn, master_key, tmp_path)
+    svc = await ctx.__aenter__()
+    install_id, token = await svc.enroll()
+    tx = db.transaction()
+    await tx.start()
+    await db.execute("SELECT 1 FROM installations WHERE install_id = $1 FOR UPDATE", install_id)
+    tasks = [asyncio.create_task(svc.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id))) for _ in range(20)]
+    await asyncio.sleep(0.3)
+    assert not any(t.done() for t in tasks)
+    stopping = asyncio.create_task(ctx.__aexit__(None, None, None))
+    await asyncio.sleep(0.2)
+    await tx.rollback()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    await stopping
+    ok = [r for r in results if not isinstance(r, BaseException) and r[0] == 200]
+    assert len(ok) == 20
+    assert await db.fetchval("SELECT count(*) FROM heartbeats") == 20
+
+
+async def test_ops_endpoints_and_metrics_hold_no_identifiers(service):
+    install_id, token = await service.enroll()
+    email = "someone@example.org"
+    await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, email=email))
+    await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, bad=1))
+    await service.request("GET", f"/v1/installations/{install_id}")  # unknown route with an id in it
+    assert (await service.request("GET", "/healthz"))[0] == 200
+    assert (await service.request("GET", "/readyz"))[0] == 200
+    status, text, headers = await service.request("GET", "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    for name in ("telemetry_requests_total", "telemetry_request_duration_seconds_bucket", "telemetry_request_bytes_total",
+                 "telemetry_fields_dropped_total", "telemetry_batch_rows_bucket", "telemetry_flush_duration_seconds_bucket",
+                 "telemetry_queue_depth", "telemetry_db_pool_connections", "telemetry_encrypt_duration_seconds_bucket"):
+        assert name in text, name
+    for secret in (str(install_id), token, email, "127.0.0.1", install_id.hex):
+        assert secret not in text
