@@ -1,0 +1,279 @@
+"""`telemetry-ingest serve` as a real process: workers, shared metrics, replacement, signals, start-up checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import psutil
+import pytest
+
+from tests.support import ROOT, heartbeat_body, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """A `serve` subprocess with its environment."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        import tempfile
+
+        self.port = free_port()
+        # Files, not pipes: a full pipe would block the server's logging.
+        self._out = tempfile.TemporaryFile("w+")
+        self._err = tempfile.TemporaryFile("w+")
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+        self.env.update(env)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ingest", "serve", "--port", str(self.port), *args],
+            env=self.env, cwd=ROOT, stdout=self._out, stderr=self._err, text=True,
+        )
+
+    @property
+    def stderr(self) -> str:
+        self._err.seek(0)
+        return self._err.read()
+
+    async def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"serve exited {self.proc.returncode}: {self.stderr}")
+                try:
+                    async with http.get(self.url + "/readyz") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise AssertionError("serve did not become ready")
+
+    def workers(self) -> list[int]:
+        return [c.pid for c in psutil.Process(self.proc.pid).children()]
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        finally:
+            self._out.close()
+            self._err.close()
+
+
+@pytest.fixture
+def external_env(db_dsn, master_key, tmp_path) -> dict[str, str]:
+    return {"TELEMETRY_DSN": db_dsn, "TELEMETRY_MASTER_KEY": master_key, "TELEMETRY_DATA_DIR": str(tmp_path)}
+
+
+async def enroll(http, url, env) -> tuple[uuid.UUID, str]:
+    secret = run_cli("enroll-secret", "create", env=env).stdout.strip().splitlines()[-1]
+    install_id = uuid.uuid4()
+    async with http.post(url + "/v1/enroll", json={"install_id": str(install_id)}, headers={"Authorization": f"Bearer {secret}"}) as r:
+        assert r.status == 201
+        return install_id, (await r.json())["token"]
+
+
+def metric_value(text: str, line_prefix: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(line_prefix):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_workers_share_port_and_metrics_and_are_replaced(external_env, db):
+    server = ServeProcess(external_env, "--workers", "2")
+    try:
+        await server.wait_ready()
+        pids = server.workers()
+        assert len(pids) == 2
+        n = 40
+        # A new connection per request, so both workers answer some.
+        async with aiohttp.ClientSession() as http:
+            install_id, token = await enroll(http, server.url, external_env)
+        for _ in range(n):
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+                async with http.post(server.url + "/v1/heartbeats", json=heartbeat_body(install_id),
+                                     headers={"Authorization": f"Bearer {token}"}) as r:
+                    assert r.status == 200
+        assert await db.fetchval("SELECT count(*) FROM heartbeats") == n
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            for _ in range(4):  # whichever worker answers, it reports the whole service
+                async with http.get(server.url + "/metrics") as r:
+                    text = await r.text()
+                assert metric_value(text, 'telemetry_requests_total{method="POST",route="/v1/heartbeats",status="200"}') == n
+        # A worker killed outright is replaced, and the service keeps answering.
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = server.workers()
+            if len(now) == 2 and pids[0] not in now:
+                break
+            await asyncio.sleep(0.1)
+        assert len(server.workers()) == 2 and pids[0] not in server.workers()
+        await server.wait_ready()
+        # revocation reaches every worker: poll generously, this is not a timing assertion
+        run_cli("tokens", "revoke", token, env=external_env)
+        deadline = time.monotonic() + 10
+        statuses = []
+        while time.monotonic() < deadline:
+            statuses = []
+            for _ in range(6):
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+                    async with http.post(server.url + "/v1/heartbeats", json=heartbeat_body(install_id),
+                                         headers={"Authorization": f"Bearer {token}"}) as r:
+                        statuses.append(r.status)
+            if set(statuses) == {401}:
+                break
+            await asyncio.sleep(0.2)
+        assert set(statuses) == {401}
+        stderr = server.stderr
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert token not in stderr, [l for l in stderr.splitlines() if token in l]
+    assert str(install_id) not in stderr
+
+
+async def test_sigterm_with_requests_in_flight_commits_them(external_env, db):
+    server = ServeProcess(external_env, "--workers", "1")
+    try:
+        await server.wait_ready()
+        async with aiohttp.ClientSession() as http:
+            install_id, token = await enroll(http, server.url, external_env)
+            # Hold the row lock so the heartbeats wait in the writer when SIGTERM arrives.
+            tx = db.transaction()
+            await tx.start()
+            await db.execute("SELECT 1 FROM installations WHERE install_id = $1 FOR UPDATE", install_id)
+
+            async def send():
+                async with http.post(server.url + "/v1/heartbeats", json=heartbeat_body(install_id),
+                                     headers={"Authorization": f"Bearer {token}"}) as r:
+                    return r.status
+
+            tasks = [asyncio.create_task(send()) for _ in range(10)]
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            await tx.rollback()
+            statuses = await asyncio.gather(*tasks, return_exceptions=True)
+        code = await asyncio.to_thread(server.proc.wait, 15)
+        assert code == 0 and time.monotonic() - started < 10
+        ok = [s for s in statuses if s == 200]
+        assert all(s in (200, 503) for s in statuses), statuses
+        assert await db.fetchval("SELECT count(*) FROM heartbeats") == len(ok) == 10
+    finally:
+        server.stop()
+
+
+async def test_refuses_database_without_synchronous_commit(external_env, db_dsn, db):
+    dbname = await db.fetchval("SELECT current_database()")
+    await db.execute(f'ALTER DATABASE "{dbname}" SET synchronous_commit = off')
+    proc = await asyncio.to_thread(run_cli, "serve", "--port", str(free_port()), env=external_env, check=False, timeout=60)
+    assert proc.returncode != 0
+    assert "synchronous_commit" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "env, name",
+    [
+        ({"TELEMETRY_PORT": "eighty"}, "TELEMETRY_PORT"),
+        ({"TELEMETRY_WORKERS": "0"}, "TELEMETRY_WORKERS"),
+        ({"TELEMETRY_UNKNOWN_FIELDS": "keep"}, "TELEMETRY_UNKNOWN_FIELDS"),
+        ({"TELEMETRY_TRUSTED_PROXIES": "10.0.0.0/33"}, "TELEMETRY_TRUSTED_PROXIES"),
+        ({"TELEMETRY_SWEEP_INTERVAL": "-1"}, "TELEMETRY_SWEEP_INTERVAL"),
+        ({"TELEMETRY_MASTER_KEY": "c2hvcnQ="}, "TELEMETRY_MASTER_KEY"),
+    ],
+)
+def test_bad_setting_stops_with_one_line_naming_it(external_env, env, name):
+    proc = run_cli("serve", env={**external_env, **env}, check=False, timeout=60)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0], proc.stderr
+
+
+def test_bad_flag_names_the_flag(external_env):
+    proc = run_cli("serve", "--port", "99999", env=external_env, check=False)
+    assert proc.returncode == 2 and "--port" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_dsn_without_master_key_is_refused(db_dsn, tmp_path):
+    proc = run_cli("serve", env={"TELEMETRY_DSN": db_dsn, "TELEMETRY_DATA_DIR": str(tmp_path)}, check=False)
+    assert proc.returncode == 1 and "TELEMETRY_MASTER_KEY" in proc.stderr
+
+
+async def test_embedded_default_starts_keeps_data_and_stops(tmp_path):
+    data_dir = tmp_path / "data"
+    env = {"TELEMETRY_DATA_DIR": str(data_dir)}
+    # Commands work before serve ever ran (they start the embedded server themselves, and stop it).
+    secret = run_cli("enroll-secret", "create", env=env).stdout.strip().splitlines()[-1]
+    key_file = data_dir / "master.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    install_id = uuid.uuid4()
+    server = ServeProcess(env, "--workers", "1")
+    try:
+        await server.wait_ready()
+        assert "embedded PostgreSQL" in server.stderr
+        # ...and while serve runs, against the same data directory.
+        admin = run_cli("admin-token", "create", env=env).stdout.strip().splitlines()[-1]
+        assert admin.startswith("tiadm_")
+        async with aiohttp.ClientSession() as http:
+            async with http.post(server.url + "/v1/enroll", json={"install_id": str(install_id)}, headers={"Authorization": f"Bearer {secret}"}) as r:
+                assert r.status == 201
+    finally:
+        assert server.stop() == 0
+    pgdata = data_dir / "pgdata"
+    assert not (pgdata / "postmaster.pid").exists()  # stopped with serve
+    server = ServeProcess(env, "--workers", "1")
+    try:
+        await server.wait_ready()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(server.url + "/v1/enroll", json={"install_id": str(install_id)}, headers={"Authorization": f"Bearer {secret}"}) as r:
+                assert r.status == 409  # the enrollment survived the restart
+    finally:
+        assert server.stop() == 0
+
+
+async def test_migrations_are_safe_when_processes_start_at_once(pg_server_dsn):
+    from storage.migrate import available, migrate
+    from tests.conftest import _with_database
+
+    name = f"ti_mig_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(pg_server_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        conns = [await asyncpg.connect(_with_database(pg_server_dsn, name)) for _ in range(4)]
+        applied = await asyncio.gather(*(migrate(c) for c in conns))
+        assert sorted(len(a) for a in applied) == [0, 0, 0, len(available())]
+        rows = await conns[0].fetch("SELECT version FROM schema_migrations ORDER BY version")
+        assert [r["version"] for r in rows] == [v for v, _, _ in available()]
+        for c in conns:
+            await c.close()
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
