@@ -92,13 +92,13 @@ def heartbeat_body(install_id: uuid.UUID, **extra: Any) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def start_service(dsn: str, master_key: str, data_dir: Path, **settings: Any):
-    """Start create_app(settings) on 127.0.0.1 with an ephemeral port; stop it (gracefully) afterwards."""
-    s = Settings(dsn=dsn, master_key=master_key, data_dir=data_dir, port=0, workers=1, **settings)
+async def start_service(dsn: str, master_key: str, data_dir: Path, port: int = 0, **settings: Any):
+    """Start create_app(settings) on 127.0.0.1 (an ephemeral port unless port is given); stop it (gracefully) afterwards."""
+    s = Settings(dsn=dsn, master_key=master_key, data_dir=data_dir, port=port, workers=1, **settings)
     app = create_app(s)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     env = {"TELEMETRY_DSN": dsn, "TELEMETRY_MASTER_KEY": master_key, "TELEMETRY_DATA_DIR": str(data_dir)}
