@@ -210,11 +210,13 @@ async def open_loop(
         if in_flight:
             await asyncio.wait(list(in_flight), timeout=REQUEST_TIMEOUT + 1)
     finally:
-        for task, measured in list(in_flight.items()):
-            if not task.done():
-                task.cancel()
-                if measured:
-                    stats.add_unsent("unfinished")
+        unfinished = [task for task in in_flight if not task.done()]
+        for task in unfinished:
+            task.cancel()
+            if in_flight[task]:
+                stats.add_unsent("unfinished")
+        if unfinished:
+            await asyncio.wait(unfinished, timeout=5)
     stats.elapsed = max(stats.last_done, t_end) - t_measure
     return stats
 

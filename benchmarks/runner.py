@@ -198,7 +198,7 @@ def describe(details: dict[str, Any]) -> str:
         if details.get("target_rate"):
             parts.append(f"offered {details['target_rate']:,.0f}/s, answered {details['rps']:,.0f}/s")
         if details.get("errors"):
-            parts.append(f"ERRORS {details['errors']}/{details['requests']} {details['statuses']}")
+            parts.append(f"ERRORS {details['errors']} {details['statuses']}")
         if "client_cpu" in details:
             server = f" server {details['server_cpu']:.2f}" if "server_cpu" in details else ""
             parts.append(f"cpu client {details['client_cpu']:.2f}{server}")
