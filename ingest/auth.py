@@ -15,7 +15,8 @@ import asyncpg
 from aiohttp import web
 
 from crypto.tokens import MAX_TOKEN_LENGTH, hash_token, role_of, same_hash
-from ingest.errors import Forbidden, Unauthorized
+from ingest.errors import Forbidden, RateLimited, Unauthorized
+from ingest.ratelimit import TokenBuckets, retry_after_seconds
 from storage import tokens as token_store
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,16 @@ class Principal:
 class Authenticator:
     """Resolves bearer tokens to principals; cached, bounded, revocation-aware."""
 
-    def __init__(self, pool: asyncpg.Pool, *, max_entries: int = 100_000, on_revoke: Callable[[uuid.UUID], None] | None = None) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        max_entries: int = 100_000,
+        on_revoke: Callable[[uuid.UUID], None] | None = None,
+        limiter: TokenBuckets | None = None,
+    ) -> None:
         self._pool = pool
+        self._limiter = limiter
         self._max = max_entries
         self._cache: OrderedDict[bytes, tuple[Principal, float]] = OrderedDict()
         self._hash_by_id: dict[str, bytes] = {}
@@ -56,6 +65,10 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN_LENGTH or role_of(token) is None:
             raise Unauthorized("a valid bearer token is required")
         principal = await self.resolve(token)
+        if self._limiter is not None:
+            wait = self._limiter.take(principal.token_id)
+            if wait:
+                raise RateLimited("this token is over its request rate", headers={"Retry-After": retry_after_seconds(wait)})
         if principal.role not in roles:
             raise Forbidden("this token's role may not call this endpoint")
         return principal
@@ -117,10 +130,12 @@ class Authenticator:
 
 async def auth_ctx(app: web.Application):
     """cleanup_ctx: the authenticator and its revocation follower."""
-    from ingest.keys import AUTH, DATA_KEYS, POOL
+    from ingest.keys import AUTH, DATA_KEYS, POOL, SETTINGS
 
-    data_keys = app[DATA_KEYS]
-    auth = Authenticator(app[POOL], on_revoke=data_keys.evict)
+    s = app[SETTINGS]
+    # Each worker enforces its share of the per-token rate: the port spreads connections over workers.
+    limiter = TokenBuckets(s.rate_limit / s.workers, max(1, s.rate_burst // s.workers)) if s.rate_limit > 0 else None
+    auth = Authenticator(app[POOL], on_revoke=app[DATA_KEYS].evict, limiter=limiter)
     await auth.start_following()
     app[AUTH] = auth
     task = asyncio.create_task(auth.follow())

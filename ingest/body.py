@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import zlib
 from typing import Any
@@ -10,7 +11,8 @@ import orjson
 import zstandard
 from aiohttp import web
 
-from ingest.errors import BadRequest, TooLarge, UnsupportedMedia
+from ingest.errors import BadRequest, RequestTimeout, TooLarge, UnsupportedMedia
+from ingest.keys import SETTINGS
 
 _CHUNK = 64 * 1024
 ENCODINGS = ("identity", "gzip", "zstd")
@@ -33,16 +35,21 @@ def content_encoding(request: web.Request) -> str:
     return enc
 
 
-async def read_raw(request: web.Request, limit: int) -> bytes:
-    """The body as sent, refused with 413 as soon as it passes limit (whatever Content-Length says)."""
+async def read_raw(request: web.Request, limit: int, timeout: float | None = None) -> bytes:
+    """The body as sent, refused with 413 as soon as it passes limit (whatever Content-Length says),
+    and with 408 if the client takes longer than timeout seconds to send it."""
     declared = request.content_length
     if declared is not None and declared > limit:
         raise TooLarge(f"body is larger than {limit} bytes")
     buf = bytearray()
-    async for chunk in request.content.iter_chunked(_CHUNK):
-        buf += chunk
-        if len(buf) > limit:
-            raise TooLarge(f"body is larger than {limit} bytes")
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.content.iter_chunked(_CHUNK):
+                buf += chunk
+                if len(buf) > limit:
+                    raise TooLarge(f"body is larger than {limit} bytes")
+    except TimeoutError:
+        raise RequestTimeout(f"the body was not received within {timeout:g} seconds") from None
     return bytes(buf)
 
 
@@ -98,6 +105,6 @@ async def read_json(request: web.Request, *, limit: int, decoded_limit: int) -> 
     """Check type and encoding, read within limits, inflate within limits, parse; returns (doc, wire bytes, decoded bytes)."""
     check_content_type(request)
     encoding = content_encoding(request)
-    raw = await read_raw(request, limit)
+    raw = await read_raw(request, limit, request.app[SETTINGS].read_timeout)
     data = inflate(raw, encoding, decoded_limit)
     return parse_object(data), len(raw), len(data)

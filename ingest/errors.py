@@ -44,6 +44,10 @@ class MethodNotAllowed(Problem):
     status, slug, title = 405, "method-not-allowed", "Method not allowed"
 
 
+class RequestTimeout(Problem):
+    status, slug, title, reason = 408, "request-timeout", "The request was not received in time", "slow_client"
+
+
 class Conflict(Problem):
     status, slug, title, reason = 409, "conflict", "Conflict", "conflict"
 

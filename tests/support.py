@@ -41,7 +41,7 @@ class Service:
         if json is not None:
             data = orjson.dumps(json)
             h.setdefault("Content-Type", "application/json")
-        if data is not None and len(data) > 512 * 1024:
+        if isinstance(data, bytes) and len(data) > 512 * 1024:
             data = io.BytesIO(data)  # aiohttp warns about large raw bytes bodies
         async with self.http.request(method, self.url + path, data=data, headers=h) as resp:
             raw = await resp.read()
