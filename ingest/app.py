@@ -8,7 +8,7 @@ from aiohttp import web
 
 from crypto.datakeys import DataKeyCache
 from crypto.keyring import KeyRing
-from ingest import routes_core, routes_ops
+from ingest import openapi, routes_core, routes_ops
 from ingest.auth import auth_ctx
 from ingest.batching import GroupCommitWriter
 from ingest.keys import DATA_KEYS, HEARTBEAT_WRITER, KEYRING, METRICS, POOL, SETTINGS
@@ -73,5 +73,6 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = Metrics()
     app.cleanup_ctx.extend([storage_ctx, keys_ctx, auth_ctx, writers_ctx])
     routes_ops.setup(app)
+    openapi.setup(app)
     routes_core.setup(app)
     return app
