@@ -136,20 +136,26 @@ async def _prepare(resolved: Resolved) -> None:
         await conn.close()
 
 
+def create_token(role: str, action: str) -> tuple[str, str]:
+    """Create a token of role in the database, audited as action; returns (token_id, token)."""
+    from crypto.tokens import new_token
+    from storage.audit import record
+    from storage.tokens import insert_token
+
+    token_id, token, token_hash = new_token(role)
+
+    async def work(conn, resolved):
+        async with conn.transaction():
+            await insert_token(conn, token_id, token_hash, role)
+            await record(conn, "cli", action, detail={"token_id": token_id})
+
+    _with_db(load_settings(), work)
+    return token_id, token
+
+
 def _create_token(role: str, action: str):
     def run(args: argparse.Namespace) -> int:
-        from crypto.tokens import new_token
-        from storage.audit import record
-        from storage.tokens import insert_token
-
-        token_id, token, token_hash = new_token(role)
-
-        async def work(conn, resolved):
-            async with conn.transaction():
-                await insert_token(conn, token_id, token_hash, role)
-                await record(conn, "cli", action, detail={"token_id": token_id})
-
-        _with_db(load_settings(), work)
+        token_id, token = create_token(role, action)
         print(f"token id: {token_id}")
         print(token)
         return 0
@@ -202,6 +208,64 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_send(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import orjson
+
+    from ingest.client import send_once
+
+    token = args.token or os.environ.get("TELEMETRY_TOKEN")
+    if not token:
+        raise CliError("send: --token (or TELEMETRY_TOKEN) is required")
+    body = None
+    if args.kind == "flush":
+        if not args.spool:
+            raise CliError("send flush: --spool DIR is required")
+    else:
+        try:
+            raw = Path(args.file).read_bytes() if args.file else sys.stdin.buffer.read()
+            body = orjson.loads(raw)
+        except OSError as exc:
+            raise CliError(f"send: cannot read {args.file}: {exc.strerror}") from None
+        except orjson.JSONDecodeError:
+            raise CliError("send: the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise CliError("send: the body must be a JSON object")
+    status, shown = asyncio.run(send_once(args.url, token, args.kind, body, args.spool))
+    print(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
+    return status
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from crypto.tokens import hash_token
+    from ingest import demo
+    from ingest.client import ClientError
+    from storage.audit import record
+    from storage.tokens import revoke
+
+    settings = load_settings()
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    url = args.url or f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+    print(f"demo against {url}")
+    token_id, secret = create_token("enroll", "enroll_secret.create")
+    print(f"created enrollment secret {token_id} (revoked again when the demo ends)")
+
+    async def revoke_secret(conn, resolved):
+        async with conn.transaction():
+            if await revoke(conn, token_hash=hash_token(secret)):
+                await record(conn, "cli", "token.revoke", detail={"token_id": token_id})
+
+    try:
+        asyncio.run(demo.run(url, secret))
+    except ClientError as exc:
+        raise CliError(f"demo: {exc}") from None
+    finally:
+        _with_db(settings, revoke_secret)
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -233,6 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
     show = policy.add_parser("show", help="print the disclosure table")
     show.add_argument("--format", choices=("markdown", "json"), default="markdown")
     show.set_defaults(func=cmd_policy_show)
+
+    send = sub.add_parser("send", help="send a heartbeat or scan with the reference client (retries, spool)")
+    send.add_argument("kind", choices=("heartbeat", "scan", "flush"), help="what to send (flush: only what is spooled)")
+    send.add_argument("--url", required=True, help="the service, e.g. http://127.0.0.1:8080")
+    send.add_argument("--token", help="installation token (heartbeat) or agent token (scan); default $TELEMETRY_TOKEN, "
+                      "which other users cannot read in the process list")
+    send.add_argument("--file", help="the JSON body (default: standard input)")
+    send.add_argument("--spool", metavar="DIR", help="keep the record in this directory until it is delivered")
+    send.set_defaults(func=cmd_send)
+
+    demo = sub.add_parser("demo", help="enroll a fake installation at a running service; show what is stored and dropped")
+    demo.add_argument("--url", help="the running service (default: from TELEMETRY_HOST and TELEMETRY_PORT, http://127.0.0.1:8080)")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
