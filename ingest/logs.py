@@ -1,35 +1,84 @@
-"""Logging set-up: text or JSON lines. Call sites never pass identifiers, tokens, e-mails or addresses."""
+"""Logging set-up: text or JSON lines. Call sites never pass identifiers, tokens, e-mails or addresses.
+
+That rule is kept where lines are written (the access line names the route template,
+never the raw path; see ingest.middleware). As a safety net, every formatted line is
+also scrubbed of anything shaped like a bearer token, an e-mail address, a UUID (every
+install_id, agent_id and scan_id is one) or an IP address, in case an exception message
+or a library carries one in.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 import sys
+import time
+from typing import TextIO
 
 import orjson
 
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+
+_TOKEN = re.compile(r"\bti(?:e|i|a|adm)_[A-Za-z0-9_-]{8,}")
+_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+_UUID = re.compile(r"\b[0-9A-Fa-f]{8}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{12}\b")
+_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])")
+# Candidates only, validated below, so that a clock time such as 12:30:45 is left alone.
+_IPV6 = re.compile(r"(?<![\w:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:%[\w.]+)?(?![\w:])")
+
+
+def _ip(m: re.Match) -> str:
+    try:
+        ipaddress.ip_address(m.group().split("%", 1)[0])
+    except ValueError:
+        return m.group()
+    return "[ip]"
+
+
+def scrub(text: str) -> str:
+    """The text with tokens, e-mail addresses, UUIDs and IP addresses replaced by a placeholder."""
+    # Each pattern runs only when the characters it needs are there: most values are short and plain.
+    if "_" in text:
+        text = _TOKEN.sub("[token]", text)
+    if "@" in text:
+        text = _EMAIL.sub("[email]", text)
+    if len(text) >= 32:
+        text = _UUID.sub("[uuid]", text)
+    if text.count(".") >= 3:
+        text = _IPV4.sub(_ip, text)
+    if text.count(":") >= 2:
+        text = _IPV6.sub(_ip, text)
+    return text
+
+
+def _utc_time(record: logging.LogRecord) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line, with the record's extra fields."""
+    """One JSON object per line (time in UTC), with the record's extra fields; scrubbed."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        out = {"time": _utc_time(record), "level": record.levelname, "logger": record.name, "message": scrub(record.getMessage())}
         for key, value in record.__dict__.items():
             if key not in _STANDARD:
-                out[key] = value
+                out[key] = value if isinstance(value, (int, float, bool, type(None))) else scrub(str(value))
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+            out["exception"] = scrub(self.formatException(record.exc_info))
+        return orjson.dumps(out).decode()
 
 
 class TextFormatter(logging.Formatter):
-    """Plain text, with the extra fields appended as key=value."""
+    """Plain text, with the extra fields appended as key=value; scrubbed."""
 
     def format(self, record: logging.LogRecord) -> str:
-        base = super().format(record)
-        extras = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _STANDARD)
+        base = scrub(super().format(record))
+        extras = " ".join(f"{k}={scrub(str(v))}" for k, v in record.__dict__.items() if k not in _STANDARD)
         return f"{base} {extras}" if extras else base
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class RedactPeer(logging.Filter):
@@ -42,13 +91,18 @@ class RedactPeer(logging.Filter):
         return True
 
 
+def make_handler(fmt: str = "text", stream: TextIO | None = None) -> logging.Handler:
+    """A stream handler (stderr by default) with the service's filter and formatter for fmt ("text" or "json")."""
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.addFilter(RedactPeer())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
+    return handler
+
+
 def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     """Configure the root logger once for this process."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RedactPeer())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [make_handler(fmt)]
     root.setLevel(level)
     # aiohttp's own access log prints the peer address: it stays off; ingest.access replaces it.
     logging.getLogger("aiohttp.access").disabled = True

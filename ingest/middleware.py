@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import re
+import secrets
 import time
+import uuid
 
 import asyncpg
 import orjson
 from aiohttp import web
 
 from crypto.errors import CryptoError
+from crypto.tokens import role_of
 from ingest.errors import MethodNotAllowed, NotFoundProblem, Problem, TooLarge, Unavailable
 from ingest.keys import METRICS, SETTINGS
 from storage.errors import DatabaseUnavailable
@@ -74,14 +79,46 @@ def _generic(status: int, title: str) -> Problem:
     return p
 
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+def request_id_of(request: web.Request) -> str:
+    """The client's X-Request-ID if it is a short plain token, else a fresh random one.
+
+    The id goes into the access log, which holds no identifiers or secrets, so a value
+    shaped like one (a UUID such as an install_id, a bearer token, an IP address) is
+    replaced too; the id actually used is echoed in the response header.
+    """
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    if _REQUEST_ID.fullmatch(given) and not _looks_identifying(given):
+        return given
+    return secrets.token_hex(8)
+
+
+def _looks_identifying(value: str) -> bool:
+    if role_of(value) is not None:
+        return True
+    for parse in (uuid.UUID, ipaddress.ip_address):
+        try:
+            parse(value)
+            return True
+        except ValueError:
+            pass
+    return False
+
+
 @web.middleware
 async def metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Count and time every request by route template and status; one access-log line per request."""
     started = time.perf_counter()
     status = 500
+    request_id = request_id_of(request)
     try:
         response = await handler(request)
         status = response.status
+        if not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = request_id
         return response
     finally:
         elapsed = time.perf_counter() - started
@@ -91,5 +128,5 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
             log.info(
                 "request",
                 extra={"route": route, "method": request.method, "status": status, "latency_ms": round(elapsed * 1000, 2),
-                       "request_id": request.get("request_id", "")},
+                       "request_id": request_id},
             )
