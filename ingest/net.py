@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 
@@ -11,6 +12,7 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@functools.lru_cache(maxsize=4096)  # peers repeat (proxies, NAT, keep-alive): parse each once
 def _parse(value: str) -> Address | None:
     try:
         ip = ipaddress.ip_address(value.strip().split("%", 1)[0])
@@ -38,6 +40,7 @@ def client_ip(request: web.Request, trusted: Sequence[Network]) -> Address | Non
     return ip
 
 
+@functools.lru_cache(maxsize=4096)
 def anonymise(ip: Address | None) -> Network | None:
     """IPv4 to its /24, IPv6 to its /48: the only form an address is ever stored in."""
     if ip is None:
