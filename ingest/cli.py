@@ -233,7 +233,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             raise CliError("send: the body is not valid JSON") from None
         if not isinstance(body, dict):
             raise CliError("send: the body must be a JSON object")
-    status, shown = asyncio.run(send_once(args.url, token, args.kind, body, args.spool))
+    status, shown = asyncio.run(send_once(args.url, token, args.kind, body, args.spool, attempts=args.attempts))
     print(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
     return status
 
@@ -305,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "which other users cannot read in the process list")
     send.add_argument("--file", help="the JSON body (default: standard input)")
     send.add_argument("--spool", metavar="DIR", help="keep the record in this directory until it is delivered")
+    send.add_argument("--attempts", type=int, default=6, metavar="N", help="tries per record before giving up (or leaving it spooled)")
     send.set_defaults(func=cmd_send)
 
     demo = sub.add_parser("demo", help="enroll a fake installation at a running service; show what is stored and dropped")

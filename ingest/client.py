@@ -8,18 +8,18 @@
         await a.upload_scan({...})                       # gzip; scan_id added once, kept across retries
 
 Retries: a request is tried up to `Backoff.attempts` times when the service answers
-429 or 5xx or cannot be reached, waiting `Backoff.delay` in between: exponential
+408, 429 or 5xx or cannot be reached, waiting `Backoff.delay` in between: exponential
 backoff with full jitter, never earlier than the answer's Retry-After (a Retry-After
 longer than `Backoff.max_retry_after` ends the attempts: the record stays spooled).
-Any other answer is final: 2xx is success; 4xx raises `Rejected` and is never retried.
-Enrolling and creating an agent are not idempotent, so those two are resent only when
-the request cannot have reached the service (connection refused, 429, 503).
+Any other answer is final: 2xx is success; any other 4xx raises `Rejected` and is never
+retried. Enrolling and creating an agent are not idempotent, so those two are resent
+only when the service cannot have acted on them (connection refused, 408, 429, 503).
 
 Spool: with `spool_dir`, each heartbeat or scan is first written to
 `<spool_dir>/<time_ns, 20 digits>-<8 hex>.json` as `{"v": 1, "kind": ..., "body": ...}`
 (mode 0600, written to a dot-prefixed temporary name, fsynced, renamed, directory
 fsynced), then `flush_spool()` sends every record in name order and deletes each only
-after a 2xx. A 4xx other than 401 and 429 moves the record to `rejected/` with its
+after a 2xx. A 4xx other than 401, 408 and 429 moves the record to `rejected/` with its
 answer beside it (`<name>.answer.json`): resending cannot help, and an operator can
 move it back. A 401 (or a redirect) stops the flush and keeps the records: the token
 or URL is wrong, not the data. An unreachable service stops the flush; the rest waits for the next one,
@@ -66,7 +66,7 @@ class ClientError(Exception):
 
 
 class Rejected(ClientError):
-    """The service answered with a final error (4xx other than 429, or a 3xx): resending the same request cannot help."""
+    """The service answered with a final error (4xx other than 408 and 429, or a 3xx): resending it cannot help."""
 
     def __init__(self, answer: "Answer", path: Path | None = None) -> None:
         body = answer.body if isinstance(answer.body, dict) else {}
@@ -145,8 +145,12 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+# 408: the service gave up waiting for the body; 429: too fast; 5xx: overloaded, or a proxy without its upstream.
 def _retryable(status: int) -> bool:
-    return status == 429 or status >= 500
+    return status in (408, 429) or status >= 500
+
+
+_NOT_APPLIED = (408, 429, 503)  # answers that say the request was not acted on: safe to resend even if not idempotent
 
 
 @dataclass
@@ -344,7 +348,7 @@ class TelemetryClient:
                     return answer
                 if not _retryable(answer.status):
                     raise Rejected(answer)
-                if not idempotent and answer.status not in (429, 503):  # only these two say "not done"
+                if not idempotent and answer.status not in _NOT_APPLIED:
                     raise Unreachable(f"{method} {path}: {answer.status}; it may or may not have been applied")
             retry += 1
             if retry >= self.backoff.attempts:
@@ -442,9 +446,10 @@ class _DirLock:
 # ---------------------------------------------------------------- `telemetry-ingest send`
 
 
-async def send_once(url: str, token: str, kind: str, body: dict[str, Any] | None, spool_dir: str | None) -> tuple[int, Any]:
+async def send_once(url: str, token: str, kind: str, body: dict[str, Any] | None, spool_dir: str | None,
+                    attempts: int = Backoff.attempts) -> tuple[int, Any]:
     """What `telemetry-ingest send` does: (exit status, JSON to print). kind "flush" sends only the spool."""
-    async with TelemetryClient(url, token, spool_dir) as client:
+    async with TelemetryClient(url, token, spool_dir, backoff=Backoff(attempts=attempts)) as client:
         if kind == "flush":
             report = await client.flush_spool()
             summary = {
