@@ -91,7 +91,13 @@ async def run(url: str, secret: str, out: Callable[[str], None] = print) -> None
 
     async with TelemetryClient(url, agent.token) as scanner:
         scan = {"scan_id": str(uuid.uuid4()), **demo_scan(dt.datetime.now(dt.timezone.utc))}
-        answer = await scanner.upload_scan(scan)
+        try:
+            answer = await scanner.upload_scan(scan)
+        except Rejected as exc:
+            if exc.status in (404, 405):
+                out("scan: this service has no POST /v1/scans yet; no scan sent")
+                return
+            raise
         dropped = answer.body.get("dropped_fields", [])
         out(f"scan {answer.body.get('scan_id')}: HTTP {answer.status}, kept until {answer.body.get('expires_at')}")
         key = {f.name for f in SCAN.fields if f.storage == "key"}
