@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from crypto.errors import DecryptionError
 
@@ -39,16 +41,22 @@ KEY_SIZE = 32
 
 @dataclass(frozen=True, slots=True)
 class DataKey:
-    """A plaintext data key with its serial, held only in memory."""
+    """A plaintext data key with its serial, held only in memory.
+
+    `mac_key` is derived from it (HKDF-SHA256) for keyed content hashes
+    (crypto.documents.content_mac): it dies with the data key.
+    """
 
     key_id: int
     aead: AESGCM
+    mac_key: bytes = field(repr=False)
 
     @classmethod
     def from_bytes(cls, key_id: int, key: bytes) -> "DataKey":
         if len(key) != KEY_SIZE:
             raise ValueError("data key must be 32 bytes")
-        return cls(key_id, AESGCM(key))
+        mac_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"telemetry-ingest content mac v1").derive(key)
+        return cls(key_id, AESGCM(key), mac_key)
 
 
 def new_key_bytes() -> bytes:

@@ -46,6 +46,7 @@ class GroupCommitWriter(Generic[T]):
         max_bytes: int,
         retry_after: int = 1,
         flushers: int = 2,
+        max_queue_bytes: int | None = None,
     ) -> None:
         self.name = name
         self._pool = pool
@@ -53,6 +54,10 @@ class GroupCommitWriter(Generic[T]):
         self._queue: asyncio.Queue[tuple[T, int, asyncio.Future]] = asyncio.Queue(max_queue)
         self._max_rows = max_rows
         self._max_bytes = max_bytes
+        # Optional bound on the bytes waiting (large records): beyond it, 503 like a full queue.
+        # A record alone in the queue is always taken, however large.
+        self._max_queue_bytes = max_queue_bytes
+        self._queued_bytes = 0
         self._retry_after = retry_after
         self._flushers = flushers
         self._tasks: list[asyncio.Task] = []
@@ -70,11 +75,14 @@ class GroupCommitWriter(Generic[T]):
         """Queue a record and wait until its batch is committed; returns its outcome. 503 when full or closing."""
         if self._closing:
             raise Unavailable("shutting down", headers={"Retry-After": str(self._retry_after)})
+        if self._max_queue_bytes is not None and self._queued_bytes and self._queued_bytes + size > self._max_queue_bytes:
+            raise Unavailable("ingest queue is full", headers={"Retry-After": str(self._retry_after)})
         fut = asyncio.get_running_loop().create_future()
         try:
             self._queue.put_nowait((record, size, fut))
         except asyncio.QueueFull:
             raise Unavailable("ingest queue is full", headers={"Retry-After": str(self._retry_after)}) from None
+        self._queued_bytes += size
         self._depth.inc()
         # Shielded: if the client goes away, the record is still committed (or failed) cleanly.
         return await asyncio.shield(fut)
@@ -94,6 +102,7 @@ class GroupCommitWriter(Generic[T]):
                 break
             batch.append(item)
             size += item[1]
+        self._queued_bytes -= size
         self._depth.dec(len(batch))
         return batch, stop
 

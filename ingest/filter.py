@@ -2,8 +2,17 @@
 
 The policy tree is compiled once into nested closures, so filtering a document
 costs one dictionary walk, linear in its size. Dropped keys are reported as
-dotted paths with `[]` for list items (`software[].license_key`); a declared
-field of the wrong type, range or format raises Invalid with its path.
+dotted paths with `[]` for list items (`software[].license_key`), each once, in
+the order first met; a declared field of the wrong type, range or format raises
+Invalid with its path.
+
+Lists of flat string-valued objects (a scan's `software`, `services`, ...) are
+the hot path: thousands of items, each a handful of short strings. They are
+checked in whole-list passes that run in C (every item a dict, the union of
+their keys, the types and lengths of all their values); only when such a pass
+finds something to drop, a null, or an error does the list go through the
+per-item path, which gives the exact result and message. Kept items are the
+parsed dicts themselves, not copies. Every pass is linear in the list's size.
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ import math
 import re
 import uuid
 from collections.abc import Callable
+from itertools import chain, compress, count
+from operator import not_
 from typing import Any
 
 from ingest.errors import BadRequest, Invalid
@@ -101,12 +112,15 @@ def _compile_scalar(f: Field) -> Check:
     return check
 
 
-def _compile(f: Field, max_depth: int, depth: int) -> Check:
+def _compile(f: Field, max_depth: int, depth: int, fast: bool = True) -> Check:
     if f.kind == "object":
-        return _compile_object(f, max_depth, depth)
+        return _compile_object(f, max_depth, depth, fast)
     if f.kind == "list":
-        item = _compile(f.items, max_depth, depth + 1)
+        item = _compile(f.items, max_depth, depth + 1, fast)
         max_items = f.max_items
+        flat = _flat_strings(f.items) if fast else None
+        if flat is not None:
+            return _compile_flat_list(f, item, *flat, max_depth, depth + 2)
 
         def check_list(v, path, dropped):
             if type(v) is not list:
@@ -120,8 +134,64 @@ def _compile(f: Field, max_depth: int, depth: int) -> Check:
     return _compile_scalar(f)
 
 
-def _compile_object(f: Field, max_depth: int, depth: int) -> Check:
-    children = {c.name: _compile(c, max_depth, depth + 1) for c in f.fields}
+def _flat_strings(f: Field) -> tuple[frozenset[str], int | None] | None:
+    """(names, max_length) if f is an object of optional, pattern-free strings of one length bound; else None."""
+    if f.kind != "object" or not f.fields:
+        return None
+    if any(c.kind != "string" or c.pattern or c.required for c in f.fields):
+        return None
+    bounds = {c.max_length for c in f.fields}
+    if len(bounds) != 1:
+        return None
+    return frozenset(c.name for c in f.fields), bounds.pop()
+
+
+_JUST_STR = frozenset((str,))
+_JUST_DICT = frozenset((dict,))
+
+
+def _compile_flat_list(f: Field, item: Check, names: frozenset[str], max_len: int | None, max_depth: int, value_depth: int) -> Check:
+    """The whole-list fast path for a list of flat string objects; falls back to `item` per item."""
+    max_items = f.max_items
+    values_of = dict.values
+
+    def check_flat_list(v, path, dropped):
+        if type(v) is not list:
+            raise _type_error(path, "must be a list")
+        if max_items is not None and len(v) > max_items:
+            raise _type_error(path, f"must have at most {max_items} items")
+        item_path = path + "[]"
+        if not v:
+            return []
+        if not _JUST_DICT.issuperset(map(type, v)):
+            return [item(x, item_path, dropped) for x in v]  # raises with the exact path and message
+        items = v
+        unwanted = set().union(*v).difference(names)
+        if unwanted:
+            items = list(v)
+            extra: dict[str, None] = {}  # first-met order
+            for i in compress(count(), map(not_, map(unwanted.isdisjoint, v))):  # only the items holding one
+                kept = {}
+                for k, val in v[i].items():
+                    if k in names:
+                        kept[k] = val
+                    else:
+                        _check_depth(val, value_depth, max_depth)
+                        extra[k] = None
+                items[i] = kept
+            for k in extra:
+                dropped[item_path + "." + k] = None
+        values = list(chain.from_iterable(map(values_of, items)))
+        if _JUST_STR.issuperset(map(type, values)) and (max_len is None or not values or max(map(len, values)) <= max_len):
+            return items if items is not v else list(v)
+        # a null, a wrong type or an over-long string somewhere: the per-item path keeps or names it
+        return [item(x, item_path, dropped) for x in items]
+
+    return check_flat_list
+
+
+def _compile_object(f: Field, max_depth: int, depth: int, fast: bool = True) -> Check:
+    children = {c.name: _compile(c, max_depth, depth + 1, fast) for c in f.fields}
     required = tuple(c.name for c in f.fields if c.required)
     optional_null = {c.name for c in f.fields if not c.required}
     child_depth = depth + 1
@@ -166,8 +236,9 @@ def _check_depth(value: Any, depth: int, max_depth: int) -> None:
 class Allowlist:
     """A compiled filter for one category's root field."""
 
-    def __init__(self, root: Field, *, max_depth: int = 32) -> None:
-        self._check = _compile_object(root, max_depth, 1)
+    def __init__(self, root: Field, *, max_depth: int = 32, fast: bool = True) -> None:
+        # fast=False compiles without the whole-list fast path: the reference the tests compare it to.
+        self._check = _compile_object(root, max_depth, 1, fast)
 
     def filter_document(self, doc: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """(kept document, dropped dotted paths in first-seen order); Invalid or BadRequest on bad input."""

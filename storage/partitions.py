@@ -7,7 +7,7 @@ import datetime as dt
 import asyncpg
 
 # Tables partitioned by day on received_at. Later migrations append to this tuple.
-PARTITIONED_TABLES: tuple[str, ...] = ("heartbeats",)
+PARTITIONED_TABLES: tuple[str, ...] = ("heartbeats", "scans")
 DAYS_AHEAD = 3
 
 

@@ -61,6 +61,13 @@ DEFAULT_INACTIVE_DAYS = 400
 INSTALL_ID = Field("install_id", "uuid", required=True, storage="key", purpose="identifies the installation")
 # The body of POST /v1/enroll: not telemetry, only the key it will be filed under.
 ENROLLMENT = Field("enrollment", "object", fields=(INSTALL_ID,))
+# The bodies of POST /v1/agents and PUT /v1/installation/settings: an installation's own configuration.
+AGENT_REGISTRATION = Field("agent", "object", fields=(_s("name", 128, required=True, purpose="the installation's label for its agent"),))
+SCAN_SETTINGS = Field(
+    "settings",
+    "object",
+    fields=(Field("scan_retention_hours", "integer", required=True, minimum=1, maximum=MAX_SCAN_RETENTION_HOURS),),
+)
 
 INSTALLATION = Category(
     name="installation",

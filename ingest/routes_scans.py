@@ -1,0 +1,237 @@
+"""Agents, an installation's scan settings, and scan uploads (CONTRACT.md sections 2, 4 and 5).
+
+A scan upload: authenticate the agent, read the body within the wire limit, then
+inflate (within the decoded limit), parse, filter by the policy, serialise
+canonically, hash with the installation's key and seal; group-commit; answer
+after the commit. The sealed row holds nothing else of the document in the clear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import hmac
+import time
+import uuid
+from typing import Any, NamedTuple
+
+from aiohttp import web
+
+from crypto.documents import canonical, content_digest, content_mac, seal_document
+from crypto.envelope import DataKey
+from crypto.tokens import new_token
+from ingest.batching import GroupCommitWriter
+from ingest.body import check_content_type, content_encoding, inflate, parse_object, read_json, read_raw
+from ingest.errors import Conflict, Forbidden, Invalid, NotFoundProblem, RestrictedProblem, Unauthorized
+from ingest.filter import Allowlist
+from ingest.keys import AUTH, DATA_KEYS, METRICS, POOL, SCAN_WRITER, SETTINGS
+from ingest.routes_core import json_response
+from ingest.scans_read import scan_context
+from storage import agents as agent_store
+from storage import scans as scan_store
+from storage.errors import NotFound
+from storage.installations import GONE, RESTRICTED
+from storage.policy import AGENT_REGISTRATION, SCAN, SCAN_SETTINGS
+
+SMALL_BODY = 64 * 1024  # agent registration and settings bodies
+SCAN_BATCH_BYTES = 2 << 20  # sealed bytes per scan batch (at most batch_max_bytes): short transactions
+SCAN_QUEUE_BATCHES = 8  # sealed bytes waiting per worker before 503, in batches
+# Bodies at least this large (as sent) are inflated, parsed, filtered and sealed on a worker thread,
+# so the event loop keeps answering heartbeats meanwhile; smaller ones are cheaper inline.
+OFFLOAD_WIRE_BYTES = 256 * 1024
+OFFLOAD_COMPRESSED_BYTES = 32 * 1024
+
+_AGENT = Allowlist(AGENT_REGISTRATION)
+_SETTINGS = Allowlist(SCAN_SETTINGS)
+_ABSENT = object()
+
+
+def rfc3339(t: dt.datetime) -> str:
+    """A UTC time as RFC 3339 with a Z (microseconds kept, so a stored time reads back the same)."""
+    return t.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+# ------------------------------------------------------------------ agents and settings
+
+
+async def create_agent(request: web.Request) -> web.Response:
+    """POST /v1/agents: an installation registers an agent and gets its token (shown once)."""
+    app = request.app
+    principal = await app[AUTH].authenticate(request, "installation")
+    doc, _, _ = await read_json(request, limit=SMALL_BODY, decoded_limit=SMALL_BODY)
+    kept, _ = _AGENT.filter_document(doc)  # nothing else of this body is stored, so extras are ignored
+    agent_id = uuid.uuid4()
+    token_id, token, token_hash = new_token("agent")
+    try:
+        async with app[POOL].acquire() as conn:
+            await agent_store.create(conn, principal.install_id, agent_id, kept["name"], token_id=token_id, token_hash=token_hash)
+    except NotFound:
+        raise Unauthorized("this installation no longer exists") from None
+    return json_response({"agent_id": str(agent_id), "token": token}, status=201)
+
+
+async def delete_agent(request: web.Request) -> web.Response:
+    """DELETE /v1/agents/{agent_id}: revoke the agent; its token stops working at once (404 if not this installation's)."""
+    app = request.app
+    principal = await app[AUTH].authenticate(request, "installation")
+    try:
+        agent_id = uuid.UUID(request.match_info["agent_id"])
+    except ValueError:
+        raise NotFoundProblem("no such agent") from None
+    try:
+        async with app[POOL].acquire() as conn:
+            await agent_store.revoke(conn, principal.install_id, agent_id)
+    except NotFound:
+        raise NotFoundProblem("no such agent") from None
+    # This worker forgets the token now; the others follow the revocation log within POLL_INTERVAL.
+    await app[AUTH].poll_revocations()
+    return web.Response(status=204)
+
+
+async def put_settings(request: web.Request) -> web.Response:
+    """PUT /v1/installation/settings: set the scan retention; stored scans' expiry moves earlier, never later."""
+    app = request.app
+    principal = await app[AUTH].authenticate(request, "installation")
+    doc, _, _ = await read_json(request, limit=SMALL_BODY, decoded_limit=SMALL_BODY)
+    kept, _ = _SETTINGS.filter_document(doc)
+    async with app[POOL].acquire() as conn:
+        hours = await scan_store.set_retention(conn, principal.install_id, kept["scan_retention_hours"])
+    if hours is None:
+        raise Unauthorized("this installation no longer exists")
+    return json_response({"scan_retention_hours": hours})
+
+
+# ------------------------------------------------------------------ scans
+
+
+class Sealed(NamedTuple):
+    """A scan made ready to store, and what the answer needs."""
+
+    scan_id: uuid.UUID
+    dropped: list[str]
+    digest: bytes  # of the canonical document, in memory only: to compare a replay under another key
+    content_mac: bytes
+    ciphertext: bytes
+    size_decoded: int
+    size_plain: int
+
+
+class Scans:
+    """POST /v1/scans."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.settings = s = app[SETTINGS]
+        self.filter = Allowlist(SCAN.root, max_depth=s.json_max_depth)
+        metrics = app[METRICS]
+        self.wire_bytes = metrics.request_bytes.labels("/v1/scans", "wire")
+        self.decoded_bytes = metrics.request_bytes.labels("/v1/scans", "decoded")
+        self.dropped = metrics.fields_dropped.labels("scan")
+        self.encrypt_latency = metrics.encrypt_latency.labels("scan")
+        self.received = metrics.scans_received
+
+    async def handle(self, request: web.Request) -> web.Response:
+        app, s = self.app, self.settings
+        principal = await app[AUTH].authenticate(request, "agent")
+        check_content_type(request)
+        encoding = content_encoding(request)
+        raw = await read_raw(request, s.scan_max_bytes, s.read_timeout)
+        size_wire = len(raw)
+        self.wire_bytes.inc(size_wire)
+        install_id = principal.install_id
+        key = await app[DATA_KEYS].current(install_id)
+        prepare = functools.partial(self.prepare, raw, encoding, install_id, key)
+        if size_wire >= OFFLOAD_WIRE_BYTES or (encoding != "identity" and size_wire >= OFFLOAD_COMPRESSED_BYTES):
+            sealed = await asyncio.get_running_loop().run_in_executor(None, prepare)
+        else:
+            sealed = prepare()
+        del raw, prepare
+        row = scan_store.ScanRow(
+            install_id, principal.agent_id, sealed.scan_id, dt.datetime.now(dt.timezone.utc), key.key_id,
+            sealed.content_mac, size_wire, sealed.size_decoded, sealed.size_plain, sealed.ciphertext,
+        )
+        outcome = await app[SCAN_WRITER].submit(row, len(sealed.ciphertext))
+        if outcome.status == RESTRICTED:
+            raise RestrictedProblem("processing of this installation is restricted; nothing was stored")
+        if outcome.status == GONE:
+            raise Unauthorized("this installation no longer exists")
+        body = {"scan_id": str(sealed.scan_id), "expires_at": rfc3339(outcome.expires_at), "dropped_fields": sealed.dropped}
+        if outcome.status == scan_store.STORED:
+            self.received.inc()
+            return json_response(body, status=201)
+        if not await self._same_content(install_id, sealed, key, outcome):
+            raise Conflict("this scan_id was already stored with other content")
+        return json_response(body)
+
+    def prepare(self, raw: bytes, encoding: str, install_id: uuid.UUID, key: DataKey) -> Sealed:
+        """Inflate, parse, filter, serialise, hash and seal (CPU only: may run on a worker thread)."""
+        data = inflate(raw, encoding, self.settings.scan_max_decoded_bytes)
+        size_decoded = len(data)
+        self.decoded_bytes.inc(size_decoded)
+        doc = parse_object(data)
+        del data
+        _check_claimed_installation(doc, install_id)
+        kept, dropped = self.filter.filter_document(doc)
+        if dropped:
+            if self.settings.unknown_fields == "reject":
+                raise Invalid(f"undeclared fields: {', '.join(dropped)}")
+            self.dropped.inc(len(dropped))
+        scan_id = uuid.UUID(kept["scan_id"])
+        plain = canonical(kept)
+        del doc, kept
+        context = scan_context(install_id, scan_id)
+        digest = content_digest(plain)
+        started = time.perf_counter()
+        ciphertext = seal_document(key, plain, context)
+        self.encrypt_latency.observe(time.perf_counter() - started)
+        return Sealed(scan_id, dropped, digest, content_mac(key, context, digest), ciphertext, size_decoded, len(plain))
+
+    async def _same_content(self, install_id: uuid.UUID, sealed: Sealed, key: DataKey, outcome: scan_store.ScanOutcome) -> bool:
+        """Whether a stored scan's content MAC is this upload's (recomputed under its key if that differs)."""
+        if outcome.key_id != key.key_id:
+            key = await self.app[DATA_KEYS].get(install_id, outcome.key_id)
+        mine = content_mac(key, scan_context(install_id, sealed.scan_id), sealed.digest)
+        return hmac.compare_digest(mine, outcome.content_mac)
+
+
+def _check_claimed_installation(doc: dict[str, Any], install_id: uuid.UUID) -> None:
+    """A scan names no installation (the token does); if its body does anyway, it must be the token's (else 403).
+
+    The key is taken out before filtering: it is understood, not stored from the body, and not reported as dropped.
+    """
+    claimed = doc.pop("install_id", _ABSENT)
+    if claimed is _ABSENT:
+        return
+    try:
+        if type(claimed) is not str or len(claimed) > 36:
+            raise ValueError
+        claimed = uuid.UUID(claimed)
+    except ValueError:
+        raise Invalid("install_id: must be a UUID string") from None
+    if claimed != install_id:
+        raise Forbidden("install_id is not this token's installation")
+
+
+async def scan_writer_ctx(app: web.Application):
+    """cleanup_ctx: the scan group-commit writer, apart from the heartbeats' so large scans never queue before them."""
+    s = app[SETTINGS]
+    batch_bytes = min(s.batch_max_bytes, SCAN_BATCH_BYTES)
+    writer: GroupCommitWriter[scan_store.ScanRow] = GroupCommitWriter(
+        "scan", app[POOL], scan_store.write_scans, app[METRICS],
+        max_queue=s.queue_size, max_rows=s.batch_max_rows, max_bytes=batch_bytes,
+        max_queue_bytes=SCAN_QUEUE_BATCHES * batch_bytes, retry_after=s.retry_after,
+    )
+    writer.start()
+    app[SCAN_WRITER] = writer
+    yield
+    await writer.close()
+
+
+def setup(app: web.Application) -> None:
+    """Add the agent, settings and scan routes, and the scan writer (after the other writers, so it drains first)."""
+    app.cleanup_ctx.append(scan_writer_ctx)
+    app.router.add_post("/v1/agents", create_agent)
+    app.router.add_delete("/v1/agents/{agent_id}", delete_agent)
+    app.router.add_put("/v1/installation/settings", put_settings)
+    app.router.add_post("/v1/scans", Scans(app).handle)

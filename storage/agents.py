@@ -1,0 +1,33 @@
+"""Agents of an installation and their tokens."""
+
+from __future__ import annotations
+
+import uuid
+
+from storage.errors import NotFound
+from storage.tokens import insert_token, revoke_agent
+
+
+async def create(conn, install_id: uuid.UUID, agent_id: uuid.UUID, name: str, *, token_id: str, token_hash: bytes) -> None:
+    """Register an agent and store its token's hash, in one transaction; NotFound if the installation is gone."""
+    async with conn.transaction():
+        alive = await conn.fetchval(
+            "SELECT true FROM installations WHERE install_id = $1 AND NOT erasing FOR SHARE", install_id
+        )
+        if not alive:
+            raise NotFound("no such installation")
+        await conn.execute("INSERT INTO agents (install_id, agent_id, name) VALUES ($1, $2, $3)", install_id, agent_id, name)
+        await insert_token(conn, token_id, token_hash, "agent", install_id, agent_id)
+
+
+async def revoke(conn, install_id: uuid.UUID, agent_id: uuid.UUID) -> None:
+    """Mark the installation's agent revoked and revoke its tokens; NotFound if it has no such active agent."""
+    async with conn.transaction():
+        found = await conn.fetchval(
+            "UPDATE agents SET revoked_at = now() WHERE install_id = $1 AND agent_id = $2 AND revoked_at IS NULL "
+            "RETURNING true",
+            install_id, agent_id,
+        )
+        if not found:
+            raise NotFound("no such agent")
+        await revoke_agent(conn, install_id, agent_id)

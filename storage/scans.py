@@ -1,0 +1,179 @@
+"""Scans: the group-commit batch write (idempotent per scan_id), retention settings, reads.
+
+Every read filters ``expires_at > now()``: an expired scan is gone whether or not
+the sweeper has deleted it yet.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import uuid
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import asyncpg
+
+from storage.installations import GONE, RESTRICTED
+
+# Outcomes of a scan in a batch, besides RESTRICTED and GONE (from storage.installations).
+STORED, EXISTS = "stored", "exists"
+
+_COLUMNS = (
+    "install_id", "agent_id", "scan_id", "received_at", "expires_at", "key_id", "content_mac",
+    "size_wire", "size_decoded", "size_plain", "ciphertext",
+)
+
+
+class ScanRow(NamedTuple):
+    """One filtered, sealed scan, ready to store (its expires_at is decided in the transaction)."""
+
+    install_id: uuid.UUID
+    agent_id: uuid.UUID
+    scan_id: uuid.UUID
+    received_at: dt.datetime
+    key_id: int
+    content_mac: bytes
+    size_wire: int
+    size_decoded: int
+    size_plain: int
+    ciphertext: bytes
+
+
+class ScanOutcome(NamedTuple):
+    """What became of one submitted scan: STORED, EXISTS (then key_id and content_mac are the stored
+    scan's, to compare with), RESTRICTED or GONE; expires_at of the stored scan when there is one."""
+
+    status: str
+    expires_at: dt.datetime | None = None
+    key_id: int | None = None
+    content_mac: bytes | None = None
+
+
+class StoredScan(NamedTuple):
+    """A stored, unexpired scan (ciphertext still sealed)."""
+
+    install_id: uuid.UUID
+    agent_id: uuid.UUID
+    scan_id: uuid.UUID
+    received_at: dt.datetime
+    expires_at: dt.datetime
+    key_id: int
+    ciphertext: bytes
+
+
+def lock_key(install_id: uuid.UUID, scan_id: uuid.UUID) -> int:
+    """The advisory lock (bigint) that serialises writers of one (installation, scan_id)."""
+    return int.from_bytes(hashlib.blake2b(install_id.bytes + scan_id.bytes, digest_size=8, person=b"ti-scan-lock").digest(), "big", signed=True)
+
+
+async def write_scans(conn, rows: Sequence[ScanRow]) -> list[ScanOutcome]:
+    """Store a batch in one transaction; one outcome per row, in order.
+
+    A scan_id already stored (unexpired) for the installation, or earlier in this batch,
+    is not stored again: its outcome is EXISTS with the stored scan's key id, content MAC
+    and expiry, for the caller to tell a replay from a conflict.
+    """
+    ids = sorted({r.install_id for r in rows})
+    async with conn.transaction():
+        # FOR SHARE: batches of scans do not wait for each other, but a restriction, erasure or
+        # retention change (which update the row) is ordered before or after this whole batch.
+        state = {
+            r["install_id"]: r
+            for r in await conn.fetch(
+                "SELECT install_id, restricted, erasing, scan_retention_hours FROM installations "
+                "WHERE install_id = ANY($1::uuid[]) ORDER BY install_id FOR SHARE",
+                ids,
+            )
+        }
+        candidates = [r for r in rows if (s := state.get(r.install_id)) is not None and not s["erasing"] and not s["restricted"]]
+        existing: dict[tuple[uuid.UUID, uuid.UUID], ScanOutcome] = {}
+        if candidates:
+            keys = sorted({(r.install_id, r.scan_id) for r in candidates})
+            # Sorted, so two batches never wait for each other's locks in a cycle. Held until commit:
+            # a concurrent writer of the same scan_id sees this batch's row after it.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k",
+                sorted({lock_key(i, s) for i, s in keys}),
+            )
+            for r in await conn.fetch(
+                "SELECT DISTINCT ON (s.install_id, s.scan_id) s.install_id, s.scan_id, s.key_id, s.content_mac, s.expires_at "
+                "FROM scans s JOIN unnest($1::uuid[], $2::uuid[]) AS u(install_id, scan_id) "
+                "ON s.install_id = u.install_id AND s.scan_id = u.scan_id "
+                "WHERE s.expires_at > now() ORDER BY s.install_id, s.scan_id, s.received_at",
+                [k[0] for k in keys], [k[1] for k in keys],
+            ):
+                existing[(r["install_id"], r["scan_id"])] = ScanOutcome(EXISTS, r["expires_at"], r["key_id"], bytes(r["content_mac"]))
+        outcomes: list[ScanOutcome] = []
+        records = []
+        for r in rows:
+            s = state.get(r.install_id)
+            if s is None or s["erasing"]:
+                outcomes.append(ScanOutcome(GONE))
+                continue
+            if s["restricted"]:
+                outcomes.append(ScanOutcome(RESTRICTED))
+                continue
+            key = (r.install_id, r.scan_id)
+            found = existing.get(key)
+            if found is not None:
+                outcomes.append(found)
+                continue
+            expires_at = r.received_at + dt.timedelta(hours=s["scan_retention_hours"])
+            existing[key] = ScanOutcome(EXISTS, expires_at, r.key_id, r.content_mac)  # a repeat later in this batch
+            outcomes.append(ScanOutcome(STORED, expires_at))
+            records.append((r.install_id, r.agent_id, r.scan_id, r.received_at, expires_at, r.key_id, r.content_mac,
+                            r.size_wire, r.size_decoded, r.size_plain, r.ciphertext))
+        if records:
+            await conn.copy_records_to_table("scans", records=records, columns=_COLUMNS)
+    return outcomes
+
+
+async def set_retention(conn, install_id: uuid.UUID, hours: int) -> int | None:
+    """Set an installation's scan retention and bring stored scans' expiry forward to it (never later).
+
+    Returns the retention now in force, or None if the installation is gone.
+    """
+    async with conn.transaction():
+        hours_now = await conn.fetchval(
+            "UPDATE installations SET scan_retention_hours = $2 WHERE install_id = $1 AND NOT erasing "
+            "RETURNING scan_retention_hours",
+            install_id, hours,
+        )
+        if hours_now is None:
+            return None
+        # Only rows that change are rewritten; the sealed column is not copied (unchanged TOAST is shared).
+        await conn.execute(
+            "UPDATE scans SET expires_at = received_at + make_interval(hours => $2) "
+            "WHERE install_id = $1 AND expires_at > received_at + make_interval(hours => $2)",
+            install_id, hours,
+        )
+    return hours_now
+
+
+async def find_scan(conn, install_id: uuid.UUID, scan_id: uuid.UUID) -> StoredScan | None:
+    """The unexpired scan with this scan_id of the installation, if any."""
+    r = await conn.fetchrow(
+        "SELECT install_id, agent_id, scan_id, received_at, expires_at, key_id, ciphertext FROM scans "
+        "WHERE install_id = $1 AND scan_id = $2 AND expires_at > now() ORDER BY received_at LIMIT 1",
+        install_id, scan_id,
+    )
+    return None if r is None else StoredScan(*r.values())
+
+
+def scan_history(conn, install_id: uuid.UUID, *, prefetch: int = 50):
+    """A server-side cursor over the installation's unexpired scans, oldest first (use inside a transaction).
+
+    Rows: install_id, agent_id, scan_id, received_at, expires_at, key_id, ciphertext.
+    """
+    return conn.cursor(
+        "SELECT install_id, agent_id, scan_id, received_at, expires_at, key_id, ciphertext FROM scans "
+        "WHERE install_id = $1 AND expires_at > now() ORDER BY received_at, scan_id",
+        install_id,
+        prefetch=prefetch,
+    )
+
+
+def stored_scan(record: asyncpg.Record) -> StoredScan:
+    """A StoredScan from a row of scan_history."""
+    return StoredScan(*record.values())
