@@ -311,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="enroll a fake installation at a running service; show what is stored and dropped")
     demo.add_argument("--url", help="the running service (default: from TELEMETRY_HOST and TELEMETRY_PORT, http://127.0.0.1:8080)")
     demo.set_defaults(func=cmd_demo)
+    from ingest import cli_admin  # export, erase, audit (imported here: it imports this module)
+
+    cli_admin.add_commands(sub)
     return parser
 
 

@@ -1,0 +1,85 @@
+"""Command-line side of the admin actions: `export ID`, `erase ID` and `audit`. Actions are audited as actor 'cli'."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+
+from ingest.cli import CliError, _with_db, load_settings
+
+
+def _install_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise CliError(f"not an installation id (UUID): {value!r}") from None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the installation's export document to standard output."""
+    from ingest.rights import write_export
+
+    install_id = _install_id(args.install_id)
+    out = sys.stdout.buffer
+
+    async def begin():
+        pass
+
+    async def write(chunk: bytes):
+        out.write(chunk)
+
+    async def work(conn, resolved):
+        return await write_export(conn, resolved.ring, install_id, "cli", begin, write)
+
+    if not _with_db(load_settings(), work):
+        raise CliError(f"no installation {install_id}")
+    out.write(b"\n")
+    out.flush()
+    return 0
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    """Erase an installation (or finish an interrupted erasure)."""
+    from ingest.rights import finish_erasure
+    from storage.admin import begin_erasure
+
+    install_id = _install_id(args.install_id)
+
+    async def work(conn, resolved):
+        state = await begin_erasure(conn, install_id, "cli")
+        if state is None:
+            return None
+        await finish_erasure(conn, install_id, "cli")
+        return state
+
+    state = _with_db(load_settings(), work)
+    if state is None:
+        raise CliError(f"no installation {install_id}")
+    print(f"erased {install_id}" + (" (an interrupted erasure was finished)" if state == "resumed" else ""))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Check the database against the policy; exit 1 with a report if any promise is broken."""
+    from ingest.compliance import audit_database, report
+
+    settings = load_settings()
+
+    async def work(conn, resolved):
+        return await audit_database(conn, resolved.ring, resolved.settings)
+
+    findings = _with_db(settings, work)
+    print(report(findings))
+    return 1 if findings else 0
+
+
+def add_commands(sub) -> None:
+    """Register the commands on the top-level subparsers."""
+    export = sub.add_parser("export", help="write everything held about an installation as JSON to standard output")
+    export.add_argument("install_id")
+    export.set_defaults(func=cmd_export)
+    erase = sub.add_parser("erase", help="erase an installation: destroy its keys, revoke its tokens, delete its rows")
+    erase.add_argument("install_id")
+    erase.set_defaults(func=cmd_erase)
+    sub.add_parser("audit", help="check the database against the policy; non-zero exit and a report on any finding").set_defaults(func=cmd_audit)

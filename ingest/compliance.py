@@ -1,0 +1,148 @@
+"""`telemetry-ingest audit`: the database checked against the promises of the policy.
+
+Each check reads the database itself (not the code's intentions) and reports a
+finding per broken promise:
+
+- schema      every table and column is declared in storage/layout.py
+- retention   no scan past expires_at, no heartbeat history past its retention,
+              no installation kept past the inactivity limit (each beyond one sweep interval)
+- erasure     no erasure left half-done, no row of an installation that no longer exists
+- ciphertext  e-mails and scans hold sealed records (crypto.envelope format) only
+- json        JSON columns hold declared keys with scalar values only
+- keys        every data key is wrapped, by a key-encryption key of the configured ring
+- tokens      token hashes are 32-byte digests; no text column holds a bearer token
+- personal    no text column holds an e-mail address in plaintext
+- audit-log   the append-only triggers of audit_log are present and enabled
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from crypto.envelope import FORMAT_VERSION, HEADER_SIZE, TAG_SIZE
+from crypto.keyring import WRAPPED_SIZE, KeyRing
+from crypto.tokens import PREFIXES
+from ingest.settings import Settings
+from storage import admin
+from storage.layout import TABLES
+
+TEXT_TYPES = ("text", "character varying", "character", "json", "jsonb")
+JSON_TYPES = ("json", "jsonb")
+AUDIT_LOG_GUARDS = ("audit_log_no_truncate", "audit_log_no_update")
+# A bearer token: a role prefix followed by its random part (token_urlsafe: 43 characters).
+TOKEN_PATTERN = "(^|[^A-Za-z0-9_])(" + "|".join(sorted(map(re.escape, PREFIXES.values()), key=len, reverse=True)) + ")[A-Za-z0-9_-]{20,}"
+EMAIL_PATTERN = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+_SHA256_SIZE = 32
+_WRAP_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One broken promise: which check, and what an operator needs to know to act on it."""
+
+    check: str
+    message: str
+
+
+async def audit_database(conn, ring: KeyRing, settings: Settings) -> list[Finding]:
+    """Run every check; an empty list means the database keeps every promise."""
+    found: list[Finding] = []
+    live = await admin.stored_columns(conn)
+
+    def add(check: str, message: str) -> None:
+        found.append(Finding(check, message))
+
+    # schema
+    for table, columns in live.items():
+        declared = TABLES.get(table)
+        if declared is None:
+            add("schema", f"table {table} is not declared in storage/layout.py (columns: {', '.join(columns)})")
+            continue
+        for column in columns:
+            if column not in declared.columns:
+                add("schema", f"column {table}.{column} is not declared in storage/layout.py")
+
+    # retention
+    overdue = await admin.retention_overdue(
+        conn, grace_seconds=settings.sweep_interval, heartbeat_days=settings.heartbeat_retention_days,
+        inactive_days=settings.inactive_days, scans="scans" in live,
+    )
+    limits = {
+        "scans": "past their expires_at",
+        "heartbeats": f"of heartbeat history older than {settings.heartbeat_retention_days} days",
+        "installations": f"without a heartbeat for more than {settings.inactive_days} days",
+    }
+    for table, n in overdue.items():
+        if n:
+            add("retention", f"{n} row(s) in {table} {limits[table]}")
+
+    # erasure
+    for install_id in await admin.unfinished_erasures(conn):
+        add("erasure", f"erasure of installation {install_id} began but did not finish: run `telemetry-ingest erase {install_id}`")
+    with_install_id = [t for t, cols in live.items() if t in TABLES and t != "installations" and t != "audit_log" and "install_id" in cols]
+    for table, n in (await admin.orphans(conn, with_install_id)).items():
+        if n:
+            add("erasure", f"{n} row(s) in {table} belong to no installation (left behind by an erasure or removal)")
+
+    # ciphertext
+    for table, declared in TABLES.items():
+        for column in declared.sealed:
+            if column in live.get(table, {}):
+                n = await admin.unsealed(conn, table, column, min_size=HEADER_SIZE + TAG_SIZE, version=FORMAT_VERSION)
+                if n:
+                    add("ciphertext", f"{n} value(s) of {table}.{column} are not sealed records (crypto.envelope format v{FORMAT_VERSION})")
+
+    # json
+    for table, columns in live.items():
+        declared = TABLES.get(table)
+        allowed = dict(declared.json_keys) if declared else {}
+        for column, typ in columns.items():
+            if typ not in JSON_TYPES or declared is None:
+                continue
+            if column not in allowed:
+                add("json", f"{table}.{column} holds JSON but has no declared keys in storage/layout.py")
+                continue
+            outside = await admin.json_keys_outside(conn, table, column, allowed[column])
+            if outside:
+                add("json", f"{table}.{column} holds keys outside the policy: {', '.join(outside)}")
+
+    # keys
+    for kek_id, n in sorted((await admin.kek_ids(conn)).items()):
+        if kek_id not in ring:
+            add("keys", f"{n} data key(s) are wrapped by key id {kek_id}, which is not in the configured key ring")
+    n = await admin.badly_wrapped(conn, WRAPPED_SIZE, _WRAP_VERSION)
+    if n:
+        add("keys", f"{n} data key(s) are not in the wrapped format (stored unwrapped?)")
+
+    # tokens and plaintext personal data in text columns
+    n = await admin.unhashed_tokens(conn, _SHA256_SIZE)
+    if n:
+        add("tokens", f"{n} token(s) stored without hashing (token_hash is not a {_SHA256_SIZE}-byte SHA-256 digest)")
+    for table, columns in live.items():
+        text = [c for c, typ in columns.items() if typ in TEXT_TYPES]
+        if not text or "." in table:  # another schema's relation: already reported as undeclared
+            continue
+        counts = await admin.count_matching(conn, table, text, [TOKEN_PATTERN, EMAIL_PATTERN])
+        for column in text:
+            if counts[column, 0]:
+                add("tokens", f"{counts[column, 0]} value(s) of {table}.{column} contain a bearer token "
+                              f"({'/'.join(PREFIXES.values())} prefix)")
+            if counts[column, 1]:
+                add("personal", f"{counts[column, 1]} value(s) of {table}.{column} contain an e-mail address in plaintext")
+
+    # audit log
+    guards = await admin.audit_log_guards(conn)
+    missing = [g for g in AUDIT_LOG_GUARDS if g not in guards]
+    if missing:
+        add("audit-log", f"audit_log is not append-only: trigger(s) {', '.join(missing)} missing or disabled")
+    return found
+
+
+def report(findings: list[Finding]) -> str:
+    """The human-readable report: 'audit passed', or one line per finding."""
+    if not findings:
+        return "audit passed"
+    lines = [f"audit FAILED: {len(findings)} finding(s)"]
+    lines += [f"  [{f.check}] {f.message}" for f in findings]
+    return "\n".join(lines)

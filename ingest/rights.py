@@ -1,0 +1,193 @@
+"""Data subject rights, shared by the admin routes and the command line: export (access) and erasure.
+
+The export document (JSON, one object, written as a stream)::
+
+    {"format": "telemetry-ingest export 1",
+     "install_id": "...", "exported_at": "...",
+     "installation": {current record, "email" decrypted, "ip_prefix" as stored},
+     "heartbeats": [history, oldest first],
+     "agents": [{"agent_id", "name", "created_at", "revoked_at"}],
+     "tokens": [{"token_id", "role", "agent_id", "created_at", "revoked_at"}],   (handles only, never a hash)
+     "scans": [{"scan_id", "agent_id", "received_at", "expires_at", "scan": {decrypted document}}],
+     "audit": [{"at", "action"}]}
+
+A record that cannot be decrypted is listed with its value null and "unreadable": true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from crypto.datakeys import wrap_context
+from crypto.envelope import DataKey, key_id_of, open_
+from crypto.errors import DecryptionError
+from crypto.keyring import KeyRing
+from ingest.auth import POLL_INTERVAL
+from ingest.routes_core import email_context
+from storage import admin
+from storage.audit import record
+from storage.installations import data_keys
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "telemetry-ingest export 1"
+CHUNK = 64 * 1024
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network, uuid.UUID)):
+        return str(value)  # asyncpg's UUID is a subclass orjson does not take
+    raise TypeError
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value, default=_default, option=orjson.OPT_UTC_Z)
+
+
+class Export:
+    """One installation's export, read from a single snapshot: call `start` inside a repeatable-read transaction."""
+
+    def __init__(self, conn, install_id: uuid.UUID, head: bytes, keys: dict[int, DataKey]) -> None:
+        self._conn = conn
+        self.install_id = install_id
+        self._head = head
+        self._keys = keys
+
+    @classmethod
+    async def start(cls, conn, ring: KeyRing, install_id: uuid.UUID) -> "Export | None":
+        """Read the current record and unwrap the data keys; None if the installation is unknown or being erased."""
+        row = await admin.exportable(conn, install_id)
+        if row is None:
+            return None
+        keys = {}
+        for r in await data_keys(conn, install_id):
+            raw = ring.unwrap(r["kek_id"], bytes(r["wrapped"]), wrap_context(install_id, r["key_id"]))
+            keys[r["key_id"]] = DataKey.from_bytes(r["key_id"], raw)
+        current = dict(row)
+        email_ct = current.pop("email_ct")
+        current["email"] = None
+        if email_ct is not None:
+            plain = _open(keys, bytes(email_ct), email_context(install_id))
+            if plain is None:
+                current["email_unreadable"] = True
+            else:
+                current["email"] = plain.decode()
+        head = {
+            "format": EXPORT_FORMAT,
+            "install_id": install_id,
+            "exported_at": dt.datetime.now(dt.timezone.utc),
+            "installation": current,
+        }
+        return cls(conn, install_id, _dumps(head)[:-1], keys)  # the head object, left open
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The document in pieces of about CHUNK bytes; memory stays bounded by the largest single record."""
+        conn, install_id = self._conn, self.install_id
+        buf = bytearray(self._head)
+        buf += b',"heartbeats":['
+        first = True
+        async for r in admin.heartbeat_history(conn, install_id):
+            if not first:
+                buf += b","
+            first = False
+            buf += _dumps(dict(r))
+            if len(buf) >= CHUNK:
+                yield bytes(buf)
+                buf.clear()
+        buf += b'],"agents":' + _dumps([dict(r) for r in await admin.agents_of(conn, install_id)])
+        buf += b',"tokens":' + _dumps([dict(r) for r in await admin.tokens_of(conn, install_id)])
+        buf += b',"scans":['
+        first = True
+        async for piece in self._scans():
+            if not first:
+                buf += b","
+            first = False
+            buf += piece
+            if len(buf) >= CHUNK:
+                yield bytes(buf)
+                buf.clear()
+        buf += b'],"audit":' + _dumps([dict(r) for r in await admin.audit_of(conn, install_id)]) + b"}"
+        yield bytes(buf)
+
+    async def _scans(self) -> AsyncIterator[bytes]:
+        """Each unexpired scan as JSON, decrypted."""
+        if not await admin.table_exists(self._conn, "scans"):
+            return
+        async for r in admin.scan_history(self._conn, self.install_id):
+            meta = {"scan_id": r["scan_id"], "agent_id": r["agent_id"], "received_at": r["received_at"], "expires_at": r["expires_at"]}
+            plain = _open(self._keys, bytes(r["ciphertext"]), admin.scan_context(self.install_id, r["scan_id"]))
+            if plain is None:
+                meta["scan"] = None
+                meta["unreadable"] = True
+            else:
+                meta["scan"] = orjson.Fragment(plain)
+            yield _dumps(meta)
+
+
+def _open(keys: dict[int, DataKey], ciphertext: bytes, context: bytes) -> bytes | None:
+    """The plaintext, or None if this record cannot be decrypted (logged without detail)."""
+    try:
+        key = keys.get(key_id_of(ciphertext))
+        if key is None:
+            raise DecryptionError()
+        return open_(key, ciphertext, context)
+    except DecryptionError:
+        log.warning("export: a record could not be decrypted")
+        return None
+
+
+async def audit_export(conn, install_id: uuid.UUID, actor: str) -> bool:
+    """Record the export before any data leaves; False if there is nothing to export."""
+    async with conn.transaction():
+        if await admin.exportable(conn, install_id) is None:
+            return False
+        await record(conn, actor, "installation.export", install_id)
+    return True
+
+
+async def write_export(conn, ring: KeyRing, install_id: uuid.UUID, actor: str,
+                       begin: Callable[[], Awaitable[Any]], write: Callable[[bytes], Awaitable[Any]]) -> bool:
+    """Audit, then stream the export: `begin()` once the document is known to exist, `write(chunk)` per piece.
+
+    False (and nothing written) if the installation is unknown or being erased.
+    """
+    if not await audit_export(conn, install_id, actor):
+        return False
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        export = await Export.start(conn, ring, install_id)
+        if export is None:
+            return False
+        await begin()
+        async for chunk in export.chunks():
+            await write(chunk)
+    return True
+
+
+# ---------------------------------------------------------------- erasure
+
+# Token rows keep their install_id this long after revocation, so that every worker's
+# revocation follower (polling every ingest.auth.POLL_INTERVAL) learns which
+# installation's cached data keys to drop before the id is removed from them.
+UNLINK_GRACE = 4 * POLL_INTERVAL
+
+
+async def finish_erasure(conn, install_id: uuid.UUID, actor: str, *, grace: float = UNLINK_GRACE) -> bool:
+    """After storage.admin.begin_erasure: delete the rows in batches, unlink the id, drop the row.
+
+    Safe to call again after a crash at any point; False if a live installation holds the id.
+    """
+    if await admin.erasure_state(conn, install_id) == "live":
+        return False
+    rows = await admin.delete_rows(conn, install_id)
+    since = await admin.seconds_since_revocation(conn, install_id)
+    if since is not None and since < grace:
+        await asyncio.sleep(grace - since)
+    return await admin.unlink(conn, install_id, actor, rows)

@@ -1,0 +1,115 @@
+"""/v1/admin/*: export, erasure and restriction of an installation, and anonymous statistics.
+
+Every call needs an admin token; every action on an installation is written to the
+audit log under the admin token's id (never the token). A path id that is not a
+UUID is answered 404, like an unknown one: there is no such resource.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from aiohttp import web
+
+from ingest import rights
+from ingest.body import read_json
+from ingest.errors import Invalid, NotFoundProblem
+from ingest.keys import AUTH, DATA_KEYS, KEYRING, POOL, SETTINGS
+from ingest.routes_core import json_response
+from storage import admin
+
+log = logging.getLogger(__name__)
+
+_BODY_LIMIT = 64 * 1024
+
+
+def _install_id(request: web.Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.match_info["install_id"])
+    except ValueError:
+        raise NotFoundProblem("no such installation") from None
+
+
+async def export(request: web.Request) -> web.StreamResponse:
+    """GET .../export: the installation's data as one JSON document, streamed from one snapshot."""
+    app = request.app
+    principal = await app[AUTH].authenticate(request, "admin")
+    install_id = _install_id(request)
+    resp = web.StreamResponse(headers={
+        "Content-Disposition": f'attachment; filename="installation-{install_id}.json"',
+        "Cache-Control": "no-store",
+    })
+    resp.content_type = "application/json"
+    resp.enable_chunked_encoding()
+
+    async def begin() -> None:
+        await resp.prepare(request)
+
+    try:
+        async with app[POOL].acquire() as conn:
+            found = await rights.write_export(conn, app[KEYRING], install_id, principal.token_id, begin, resp.write)
+    except ConnectionError:
+        return resp  # the client went away; the snapshot transaction was rolled back
+    except Exception as exc:
+        if not resp.prepared:
+            raise  # nothing sent yet: the errors middleware answers (503 for database or key trouble)
+        # Half a document is on the wire: cut the connection so the client cannot take it for a whole one.
+        log.warning("export broke off after it began: %s", type(exc).__name__, exc_info=True)
+        request.protocol.force_close()
+        return resp
+    if not found:
+        raise NotFoundProblem("no such installation")
+    await resp.write_eof()
+    return resp
+
+
+async def erase(request: web.Request) -> web.Response:
+    """DELETE: destroy the keys, revoke the tokens, delete the rows (or finish an interrupted erasure)."""
+    app = request.app
+    principal = await app[AUTH].authenticate(request, "admin")
+    install_id = _install_id(request)
+    async with app[POOL].acquire() as conn:
+        state = await admin.begin_erasure(conn, install_id, principal.token_id)
+    if state is None:
+        raise NotFoundProblem("no such installation")
+    # This worker forgets at once; the others follow through their revocation pollers.
+    app[DATA_KEYS].evict(install_id)
+    await app[AUTH].poll_revocations()
+    async with app[POOL].acquire() as conn:
+        await rights.finish_erasure(conn, install_id, principal.token_id)
+    app[DATA_KEYS].evict(install_id)
+    return web.Response(status=204)
+
+
+async def restriction(request: web.Request) -> web.Response:
+    """PUT .../restriction {"restricted": bool}: stop (or resume) processing; stored data is kept."""
+    app = request.app
+    principal = await app[AUTH].authenticate(request, "admin")
+    install_id = _install_id(request)
+    doc, _, _ = await read_json(request, limit=_BODY_LIMIT, decoded_limit=_BODY_LIMIT)
+    restricted = doc.get("restricted")
+    if type(restricted) is not bool:
+        raise Invalid("restricted: required, must be true or false")
+    async with app[POOL].acquire() as conn:
+        found = await admin.set_restricted(conn, install_id, restricted, principal.token_id)
+    if not found:
+        raise NotFoundProblem("no such installation")
+    return json_response({"install_id": str(install_id), "restricted": restricted})
+
+
+async def stats(request: web.Request) -> web.Response:
+    """GET /v1/admin/stats: aggregate counts of active installations; groups below k folded into "other"."""
+    app = request.app
+    await app[AUTH].authenticate(request, "admin")
+    async with app[POOL].acquire() as conn:
+        body = await admin.statistics(conn, k=app[SETTINGS].stats_k)
+    return json_response(body)
+
+
+def setup(app: web.Application) -> None:
+    """Add the admin routes."""
+    app.router.add_get("/v1/admin/installations/{install_id}/export", export)
+    app.router.add_delete("/v1/admin/installations/{install_id}", erase)
+    app.router.add_put("/v1/admin/installations/{install_id}/restriction", restriction)
+    app.router.add_get("/v1/admin/stats", stats)

@@ -1,0 +1,105 @@
+"""What the database may hold: every table and column, derived from the policy plus the service's bookkeeping.
+
+`telemetry-ingest audit` compares the live schema with this declaration. A table
+or column that is not declared here is a finding: nothing outside a declared
+category is ever stored. A migration that adds a table or column must declare it
+here, saying whether it carries policy data (named after the policy field) or
+the service's own bookkeeping.
+
+How a policy field is stored decides its column name:
+
+    key, plaintext   the field's own name           (license_type)
+    encrypted        name + "_ct", sealed records    (email -> email_ct)
+    anonymised       ANONYMISED[name]                (ip_address -> ip_prefix)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from storage.policy import INSTALLATION, SCAN, Category
+
+ANONYMISED = {"ip_address": "ip_prefix"}
+
+
+def stored_column(name: str, storage: str) -> str | None:
+    """The column a policy field is stored in, or None if it is not stored as a column of its own."""
+    if storage in ("key", "plaintext"):
+        return name
+    if storage == "encrypted":
+        return name + "_ct"
+    if storage == "anonymised":
+        return ANONYMISED[name]
+    return None
+
+
+def policy_columns(category: Category, forms: tuple[str, ...]) -> tuple[str, ...]:
+    """Columns holding a category's top-level fields stored in one of forms (a sealed category yields only its keys)."""
+    out = []
+    for f in category.fields:
+        storage = f.storage if category.root.storage != "encrypted" or f.storage == "key" else "inside the sealed document"
+        if storage in forms:
+            out.append(stored_column(f.name, storage))
+    for name, storage, _ in category.extra:
+        if storage in forms:
+            out.append(stored_column(name, storage))
+    return tuple(c for c in out if c)
+
+
+CLEAR = ("key", "plaintext", "anonymised")
+
+
+@dataclass(frozen=True)
+class Table:
+    """A declared table: columns from the policy, bookkeeping columns, sealed columns, JSON keys allowed."""
+
+    policy: tuple[str, ...] = ()
+    bookkeeping: tuple[str, ...] = ()
+    sealed: tuple[str, ...] = ()  # bytea columns that must hold crypto.envelope records only
+    json_keys: tuple[tuple[str, frozenset[str]], ...] = ()  # (json column, keys allowed at its top level)
+
+    @property
+    def columns(self) -> frozenset[str]:
+        return frozenset(self.policy) | frozenset(self.bookkeeping) | frozenset(self.sealed)
+
+
+# Keys allowed in audit_log.detail, at any depth: ids of tokens and keys, counts, flags,
+# table names. Never a secret or personal data (`audit` also looks for those in every value).
+AUDIT_DETAIL_KEYS = frozenset({
+    # tokens and restriction
+    "token_id", "role", "restricted",
+    # erasure
+    "resumed", "rows", "tokens_revoked", "keys_destroyed", "reason",
+    # sweeps
+    "at", "rows_deleted", "partitions_dropped", "partitions_created", "installations_erased", "data_keys_added",
+    # key rotation
+    "primary", "from", "rewrapped", "kek_id",
+    # table names used as keys of the counts above
+    "heartbeats", "scans", "installations", "agents", "tokens", "data_keys",
+})
+
+TABLES: dict[str, Table] = {
+    "installations": Table(
+        policy=policy_columns(INSTALLATION, CLEAR),
+        sealed=policy_columns(INSTALLATION, ("encrypted",)),
+        bookkeeping=("enrolled_at", "last_seen_at", "scan_retention_hours", "restricted", "erasing"),
+    ),
+    # Heartbeat history: the plaintext and anonymised fields (the e-mail lives in the current record only).
+    "heartbeats": Table(
+        policy=policy_columns(INSTALLATION, CLEAR),
+        bookkeeping=("received_at",),
+    ),
+    "scans": Table(
+        policy=policy_columns(SCAN, CLEAR),  # scan_id: everything else of a scan is inside the sealed document
+        bookkeeping=("install_id", "agent_id", "received_at", "expires_at", "key_id", "content_mac", "size_wire", "size_decoded", "size_plain"),
+        sealed=("ciphertext",),
+    ),
+    "data_keys": Table(bookkeeping=("install_id", "key_id", "kek_id", "wrapped", "created_at", "uses")),
+    "agents": Table(bookkeeping=("install_id", "agent_id", "name", "created_at", "revoked_at")),
+    "tokens": Table(bookkeeping=("token_id", "token_hash", "role", "install_id", "agent_id", "created_at", "revoked_at", "revoke_seq")),
+    "audit_log": Table(
+        bookkeeping=("id", "at", "actor", "action", "install_id", "detail"),
+        json_keys=(("detail", AUDIT_DETAIL_KEYS),),
+    ),
+    "schema_migrations": Table(bookkeeping=("version", "name", "applied_at")),
+}
