@@ -15,6 +15,7 @@ from ingest.keys import DATA_KEYS, HEARTBEAT_WRITER, KEYRING, METRICS, POOL, SET
 from ingest.metrics import Metrics
 from ingest.middleware import errors_middleware, metrics_middleware
 from ingest.settings import Settings
+from ingest.sweeper_ctx import sweeper_ctx
 from storage import installations
 from storage.migrate import migrate
 from storage.partitions import ensure_partitions
@@ -71,7 +72,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[metrics_middleware, errors_middleware], handler_args={"auto_decompress": False})
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app.cleanup_ctx.extend([storage_ctx, keys_ctx, auth_ctx, writers_ctx])
+    app.cleanup_ctx.extend([storage_ctx, keys_ctx, auth_ctx, writers_ctx, sweeper_ctx])
     routes_ops.setup(app)
     openapi.setup(app)
     routes_core.setup(app)

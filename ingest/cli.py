@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="key-encryption keys").add_subparsers(dest="action", required=True)
     keys.add_parser("generate", help="print a new key in the TELEMETRY_MASTER_KEY format").set_defaults(func=cmd_keys_generate)
+    from ingest import cli_retention  # sweep --once, keys rotate (imported here: it imports this module)
+
+    cli_retention.add_commands(sub, keys)
 
     policy = sub.add_parser("policy", help="the data policy").add_subparsers(dest="action", required=True)
     show = policy.add_parser("show", help="print the disclosure table")

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from ingest.batching import GroupCommitWriter
     from ingest.metrics import Metrics
     from ingest.settings import Settings
+    from ingest.sweeper_ctx import Sweeper
 
 SETTINGS = web.AppKey("settings", "Settings")
 METRICS = web.AppKey("metrics", "Metrics")
@@ -23,3 +24,4 @@ DATA_KEYS = web.AppKey("data_keys", "DataKeyCache")
 AUTH = web.AppKey("auth", "Authenticator")
 HEARTBEAT_WRITER = web.AppKey("heartbeat_writer", "GroupCommitWriter")
 SCAN_WRITER = web.AppKey("scan_writer", "GroupCommitWriter")
+SWEEPER = web.AppKey("sweeper", "Sweeper")

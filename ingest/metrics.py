@@ -46,8 +46,8 @@ class Metrics:
         self.sweeper_partitions = Counter("telemetry_sweeper_partitions_dropped_total", "Partitions dropped by the sweeper.", ("table",), **reg)
         self.sweep_duration = Histogram("telemetry_sweep_duration_seconds", "Duration of one sweep.", buckets=LATENCY_BUCKETS + (30.0, 60.0, 300.0), **reg)
         self.sweep_last_success = gauge("telemetry_sweep_last_success_timestamp_seconds", "Unix time of the last completed sweep.", mode="max")
-        self.oldest_scan_age = gauge("telemetry_oldest_scan_age_seconds", "Age of the oldest stored scan.", mode="max")
-        self.oldest_heartbeat_age = gauge("telemetry_oldest_heartbeat_age_seconds", "Age of the oldest heartbeat history row.", mode="max")
+        self.oldest_scan_age = gauge("telemetry_oldest_scan_age_seconds", "Age of the oldest stored scan.", mode="livemax")
+        self.oldest_heartbeat_age = gauge("telemetry_oldest_heartbeat_age_seconds", "Age of the oldest heartbeat history row.", mode="livemax")
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._latency_children: dict[str, Histogram] = {}
         self._rejected_children: dict[str, Counter] = {}

@@ -84,6 +84,9 @@ class Settings:
     # Beyond the contract (documented in the README).
     heartbeat_retention_days: int = _setting(30, _int(1, 3650), "days of heartbeat history kept")
     inactive_days: int = _setting(400, _int(1, 36500), "days without heartbeat after which an installation is removed")
+    # Data keys are replaced long before AES-GCM's random-nonce bound of 2**32 messages per key.
+    data_key_max_uses: int = _setting(100_000_000, _int(1, 1 << 31), "records sealed under one data key before the sweeper adds a new one")
+    data_key_max_age_days: int = _setting(90, _int(1, 36500), "days after which the sweeper gives an installation a new data key")
     stats_k: int = _setting(5, _int(1, 1_000_000), "smallest group shown in statistics")
     heartbeat_max_bytes: int = _setting(1 << 20, _int(1024, 1 << 30), "largest heartbeat body")
     scan_max_bytes: int = _setting(16 << 20, _int(1024, 1 << 31), "largest scan body as sent")

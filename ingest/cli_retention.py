@@ -1,0 +1,124 @@
+"""Command-line side of retention and key rotation: `sweep --once`, `keys rotate [--generate]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from ingest.cli import CliError, _with_db, load_settings
+
+# Data keys re-wrapped per transaction by `keys rotate`.
+ROTATE_BATCH = 1000
+# Rows another transaction holds are skipped by a batch and taken by a later one; give up after this.
+ROTATE_RETRIES = 50
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """One sweep now, unless another process (a running `serve`) is sweeping at this moment."""
+    from ingest.sweeper_ctx import key_maker, rules_from, utcnow
+    from storage.sweeper import sweep
+
+    settings = load_settings()
+
+    async def work(conn, resolved):
+        return await sweep(conn, utcnow(), rules_from(settings), new_key=key_maker(resolved.ring))
+
+    result = _with_db(settings, work)
+    if not result.swept:
+        print("sweep skipped: another process holds the sweeper lock and is sweeping now")
+        return 0
+    for table in sorted(result.rows_deleted):
+        print(f"{table}: {result.rows_deleted[table]} row(s) deleted, {result.partitions_dropped[table]} partition(s) dropped")
+    print(f"installations erased: {result.installations_erased}")
+    print(f"data keys added: {result.data_keys_added}")
+    print(f"partitions created: {result.partitions_created}")
+    print(f"swept in {result.seconds:.3f} s")
+    return 0
+
+
+async def _others_connected(conn) -> int:
+    return await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+    )
+
+
+async def rotate(conn, ring, *, batch: int) -> int:
+    """Re-wrap every data key not wrapped by the ring's primary KEK; returns how many."""
+    from crypto.datakeys import rewrap
+    from storage.rotation import count_not_wrapped_by, kek_ids_in_use, rewrap_batch
+
+    missing = ring.missing(await kek_ids_in_use(conn))
+    if missing:
+        raise CliError(f"TELEMETRY_MASTER_KEY: data keys are wrapped by key id(s) {', '.join(missing)}, "
+                       "which are not configured; add them (after the new primary) and run again")
+    total = 0
+    retries = 0
+    while True:
+        n = await rewrap_batch(conn, ring.primary_id, lambda *row: rewrap(ring, *row), limit=batch)
+        total += n
+        if n:
+            print(f"re-wrapped {total} data key(s)", file=sys.stderr)
+            continue
+        if not await count_not_wrapped_by(conn, ring.primary_id):
+            return total
+        retries += 1
+        if retries > ROTATE_RETRIES:
+            raise CliError("some data keys stayed locked by other transactions; run `keys rotate` again")
+        await asyncio.sleep(0.1)
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    """Re-wrap every data key under the primary KEK (with --generate, first add a new primary to the key file)."""
+    from crypto.keyring import KeyRing, prepend_key_to_file
+
+    settings = load_settings()
+    if args.generate and (settings.dsn is not None or settings.master_key is not None):
+        raise CliError("keys rotate --generate: only in embedded mode (keys in <TELEMETRY_DATA_DIR>/master.key). "
+                       "With TELEMETRY_MASTER_KEY: put a new key (`keys generate`) first in it, restart the service "
+                       "with it, then run `keys rotate`")
+
+    async def work(conn, resolved):
+        ring = resolved.ring
+        if args.generate:
+            key_file = resolved.settings.data_dir / "master.key"
+            new_id = prepend_key_to_file(key_file)
+            ring = KeyRing.from_setting(key_file.read_text())
+            print(f"added key {new_id} to {key_file} as the primary key", file=sys.stderr)
+            # A running `serve` holds the old keys in memory: data keys re-wrapped under the new one
+            # now would become unreadable to it. It loads the new key file when restarted.
+            if await _others_connected(conn):
+                return ring, None
+        return ring, await rotate(conn, ring, batch=args.batch)
+
+    ring, total = _with_db(settings, work)
+    if total is None:
+        print("the service is running: restart it so that it loads the new key, then run `telemetry-ingest keys rotate`")
+        return 0
+    others = [k for k in ring.key_ids if k != ring.primary_id]
+    print(f"re-wrapped {total} data key(s); every data key is now wrapped by {ring.primary_id}")
+    if others:
+        print(f"no data key needs key id(s) {', '.join(others)} any more: they can be removed from the keys")
+    return 0
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
+def add_commands(sub, keys) -> None:
+    """Add `sweep` to the top-level commands and `rotate` to the `keys` commands."""
+    sweep = sub.add_parser("sweep", help="delete what is past its retention")
+    sweep.add_argument("--once", action="store_true", required=True,
+                       help="run one sweep now (serve sweeps every TELEMETRY_SWEEP_INTERVAL seconds by itself)")
+    sweep.set_defaults(func=cmd_sweep)
+
+    rotate = keys.add_parser("rotate", help="re-wrap every data key under the primary key-encryption key (the first one)")
+    rotate.add_argument("--generate", action="store_true",
+                        help="embedded mode: first add a new primary key to <data dir>/master.key")
+    rotate.add_argument("--batch", type=_positive, default=ROTATE_BATCH, metavar="N", help="data keys per transaction")
+    rotate.set_defaults(func=cmd_keys_rotate)

@@ -1,0 +1,290 @@
+"""The retention sweeper: expired scans, old heartbeat history and inactive installations disappear.
+
+One sweep, `sweep(conn, now, rules)`, in this order:
+
+1. take the sweeper lock (a session advisory lock on `conn`); if another process holds it,
+   return at once with ``swept=False``: exactly one sweeper works in the whole deployment;
+2. make the coming days' partitions (`storage.partitions.ensure_partitions`);
+3. finish what a killed sweep left half-way: a partition still pending a concurrent detach is
+   finalized, an expired partition already detached but not dropped is dropped;
+4. drop whole daily partitions whose every row is past retention: heartbeats whose upper bound
+   is <= now - heartbeat retention, scans whose upper bound is <= now - 720 h (the maximum
+   scan retention). `DETACH PARTITION ... CONCURRENTLY` takes only a SHARE UPDATE EXCLUSIVE
+   lock on the parent, so ingest goes on meanwhile; then the detached table is dropped;
+5. delete the remaining expired rows in batches of `batch_rows` (one statement and transaction
+   each, by ctid within one partition): scans with expires_at <= now, heartbeat history with
+   received_at <= now - retention. This is the guarantee: every row is gone within one sweep
+   interval of its expiry, whatever its retention. The partition drops are the cheap path for
+   whole expired days (after an outage, or the dead space of a day deleted row by row) and
+   return the space at once, without VACUUM;
+6. erase installations without a heartbeat for `inactive_days` (from last_seen_at, or
+   enrolled_at if none), keys destroyed first, as an admin erasure does (storage.admin); and
+   finish erasures whose process died half-way;
+7. give installations whose newest data key is worn a new one (storage.rotation);
+8. write an audit row if anything was removed; release the lock.
+
+Every step commits on its own and is idempotent, so a sweep killed at any point leaves nothing
+inconsistent and the next one carries on. `now` is an argument (tests use a fixed clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import re
+import time
+import uuid
+from contextlib import suppress
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from storage import admin, partitions, rotation
+from storage.audit import record
+from storage.policy import MAX_SCAN_RETENTION_HOURS
+
+log = logging.getLogger(__name__)
+
+# Any constant works; it only has to be the same in every process of the deployment.
+SWEEPER_LOCK = 0x7E1E_0004
+BATCH_ROWS = 5000
+# A sweep statement waiting longer than this for a lock gives up; the next sweep tries again.
+LOCK_TIMEOUT = "5s"
+# What a killed sweep may have left: a partition table of ours, detached, not yet dropped.
+_PARTITION_NAME = re.compile(r"^(?P<table>[a-z_]+)_p(?P<day>\d{8})$")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What the sweeper enforces (from Settings)."""
+
+    heartbeat_retention: dt.timedelta = dt.timedelta(days=30)
+    inactive: dt.timedelta = dt.timedelta(days=400)
+    scan_max_retention: dt.timedelta = dt.timedelta(hours=MAX_SCAN_RETENTION_HOURS)
+    data_key_max_uses: int = 100_000_000
+    data_key_max_age: dt.timedelta = dt.timedelta(days=90)
+    batch_rows: int = BATCH_ROWS
+    erase_grace: float = 1.0  # seconds between revoking an erased installation's tokens and unlinking them
+
+    def partition_cutoff(self, table: str, now: dt.datetime) -> dt.datetime | None:
+        """Partitions of table whose upper bound is <= this hold nothing still within retention."""
+        if table == "heartbeats":
+            return now - self.heartbeat_retention
+        if table == "scans":
+            return now - self.scan_max_retention
+        return None  # a table the sweeper does not know: never dropped
+
+
+@dataclass
+class SweepResult:
+    """What one sweep did. `swept` is False when another process held the sweeper lock."""
+
+    swept: bool
+    rows_deleted: dict[str, int] = field(default_factory=dict)
+    partitions_dropped: dict[str, int] = field(default_factory=dict)
+    partitions_created: int = 0
+    installations_erased: int = 0
+    data_keys_added: int = 0
+    seconds: float = 0.0
+
+    @property
+    def removed_anything(self) -> bool:
+        return any(self.rows_deleted.values()) or any(self.partitions_dropped.values()) or self.installations_erased > 0
+
+    def audit_detail(self) -> dict[str, int]:
+        """Scalar counts only (storage.layout.AUDIT_DETAIL_KEYS): rows per table, installations, partitions."""
+        return {**self.rows_deleted, "installations": self.installations_erased,
+                "partitions": sum(self.partitions_dropped.values())}
+
+    def summary(self) -> dict:
+        """The counts, for the audit log and the command line."""
+        return {
+            "rows_deleted": dict(self.rows_deleted),
+            "partitions_dropped": dict(self.partitions_dropped),
+            "partitions_created": self.partitions_created,
+            "installations_erased": self.installations_erased,
+            "data_keys_added": self.data_keys_added,
+        }
+
+
+async def sweep(conn: asyncpg.Connection, now: dt.datetime, rules: Rules = Rules(), *,
+                new_key: rotation.NewKey | None = None) -> SweepResult:
+    """One sweep at time `now` on `conn` (not in a transaction), if no other process is sweeping.
+
+    `new_key` makes fresh wrapped data keys; without it worn keys are not replaced.
+    """
+    started = time.perf_counter()
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SWEEPER_LOCK):
+        return SweepResult(swept=False)
+    result = SweepResult(swept=True)
+    try:
+        await conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
+        result.partitions_created = await partitions.ensure_partitions(conn, now.date())
+        for table in partitions.PARTITIONED_TABLES:
+            result.rows_deleted[table] = 0
+            result.partitions_dropped[table] = 0
+            cutoff = rules.partition_cutoff(table, now)
+            if cutoff is None:
+                continue
+            await _finish_detaches(conn, table, cutoff, result)
+            await _drop_expired_partitions(conn, table, cutoff, result)
+        if "heartbeats" in result.rows_deleted:
+            result.rows_deleted["heartbeats"] += await delete_expired_rows(
+                conn, "heartbeats", "received_at", now - rules.heartbeat_retention, rules.batch_rows)
+        if "scans" in result.rows_deleted:
+            result.rows_deleted["scans"] += await delete_expired_rows(conn, "scans", "expires_at", now, rules.batch_rows)
+        await finish_interrupted_erasures(conn, grace=rules.erase_grace)
+        result.installations_erased = await erase_inactive(conn, now - rules.inactive, grace=rules.erase_grace)
+        if new_key is not None:
+            result.data_keys_added = await rotation.replace_worn_keys(
+                conn, now, new_key, max_uses=rules.data_key_max_uses, max_age=rules.data_key_max_age)
+        result.seconds = time.perf_counter() - started
+        if result.removed_anything:
+            await record(conn, "sweeper", "sweep", detail=result.audit_detail())
+        return result
+    finally:
+        # A broken connection has lost the lock already (and a pool resets what it gets back).
+        with suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            await conn.execute(f"RESET lock_timeout; SELECT pg_advisory_unlock({SWEEPER_LOCK})")
+
+
+def _upper_bound(day: dt.date) -> dt.datetime:
+    return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
+
+
+async def _finish_detaches(conn: asyncpg.Connection, table: str, cutoff: dt.datetime, result: SweepResult) -> None:
+    """Complete what a killed sweep left: a pending concurrent detach, an expired detached table."""
+    pending = await conn.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = to_regclass($1) AND i.inhdetachpending",
+        table,
+    )
+    for r in pending:
+        await conn.execute(f"ALTER TABLE {table} DETACH PARTITION {r['relname']} FINALIZE")
+    leftovers = await conn.fetch(
+        "SELECT c.relname FROM pg_class c WHERE c.relkind = 'r' AND NOT c.relispartition "
+        "AND c.relnamespace = current_schema()::regnamespace AND starts_with(c.relname, $1)",
+        table + "_p",
+    )
+    for r in leftovers:
+        m = _PARTITION_NAME.match(r["relname"])
+        if not m or m["table"] != table:
+            continue
+        day = dt.datetime.strptime(m["day"], "%Y%m%d").date()
+        if _upper_bound(day) <= cutoff:  # only what the sweeper itself would have dropped
+            result.rows_deleted[table] += await _count_and_drop(conn, r["relname"])
+            result.partitions_dropped[table] += 1
+
+
+async def _drop_expired_partitions(conn: asyncpg.Connection, table: str, cutoff: dt.datetime, result: SweepResult) -> None:
+    for name, day in await partitions.partitions_of(conn, table):
+        if _upper_bound(day) > cutoff:
+            break  # oldest first: the rest are newer
+        try:
+            # Two transactions inside; killed between them, the partition stays "detach pending"
+            # (invisible to new queries) and _finish_detaches completes it next time.
+            await conn.execute(f"ALTER TABLE {table} DETACH PARTITION {name} CONCURRENTLY")
+        except asyncpg.LockNotAvailableError:
+            # Someone holds the parent longer than LOCK_TIMEOUT; the rows go by DELETE meanwhile.
+            log.warning("sweeper: detaching %s timed out; will retry next sweep", name)
+            continue
+        result.rows_deleted[table] += await _count_and_drop(conn, name)
+        result.partitions_dropped[table] += 1
+
+
+async def _count_and_drop(conn: asyncpg.Connection, name: str) -> int:
+    async with conn.transaction():
+        rows = await conn.fetchval(f"SELECT count(*) FROM {name}")
+        await conn.execute(f"DROP TABLE {name}")
+    return rows
+
+
+async def delete_expired_rows(conn: asyncpg.Connection, table: str, column: str, cutoff: dt.datetime, batch: int) -> int:
+    """Delete rows of table with column <= cutoff, at most `batch` rows per statement; returns how many.
+
+    Per partition (oldest first), by ctid: each statement is a short transaction that locks only
+    the rows it deletes. The outer condition is checked again on the row as the DELETE finds it.
+    """
+    total = 0
+    for name, day in await partitions.partitions_of(conn, table):
+        if column == "received_at" and dt.datetime.combine(day, dt.time(), dt.timezone.utc) > cutoff:
+            break  # received later than the cutoff: nothing to delete here or after
+        while True:
+            status = await conn.execute(
+                f"DELETE FROM {name} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {name} WHERE {column} <= $1 LIMIT $2)) "
+                f"AND {column} <= $1",
+                cutoff, batch,
+            )
+            deleted = int(status.split()[-1])
+            total += deleted
+            if deleted < batch:
+                break
+    return total
+
+
+# ---------------------------------------------------------------- erasure
+#
+# The same two-phase erasure as DELETE /v1/admin/installations/{id} (storage.admin):
+# begin_erasure destroys the data keys, revokes the tokens and marks the installation
+# `erasing` in one transaction; delete_rows and unlink remove the rest. unlink waits
+# until the revocation is Rules.erase_grace old, so every worker's revocation follower has
+# dropped the installation's cached data keys (as ingest.rights.UNLINK_GRACE does).
+
+# An erasure marked this long ago and not finished was interrupted (its process died): finish it.
+STALE_ERASURE = 300.0
+
+
+async def erase_inactive(conn: asyncpg.Connection, cutoff: dt.datetime, *, limit: int = 100, grace: float = 1.0) -> int:
+    """Erase installations with no heartbeat since cutoff (never seen: enrolled before it); returns how many."""
+    erased = 0
+    while True:
+        async with conn.transaction():
+            # FOR UPDATE re-evaluates the condition on the newest row version: an installation whose
+            # heartbeat commits while we wait for its lock is no longer selected. The locks are held
+            # until its keys are destroyed (begin_erasure runs inside, as a savepoint).
+            ids = [
+                r["install_id"]
+                for r in await conn.fetch(
+                    "SELECT install_id FROM installations "
+                    "WHERE (last_seen_at <= $1 OR (last_seen_at IS NULL AND enrolled_at <= $1)) AND NOT erasing "
+                    "ORDER BY install_id LIMIT $2 FOR UPDATE SKIP LOCKED",
+                    cutoff, limit,
+                )
+            ]
+            for install_id in ids:
+                await admin.begin_erasure(conn, install_id, "sweeper")
+        erased += await _finish(conn, ids, grace)
+        if len(ids) < limit:
+            return erased
+
+
+async def finish_interrupted_erasures(conn: asyncpg.Connection, *, stale_after: float = STALE_ERASURE, grace: float = 1.0) -> int:
+    """Complete erasures begun at least stale_after seconds ago whose process died; returns how many."""
+    stale = []
+    for install_id in await admin.unfinished_erasures(conn):
+        since = await admin.seconds_since_revocation(conn, install_id)
+        if since is None or since >= stale_after:
+            stale.append(install_id)
+    return await _finish(conn, stale, grace)
+
+
+async def _finish(conn: asyncpg.Connection, ids: list[uuid.UUID], grace: float) -> int:
+    rows = {install_id: await admin.delete_rows(conn, install_id) for install_id in ids}
+    # One wait per batch, not per installation: they were all revoked in the same transaction.
+    since = [await admin.seconds_since_revocation(conn, i) for i in ids]
+    youngest = min((s for s in since if s is not None), default=grace)
+    if youngest < grace:
+        await asyncio.sleep(grace - youngest)
+    done = 0
+    for install_id in ids:
+        done += await admin.unlink(conn, install_id, "sweeper", rows[install_id])
+    return done
+
+
+# ---------------------------------------------------------------- what operators alert on
+
+
+async def oldest(conn: asyncpg.Connection) -> dict[str, dt.datetime | None]:
+    """received_at of the oldest stored row of each partitioned table (None when empty); index-only."""
+    return {t: await conn.fetchval(f"SELECT min(received_at) FROM {t}") for t in partitions.PARTITIONED_TABLES}
