@@ -8,7 +8,7 @@ from aiohttp import web
 
 from crypto.datakeys import DataKeyCache
 from crypto.keyring import KeyRing
-from ingest import openapi, routes_admin, routes_core, routes_ops
+from ingest import openapi, routes_admin, routes_core, routes_ops, routes_scans
 from ingest.auth import auth_ctx
 from ingest.batching import GroupCommitWriter
 from ingest.keys import DATA_KEYS, HEARTBEAT_WRITER, KEYRING, METRICS, POOL, SETTINGS
@@ -77,4 +77,5 @@ def create_app(settings: Settings) -> web.Application:
     openapi.setup(app)
     routes_core.setup(app)
     routes_admin.setup(app)
+    routes_scans.setup(app)
     return app
