@@ -27,12 +27,15 @@ from typing import Any
 import orjson
 
 from crypto.datakeys import wrap_context
+from crypto.documents import open_document_json
 from crypto.envelope import DataKey, key_id_of, open_
 from crypto.errors import DecryptionError
 from crypto.keyring import KeyRing
 from ingest.auth import POLL_INTERVAL
 from ingest.routes_core import email_context
+from ingest.scans_read import scan_context
 from storage import admin
+from storage import scans as scan_store
 from storage.audit import record
 from storage.installations import data_keys
 
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "telemetry-ingest export 1"
 CHUNK = 64 * 1024
+SCAN_PREFETCH = 4
 
 
 def _default(value: Any) -> Any:
@@ -75,7 +79,8 @@ class Export:
         email_ct = current.pop("email_ct")
         current["email"] = None
         if email_ct is not None:
-            plain = _open(keys, bytes(email_ct), email_context(install_id))
+            ct = bytes(email_ct)
+            plain = _open(keys, ct, lambda key: open_(key, ct, email_context(install_id)))
             if plain is None:
                 current["email_unreadable"] = True
             else:
@@ -118,12 +123,13 @@ class Export:
         yield bytes(buf)
 
     async def _scans(self) -> AsyncIterator[bytes]:
-        """Each unexpired scan as JSON, decrypted."""
-        if not await admin.table_exists(self._conn, "scans"):
-            return
-        async for r in admin.scan_history(self._conn, self.install_id):
+        """Each unexpired scan as JSON, its document decrypted (spliced in as stored: canonical JSON)."""
+        install_id = self.install_id
+        # A sealed scan can be megabytes: fetch few at a time, so memory stays bounded by a few scans.
+        async for r in scan_store.scan_history(self._conn, install_id, prefetch=SCAN_PREFETCH):
             meta = {"scan_id": r["scan_id"], "agent_id": r["agent_id"], "received_at": r["received_at"], "expires_at": r["expires_at"]}
-            plain = _open(self._keys, bytes(r["ciphertext"]), admin.scan_context(self.install_id, r["scan_id"]))
+            ciphertext = bytes(r["ciphertext"])
+            plain = _open(self._keys, ciphertext, lambda key: open_document_json(key, ciphertext, scan_context(install_id, r["scan_id"])))
             if plain is None:
                 meta["scan"] = None
                 meta["unreadable"] = True
@@ -132,13 +138,13 @@ class Export:
             yield _dumps(meta)
 
 
-def _open(keys: dict[int, DataKey], ciphertext: bytes, context: bytes) -> bytes | None:
-    """The plaintext, or None if this record cannot be decrypted (logged without detail)."""
+def _open(keys: dict[int, DataKey], ciphertext: bytes, opener: Callable[[DataKey], bytes]) -> bytes | None:
+    """opener(the data key the ciphertext names), or None if this record cannot be decrypted (logged without detail)."""
     try:
         key = keys.get(key_id_of(ciphertext))
         if key is None:
             raise DecryptionError()
-        return open_(key, ciphertext, context)
+        return opener(key)
     except DecryptionError:
         log.warning("export: a record could not be decrypted")
         return None

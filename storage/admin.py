@@ -79,7 +79,7 @@ async def set_restricted(conn, install_id: uuid.UUID, restricted: bool, actor: s
 # marked `erasing` and a new enrollment of the same id waits (409) until it is clean.
 
 # Tables whose rows of an installation are deleted in bounded batches, in this order.
-ERASE_TABLES = ("heartbeats", "agents")
+ERASE_TABLES = ("heartbeats", "scans", "agents")
 ERASE_BATCH = 5000
 
 
@@ -360,7 +360,3 @@ async def audit_log_guards(conn) -> list[str]:
         "SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass('audit_log') AND NOT tgisinternal AND tgenabled <> 'D'"
     )
     return sorted(r[0] for r in rows)
-
-
-async def table_exists(conn, table: str) -> bool:
-    return await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table)

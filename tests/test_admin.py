@@ -1,8 +1,10 @@
 """Admin endpoints and commands: export, erasure, restriction, statistics, and the audit log, over real HTTP."""
 
 import asyncio
+import datetime as dt
 import gc
 import uuid
+from dataclasses import dataclass
 
 import asyncpg
 import orjson
@@ -16,6 +18,11 @@ from crypto.keyring import KeyRing
 from ingest.keys import AUTH, DATA_KEYS
 from ingest.routes_core import email_context
 from storage import admin
+from crypto.documents import canonical, content_digest, content_mac, seal_document
+from crypto.keyring import generate_key
+from ingest import rights
+from ingest.scans_read import scan_context
+from storage.scans import ScanRow, write_scans
 from tests.support import heartbeat_body, start_service
 
 
@@ -38,20 +45,46 @@ async def tables_mentioning(db, value: str) -> dict[str, int]:
     return found
 
 
-async def populated(service, db, *, email="subject@example.org", heartbeats=3):
-    """An installation with heartbeats (with e-mail), an agent and its token row; returns (install_id, token)."""
+def scan_body(i: int = 0, **extra) -> dict:
+    body = {
+        "scan_id": str(uuid.uuid4()),
+        "scanned_at": "2025-01-15T10:30:00Z",
+        "agent_version": "1.0.3",
+        "asset": {"name": f"pc-{i}", "serial_number": f"SN-{i}", "last_user": f"user{i}"},
+        "software": [{"name": "Office", "version": "16.0", "publisher": "Contoso"}],
+    }
+    body.update(extra)
+    return body
+
+
+@dataclass
+class Subject:
+    """An enrolled installation with history: its tokens and the scans it uploaded (as filtered)."""
+
+    install_id: uuid.UUID
+    token: str
+    agent_token: str
+    agent_id: uuid.UUID
+    scans: list[dict]
+
+
+async def populated(service, *, email="subject@example.org", heartbeats=3, scans=2) -> Subject:
+    """An installation with heartbeats (with e-mail), an agent, and scans."""
     install_id, token = await service.enroll()
     for i in range(heartbeats):
         status, body, _ = await service.request("POST", "/v1/heartbeats", token=token,
                                                 json=heartbeat_body(install_id, asset_count=100 + i, email=email))
         assert status == 200, body
-    agent_id = uuid.uuid4()
-    await db.execute("INSERT INTO agents (install_id, agent_id, name) VALUES ($1, $2, 'scanner-1')", install_id, agent_id)
-    await db.execute(
-        "INSERT INTO tokens (token_id, token_hash, role, install_id, agent_id) VALUES ($1, $2, 'agent', $3, $4)",
-        "tid_" + uuid.uuid4().hex[:16], uuid.uuid4().bytes * 2, install_id, agent_id,
-    )
-    return install_id, token
+    status, body, _ = await service.request("POST", "/v1/agents", token=token, json={"name": "scanner-1"})
+    assert status == 201, body
+    agent_token, agent_id = body["token"], uuid.UUID(body["agent_id"])
+    uploaded = []
+    for i in range(scans):
+        doc = scan_body(i)
+        status, body, _ = await service.request("POST", "/v1/scans", token=agent_token, json={**doc, "license_key": "XXXX"})
+        assert status == 201 and body["dropped_fields"] == ["license_key"], body
+        uploaded.append(doc)
+    return Subject(install_id, token, agent_token, agent_id, uploaded)
 
 
 @pytest.fixture
@@ -95,34 +128,48 @@ async def test_unknown_or_malformed_installation_is_404(service, admin_token, me
 # ------------------------------------------------------------------ export
 
 
-async def test_export_is_one_document_with_everything_decrypted(service, db, admin_token):
-    email = f"dpo-{uuid.uuid4().hex[:6]}@example.org"
-    install_id, token = await populated(service, db, email=email)
-    other, other_token = await service.enroll()
-    await service.request("POST", "/v1/heartbeats", token=other_token, json=heartbeat_body(other, email="other@example.org"))
-
+async def export(service, admin_token, install_id) -> tuple[int, dict | None, bytes]:
     async with service.http.get(f"{service.url}/v1/admin/installations/{install_id}/export",
                                 headers={"Authorization": f"Bearer {admin_token}"}) as resp:
-        assert resp.status == 200
-        assert resp.headers["Content-Type"].startswith("application/json")
-        assert resp.headers.get("Transfer-Encoding") == "chunked"
         raw = await resp.read()
-    doc = orjson.loads(raw)
+        if resp.status == 200:
+            assert resp.headers["Content-Type"].startswith("application/json")
+            assert resp.headers.get("Transfer-Encoding") == "chunked"
+        return resp.status, orjson.loads(raw) if raw else None, raw
+
+
+async def test_export_is_one_document_with_everything_decrypted(service, db, admin_token):
+    email = f"dpo-{uuid.uuid4().hex[:6]}@example.org"
+    subject = await populated(service, email=email, scans=3)
+    install_id = subject.install_id
+    # one scan has expired (not yet swept): it is not exported
+    expired = subject.scans.pop(0)
+    await db.execute("UPDATE scans SET received_at = now() - interval '2 hours', expires_at = now() - interval '1 hour' "
+                     "WHERE scan_id = $1", uuid.UUID(expired["scan_id"]))
+    other = await populated(service, email="other@example.org", heartbeats=1, scans=1)
+
+    status, doc, raw = await export(service, admin_token, install_id)
+    assert status == 200
     assert doc["format"] == "telemetry-ingest export 1" and doc["install_id"] == str(install_id)
     inst = doc["installation"]
     assert inst["email"] == email and "email_ct" not in inst
     assert (inst["license_type"], inst["version"], inst["asset_count"]) == ("enterprise", "4.2.1", 102)
-    assert inst["ip_prefix"] == "127.0.0.0/24" and inst["restricted"] is False
+    assert inst["ip_prefix"] == "127.0.0.0/24" and inst["restricted"] is False and inst["scan_retention_hours"] == 720
     assert [h["asset_count"] for h in doc["heartbeats"]] == [100, 101, 102]
     assert set(doc["heartbeats"][0]) == {"received_at", "license_type", "version", "asset_count", "db_server_type",
                                          "web_server_type", "ip_prefix"}
-    assert [a["name"] for a in doc["agents"]] == ["scanner-1"]
-    assert {t["role"] for t in doc["tokens"]} == {"installation", "agent"}
-    assert doc["scans"] == []
+    assert doc["agents"] == [{"agent_id": str(subject.agent_id), "name": "scanner-1",
+                              "created_at": doc["agents"][0]["created_at"], "revoked_at": None}]
+    assert sorted(t["role"] for t in doc["tokens"]) == ["agent", "installation"]
+    # every unexpired scan, decrypted: the document as filtered (the undeclared license_key was dropped)
+    assert [s["scan"] for s in doc["scans"]] == subject.scans
+    assert {s["agent_id"] for s in doc["scans"]} == {str(subject.agent_id)}
+    assert all(s["expires_at"] > s["received_at"] for s in doc["scans"])
     assert [a["action"] for a in doc["audit"]] == ["installation.export"]
-    # no token material, nothing of the other installation
+    # no token material, nothing expired, nothing of the other installation
     text = raw.decode()
-    for forbidden in ("token_hash", "wrapped", token, str(other), "other@example.org", admin_token):
+    for forbidden in ("token_hash", "wrapped", "ciphertext", "content_mac", "license_key", subject.token, subject.agent_token,
+                      expired["scan_id"], str(other.install_id), "other@example.org", other.scans[0]["scan_id"], admin_token):
         assert forbidden not in text
     # audited under the admin token's id, never the token
     row = await db.fetchrow("SELECT actor, action FROM audit_log WHERE install_id = $1", install_id)
@@ -131,65 +178,107 @@ async def test_export_is_one_document_with_everything_decrypted(service, db, adm
     assert admin_token not in str([dict(r) for r in await db.fetch("SELECT * FROM audit_log")])
 
 
-async def test_export_of_installation_without_heartbeats(service, admin_token):
+async def test_export_of_installation_without_history(service, admin_token):
     install_id, _ = await service.enroll()
-    status, doc, _ = await service.request("GET", f"/v1/admin/installations/{install_id}/export", token=admin_token)
+    status, doc, _ = await export(service, admin_token, install_id)
     assert status == 200
     assert doc["installation"]["email"] is None and doc["installation"]["last_seen_at"] is None
-    assert doc["heartbeats"] == [] and doc["agents"] == []
+    assert doc["heartbeats"] == [] and doc["agents"] == [] and doc["scans"] == []
 
 
-async def test_unreadable_email_is_marked_not_fatal(service, db, admin_token):
-    install_id, _ = await populated(service, db, heartbeats=1)
-    # a ciphertext moved here from another installation does not open under this one's context
-    other, other_token = await service.enroll()
-    await service.request("POST", "/v1/heartbeats", token=other_token, json=heartbeat_body(other, email="x@example.org"))
+async def test_unreadable_records_are_marked_not_fatal(service, db, admin_token):
+    subject = await populated(service, heartbeats=1, scans=2)
+    other = await populated(service, email="x@example.org", heartbeats=1, scans=1)
+    # ciphertexts moved here from another installation do not open under this one's keys and contexts
     await db.execute("UPDATE installations SET email_ct = (SELECT email_ct FROM installations WHERE install_id = $2) "
-                     "WHERE install_id = $1", install_id, other)
-    status, doc, _ = await service.request("GET", f"/v1/admin/installations/{install_id}/export", token=admin_token)
+                     "WHERE install_id = $1", subject.install_id, other.install_id)
+    await db.execute("UPDATE scans SET ciphertext = (SELECT ciphertext FROM scans WHERE install_id = $2) WHERE scan_id = $1",
+                     uuid.UUID(subject.scans[0]["scan_id"]), other.install_id)
+    status, doc, _ = await export(service, admin_token, subject.install_id)
     assert status == 200
     assert doc["installation"]["email"] is None and doc["installation"]["email_unreadable"] is True
+    first, second = doc["scans"]
+    assert first["scan"] is None and first["unreadable"] is True
+    assert second["scan"] == subject.scans[1] and "unreadable" not in second
+
+
+async def test_export_with_a_missing_key_ring_key_is_503_before_anything_is_sent(db_dsn, master_key, tmp_path):
+    async with start_service(db_dsn, master_key, tmp_path) as svc:
+        install_id, _ = await svc.enroll()
+        admin_token = svc.create_secret("admin-token")
+    async with start_service(db_dsn, generate_key(), tmp_path) as svc:  # the key that wrapped its data key is gone
+        status, body, headers = await svc.request("GET", f"/v1/admin/installations/{install_id}/export", token=admin_token)
+        assert status == 503 and is_problem(body, headers, 503) and headers.get("Retry-After")
+
+
+async def _bulk_scans(service, db, install_id: uuid.UUID, agent_id: uuid.UUID, count: int, size: int) -> int:
+    """Store `count` distinct scans of about `size` bytes of JSON each through the real batch writer; returns their bytes."""
+    key = await service.app[DATA_KEYS].current(install_id)
+    total = 0
+    now = dt.datetime.now(dt.timezone.utc)
+    for start in range(0, count, 100):
+        rows = []
+        for i in range(start, min(count, start + 100)):
+            scan_id = uuid.uuid4()
+            software = [{"name": f"package-{i}-{j}-{uuid.uuid4().hex}", "version": f"{j}.{i}", "publisher": "Contoso"}
+                        for j in range(size // 90)]
+            plain = canonical({"scan_id": str(scan_id), "scanned_at": "2025-01-15T10:30:00Z", "software": software})
+            context = scan_context(install_id, scan_id)
+            sealed = seal_document(key, plain, context)
+            rows.append(ScanRow(install_id, agent_id, scan_id, now, key.key_id, content_mac(key, context, content_digest(plain)),
+                                len(plain), len(plain), len(plain), sealed))
+            total += len(plain)
+        outcomes = await write_scans(db, rows)
+        assert {o.status for o in outcomes} == {"stored"}
+    return total
 
 
 @pytest.mark.slow
-async def test_export_streams_in_flat_memory(service, db, admin_token):
-    install_id, _ = await service.enroll()
-    rows = 200_000
-    # Made inside the server: the test process holds none of it. Spread over the last ~3 minutes,
-    # so every row lands in a partition that exists (today's or yesterday's).
+async def test_export_of_thousands_of_scans_streams_in_flat_memory(service, db, admin_token):
+    subject = await populated(service, heartbeats=1, scans=0)
+    plain_bytes = await _bulk_scans(service, db, subject.install_id, subject.agent_id, count=3000, size=16 * 1024)
+    # and a long heartbeat history, made inside the server (spread over the last ~2 minutes, so every
+    # row lands in a partition that exists: today's or yesterday's)
     await db.execute(
         "INSERT INTO heartbeats (install_id, received_at, license_type, version, asset_count, db_server_type, web_server_type, ip_prefix) "
-        "SELECT $1, now() - i * interval '1 ms', 'enterprise-' || (i % 97), '4.' || (i % 13) || '.' || i, i, "
-        "'postgresql-16-with-a-longer-name', 'nginx-1.27-with-a-longer-name', '192.0.2.0/24' "
+        "SELECT $1, now() - i * interval '1 ms', 'enterprise', '4.' || (i % 13) || '.' || i, i, 'postgresql', 'nginx', '192.0.2.0/24' "
         "FROM generate_series(1, $2) i",
-        install_id, rows,
+        subject.install_id, 100_000,
     )
     proc = psutil.Process()
     gc.collect()
     baseline = peak = proc.memory_info().rss
-    size = 0
+    size = scans = 0
     tail = b""
-    async with service.http.get(f"{service.url}/v1/admin/installations/{install_id}/export",
+    async with service.http.get(f"{service.url}/v1/admin/installations/{subject.install_id}/export",
                                 headers={"Authorization": f"Bearer {admin_token}"}) as resp:
         assert resp.status == 200
         async for chunk in resp.content.iter_chunked(256 * 1024):
             size += len(chunk)
+            scans += (tail[-16:] + chunk).count(b'"scanned_at":')
             tail = (tail + chunk)[-4096:]
             peak = max(peak, proc.memory_info().rss)
     growth = peak - baseline
-    assert size > 40 * 1024 * 1024, size
+    assert size > plain_bytes > 40 * 1024 * 1024, (size, plain_bytes)
+    assert scans == 3000
     # client and server share this process: together they held a small fraction of the document
     assert growth < size / 8, (growth, size)
     assert tail.endswith(b'"action":"installation.export"}]}')
 
 
-async def test_cli_export_writes_the_document_to_stdout(service, db, tmp_path):
+async def test_cli_export_writes_the_document_to_stdout(service, db, admin_token):
     email = "cli-subject@example.org"
-    install_id, _ = await populated(service, db, email=email)
-    proc = service.cli("export", str(install_id))
+    subject = await populated(service, email=email)
+    proc = service.cli("export", str(subject.install_id))
     doc = orjson.loads(proc.stdout)
     assert doc["installation"]["email"] == email and len(doc["heartbeats"]) == 3
-    assert await db.fetchval("SELECT actor FROM audit_log WHERE action = 'installation.export'") == "cli"
+    assert [s["scan"] for s in doc["scans"]] == subject.scans
+    # the same document as over HTTP (but for when it was made and the audit trail of the exports)
+    status, over_http, _ = await export(service, admin_token, subject.install_id)
+    for d in (doc, over_http):
+        d.pop("exported_at"), d.pop("audit")
+    assert doc == over_http
+    assert [r[0] for r in await db.fetch("SELECT actor FROM audit_log WHERE action = 'installation.export' ORDER BY id")][0] == "cli"
     missing = service.cli("export", str(uuid.uuid4()), check=False)
     assert missing.returncode == 1 and missing.stdout == "" and "no installation" in missing.stderr
     assert service.cli("export", "nope", check=False).returncode == 1
@@ -199,56 +288,69 @@ async def test_cli_export_writes_the_document_to_stdout(service, db, tmp_path):
 
 
 async def test_erasure_leaves_nothing_and_the_id_can_enroll_afresh(service, db, admin_token):
-    install_id, token = await populated(service, db)
+    subject = await populated(service)
+    install_id = subject.install_id
     secret = service.create_secret()
     status, _, _ = await service.request("DELETE", f"/v1/admin/installations/{install_id}", token=admin_token)
     assert status == 204
     # only the audit log still names it
     assert await tables_mentioning(db, str(install_id)) == {"audit_log": 2}
+    for scan in subject.scans:
+        assert await tables_mentioning(db, scan["scan_id"]) == {}
+    assert await tables_mentioning(db, str(subject.agent_id)) == {}
     actions = [r[0] for r in await db.fetch("SELECT action FROM audit_log WHERE install_id = $1 ORDER BY id", install_id)]
     assert actions == ["installation.erase", "installation.erased"]
     admin_id = await db.fetchval("SELECT token_id FROM tokens WHERE role = 'admin'")
     assert {r[0] for r in await db.fetch("SELECT actor FROM audit_log WHERE install_id = $1", install_id)} == {admin_id}
-    # its old token is refused, and the id is unknown to the admin routes
-    status, _, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id))
+    # its old tokens are refused, and the id is unknown to the admin routes
+    status, _, _ = await service.request("POST", "/v1/heartbeats", token=subject.token, json=heartbeat_body(install_id))
+    assert status == 401
+    status, _, _ = await service.request("POST", "/v1/scans", token=subject.agent_token, json=scan_body())
     assert status == 401
     assert (await service.request("DELETE", f"/v1/admin/installations/{install_id}", token=admin_token))[0] == 404
-    assert (await service.request("GET", f"/v1/admin/installations/{install_id}/export", token=admin_token))[0] == 404
+    assert (await export(service, admin_token, install_id))[0] == 404
     # a new enrollment of the same id starts from nothing
     status, body, _ = await service.request("POST", "/v1/enroll", token=secret, json={"install_id": str(install_id)})
     assert status == 201
     new_token = body["token"]
     status, _, _ = await service.request("POST", "/v1/heartbeats", token=new_token, json=heartbeat_body(install_id, email="new@example.org"))
     assert status == 200
-    status, doc, _ = await service.request("GET", f"/v1/admin/installations/{install_id}/export", token=admin_token)
+    status, doc, _ = await export(service, admin_token, install_id)
     assert status == 200
-    assert len(doc["heartbeats"]) == 1 and doc["agents"] == [] and doc["installation"]["email"] == "new@example.org"
+    assert len(doc["heartbeats"]) == 1 and doc["agents"] == [] and doc["scans"] == []
+    assert doc["installation"]["email"] == "new@example.org"
     assert [t["role"] for t in doc["tokens"]] == ["installation"]
 
 
 async def test_erasure_interrupted_after_key_destruction_then_resumed(service, db, admin_token, master_key):
-    install_id, token = await populated(service, db)
+    subject = await populated(service)
+    install_id = subject.install_id
     email_ct = await db.fetchval("SELECT email_ct FROM installations WHERE install_id = $1", install_id)
     key_row = await db.fetchrow("SELECT key_id, kek_id, wrapped FROM data_keys WHERE install_id = $1", install_id)
     # Phase one only, as if the process died right after its commit.
     assert await admin.begin_erasure(db, install_id, "test") == "started"
     assert await db.fetchval("SELECT count(*) FROM data_keys WHERE install_id = $1", install_id) == 0
     assert await db.fetchval("SELECT count(*) FROM tokens WHERE install_id = $1 AND revoked_at IS NULL", install_id) == 0
-    # the ciphertext is still there, but nothing that the database holds opens it any more
+    # the ciphertexts are still there, but nothing the database holds opens them any more
     assert await db.fetchval("SELECT email_ct FROM installations WHERE install_id = $1", install_id) == email_ct
+    assert await db.fetchval("SELECT count(*) FROM scans WHERE install_id = $1", install_id) == 2
     service.app[DATA_KEYS].evict(install_id)
     with pytest.raises(DecryptionError):
         await service.app[DATA_KEYS].get(install_id, key_row["key_id"])
-    # (the destroyed key itself did open it: shredding is what made the difference)
+    # (the destroyed key did open them: shredding is what made the difference)
     key = DataKey.from_bytes(key_row["key_id"], KeyRing.from_setting(master_key).unwrap(
         key_row["kek_id"], key_row["wrapped"], wrap_context(install_id, key_row["key_id"])))
     assert open_(key, email_ct, email_context(install_id)) == b"subject@example.org"
     # meanwhile the installation behaves as gone
     await service.app[AUTH].poll_revocations()
-    assert (await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id)))[0] == 401
-    assert (await service.request("GET", f"/v1/admin/installations/{install_id}/export", token=admin_token))[0] == 404
+    assert (await service.request("POST", "/v1/heartbeats", token=subject.token, json=heartbeat_body(install_id)))[0] == 401
+    assert (await service.request("POST", "/v1/scans", token=subject.agent_token, json=scan_body()))[0] == 401
+    assert (await export(service, admin_token, install_id))[0] == 404
     assert (await service.request("PUT", f"/v1/admin/installations/{install_id}/restriction", token=admin_token,
                                   json={"restricted": True}))[0] == 404
+    secret = service.create_secret()
+    status, _, _ = await service.request("POST", "/v1/enroll", token=secret, json={"install_id": str(install_id)})
+    assert status == 409  # not before the erasure is complete
     assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", install_id) == 3
     # calling erase again finishes the job
     status, _, _ = await service.request("DELETE", f"/v1/admin/installations/{install_id}", token=admin_token)
@@ -257,13 +359,17 @@ async def test_erasure_interrupted_after_key_destruction_then_resumed(service, d
     detail = await db.fetchval("SELECT detail FROM audit_log WHERE install_id = $1 AND action = 'installation.erase' "
                                "ORDER BY id DESC LIMIT 1", install_id)
     assert detail["resumed"] is True
+    status, _, _ = await service.request("POST", "/v1/enroll", token=secret, json={"install_id": str(install_id)})
+    assert status == 201
 
 
 async def test_erasure_interrupted_during_row_deletion_resumed_by_cli(service, db):
-    install_id, _ = await populated(service, db, heartbeats=5)
+    subject = await populated(service, heartbeats=5)
+    install_id = subject.install_id
     await admin.begin_erasure(db, install_id, "test")
-    # a crash after some batches: part of the history is gone, the rest is still there
+    # a crash after some batches: part of the rows are gone, the rest is still there
     await db.execute("DELETE FROM heartbeats WHERE install_id = $1 AND asset_count < 102", install_id)
+    await db.execute("DELETE FROM scans WHERE install_id = $1", install_id)
     assert "heartbeats" in await tables_mentioning(db, str(install_id))
     proc = service.cli("erase", str(install_id))
     assert f"erased {install_id}" in proc.stdout and "interrupted" in proc.stdout
@@ -271,26 +377,42 @@ async def test_erasure_interrupted_during_row_deletion_resumed_by_cli(service, d
     assert service.cli("erase", str(install_id), check=False).returncode == 1
 
 
-async def test_erasure_deletes_in_batches(service, db):
-    install_id, _ = await populated(service, db, heartbeats=1)
+async def test_erasure_deletes_in_batches_and_touches_no_one_else(service, db):
+    subject = await populated(service, heartbeats=1, scans=3)
     await db.execute(
         "INSERT INTO heartbeats (install_id, received_at, license_type, version, asset_count) "
-        "SELECT $1, now() - i * interval '1 ms', 'x', '1', i FROM generate_series(1, 25) i", install_id)
-    other, _ = await populated(service, db, heartbeats=2)
-    await admin.begin_erasure(db, install_id, "test")
-    assert await admin.delete_rows(db, install_id, batch=4) == 26 + 1  # 26 heartbeats, 1 agent
-    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", other) == 2
-    assert await db.fetchval("SELECT count(*) FROM agents WHERE install_id = $1", other) == 1
+        "SELECT $1, now() - i * interval '1 ms', 'x', '1', i FROM generate_series(1, 25) i", subject.install_id)
+    other = await populated(service, heartbeats=2, scans=2)
+    await admin.begin_erasure(db, subject.install_id, "test")
+    assert await admin.delete_rows(db, subject.install_id, batch=4) == 26 + 3 + 1  # heartbeats, scans, agent
+    for table, n in (("heartbeats", 2), ("scans", 2), ("agents", 1), ("data_keys", 1), ("tokens", 2)):
+        assert await db.fetchval(f"SELECT count(*) FROM {table} WHERE install_id = $1", other.install_id) == n, table
+    # a live installation is not touched by the later phases either
+    assert await rights.finish_erasure(db, other.install_id, "test") is False
+    assert await admin.unlink(db, other.install_id, "test", 0) is False
+    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", other.install_id) == 2
+
+
+async def test_erasure_finished_by_someone_else_still_unlinks_the_tokens(service, db):
+    """If another eraser (e.g. the sweeper) deleted the rows first, erasing again still clears the token rows."""
+    subject = await populated(service)
+    await admin.begin_erasure(db, subject.install_id, "test")
+    for table in ("heartbeats", "scans", "agents", "installations"):
+        await db.execute(f"DELETE FROM {table} WHERE install_id = $1", subject.install_id)
+    assert await rights.finish_erasure(db, subject.install_id, "test") is True
+    assert set(await tables_mentioning(db, str(subject.install_id))) == {"audit_log"}
 
 
 async def test_erase_with_cli(service, db):
-    install_id, token = await populated(service, db)
+    subject = await populated(service)
+    install_id = subject.install_id
     proc = service.cli("erase", str(install_id))
     assert proc.stdout.strip() == f"erased {install_id}"
     assert set(await tables_mentioning(db, str(install_id))) == {"audit_log"}
     assert {r[0] for r in await db.fetch("SELECT actor FROM audit_log WHERE install_id = $1", install_id)} == {"cli"}
     await asyncio.sleep(0.6)  # the service's revocation follower catches up on its own
-    assert (await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id)))[0] == 401
+    assert (await service.request("POST", "/v1/heartbeats", token=subject.token, json=heartbeat_body(install_id)))[0] == 401
+    assert (await service.request("POST", "/v1/scans", token=subject.agent_token, json=scan_body()))[0] == 401
     missing = service.cli("erase", str(uuid.uuid4()), check=False)
     assert missing.returncode == 1 and "no installation" in missing.stderr
 
@@ -306,49 +428,60 @@ async def test_other_workers_drop_their_caches(db_dsn, master_key, tmp_path, db)
         assert (await a.request("DELETE", f"/v1/admin/installations/{install_id}", token=admin_token))[0] == 204
         await asyncio.sleep(0.6)
         assert (await b.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id)))[0] == 401
-        # re-enrolled through a; b seals the new e-mail with the new key, not a cached old one
+        # re-enrolled through a; b seals with the new data key, not a cached old one
         _, new_token = await a.enroll(install_id)
         status, _, _ = await b.request("POST", "/v1/heartbeats", token=new_token, json=heartbeat_body(install_id, email="new@example.org"))
         assert status == 200
-        status, doc, _ = await a.request("GET", f"/v1/admin/installations/{install_id}/export", token=admin_token)
-        assert status == 200 and doc["installation"]["email"] == "new@example.org"
+        status, body, _ = await b.request("POST", "/v1/agents", token=new_token, json={"name": "fresh"})
+        doc = scan_body()
+        assert (await b.request("POST", "/v1/scans", token=body["token"], json=doc))[0] == 201
+        status, exported, _ = await export(a, admin_token, install_id)
+        assert status == 200 and exported["installation"]["email"] == "new@example.org"
+        assert [s["scan"] for s in exported["scans"]] == [doc]
 
 
 async def test_concurrent_erasures_of_one_installation(service, db, admin_token):
-    install_id, _ = await populated(service, db)
+    subject = await populated(service)
     results = await asyncio.gather(*(
-        service.request("DELETE", f"/v1/admin/installations/{install_id}", token=admin_token) for _ in range(3)))
-    assert sorted(r[0] for r in results)[0] == 204 and all(r[0] in (204, 404) for r in results)
-    assert set(await tables_mentioning(db, str(install_id))) == {"audit_log"}
+        service.request("DELETE", f"/v1/admin/installations/{subject.install_id}", token=admin_token) for _ in range(3)))
+    assert 204 in [r[0] for r in results] and all(r[0] in (204, 404) for r in results)
+    assert set(await tables_mentioning(db, str(subject.install_id))) == {"audit_log"}
 
 
 # ------------------------------------------------------------------ restriction
 
 
 async def test_restriction_stops_processing_but_keeps_and_exports_data(service, db, admin_token):
-    install_id, token = await populated(service, db, heartbeats=2)
+    subject = await populated(service, heartbeats=2, scans=1)
+    install_id = subject.install_id
     url = f"/v1/admin/installations/{install_id}/restriction"
     status, body, _ = await service.request("PUT", url, token=admin_token, json={"restricted": True})
     assert status == 200 and body == {"install_id": str(install_id), "restricted": True}
     before = await db.fetchrow("SELECT * FROM installations WHERE install_id = $1", install_id)
+    counts = "SELECT (SELECT count(*) FROM heartbeats WHERE install_id = $1), (SELECT count(*) FROM scans WHERE install_id = $1)"
+    assert tuple(await db.fetchrow(counts, install_id)) == (2, 1)
     for _ in range(3):
-        status, resp, headers = await service.request("POST", "/v1/heartbeats", token=token,
+        status, resp, headers = await service.request("POST", "/v1/heartbeats", token=subject.token,
                                                       json=heartbeat_body(install_id, asset_count=999, email="changed@example.org"))
         assert status == 403 and is_problem(resp, headers, 403)
-    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", install_id) == 2
+        status, resp, headers = await service.request("POST", "/v1/scans", token=subject.agent_token, json=scan_body())
+        assert status == 403 and is_problem(resp, headers, 403)
+    assert tuple(await db.fetchrow(counts, install_id)) == (2, 1)
     assert await db.fetchrow("SELECT * FROM installations WHERE install_id = $1", install_id) == before
     # stored data is kept and can still be exported
-    status, doc, _ = await service.request("GET", f"/v1/admin/installations/{install_id}/export", token=admin_token)
+    status, doc, _ = await export(service, admin_token, install_id)
     assert status == 200 and doc["installation"]["restricted"] is True and len(doc["heartbeats"]) == 2
-    assert doc["installation"]["email"] == "subject@example.org"
+    assert doc["installation"]["email"] == "subject@example.org" and [s["scan"] for s in doc["scans"]] == subject.scans
     # lifting it restores normal behaviour
     status, body, _ = await service.request("PUT", url, token=admin_token, json={"restricted": False})
     assert status == 200 and body["restricted"] is False
-    status, _, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, asset_count=7))
+    status, _, _ = await service.request("POST", "/v1/heartbeats", token=subject.token, json=heartbeat_body(install_id, asset_count=7))
     assert status == 200
-    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", install_id) == 3
-    rows = await db.fetch("SELECT action, detail FROM audit_log WHERE install_id = $1 AND action = 'installation.restriction' ORDER BY id", install_id)
-    assert [r["detail"]["restricted"] for r in rows] == [True, False]
+    assert (await service.request("POST", "/v1/scans", token=subject.agent_token, json=scan_body()))[0] == 201
+    assert tuple(await db.fetchrow(counts, install_id)) == (3, 2)
+    rows = await db.fetch("SELECT actor, detail FROM audit_log WHERE install_id = $1 AND action = 'installation.restriction' ORDER BY id", install_id)
+    admin_id = await db.fetchval("SELECT token_id FROM tokens WHERE role = 'admin'")
+    assert [(r["actor"], r["detail"]["restricted"]) for r in rows] == [(admin_id, True), (admin_id, False)]
 
 
 @pytest.mark.parametrize("body, status", [
