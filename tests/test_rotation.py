@@ -1,0 +1,205 @@
+"""Key rotation: re-wrapping every data key under a new primary KEK while the service runs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+
+import pytest
+
+from crypto.datakeys import new_wrapped_key, rewrap, wrap_context
+from crypto.envelope import DataKey, open_, seal
+from crypto.keyring import KeyRing, generate_key, kek_id, load_or_create_key_file
+from crypto.tokens import new_token
+from ingest.routes_core import email_context
+from storage import installations
+from storage.migrate import migrate
+from storage.pool import connect
+from storage.rotation import count_not_wrapped_by, rewrap_batch
+from tests.support import heartbeat_body, run_cli, start_service
+
+
+def key_id_of_setting(value: str) -> str:
+    return kek_id(base64.b64decode(value))
+
+
+async def export(svc, admin_token: str, install_id: uuid.UUID) -> dict:
+    status, body, _ = await svc.request("GET", f"/v1/admin/installations/{install_id}/export", token=admin_token)
+    assert status == 200, body
+    return body
+
+
+async def populate(svc, n: int) -> dict[uuid.UUID, tuple[str, str, str]]:
+    """n installations, each with an e-mail and one scan: install_id -> (token, e-mail, scan_id)."""
+    made = {}
+    secret = svc.create_secret()
+    for i in range(n):
+        install_id, token = await svc.enroll(secret=secret)
+        email = f"admin{i}@example.org"
+        status, _, _ = await svc.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, email=email))
+        assert status == 200
+        status, body, _ = await svc.request("POST", "/v1/agents", token=token, json={"name": "a"})
+        assert status == 201, body
+        scan_id = str(uuid.uuid4())
+        doc = {"scan_id": scan_id, "scanned_at": "2025-01-15T10:30:00Z", "asset": {"name": f"pc-{i}"}}
+        status, body, _ = await svc.request("POST", "/v1/scans", token=body["token"], json=doc)
+        assert status == 201, body
+        made[install_id] = (token, email, scan_id)
+    return made
+
+
+async def kek_ids(db) -> dict[str, int]:
+    return {r["kek_id"]: r["n"] for r in await db.fetch("SELECT kek_id, count(*) AS n FROM data_keys GROUP BY kek_id")}
+
+
+async def test_rotation_rewraps_every_data_key_and_old_data_still_decrypts(db_dsn, master_key, tmp_path, db):
+    old, new = master_key, generate_key()
+    old_id, new_id = key_id_of_setting(old), key_id_of_setting(new)
+    async with start_service(db_dsn, old, tmp_path) as svc:
+        made = await populate(svc, 12)
+    assert await kek_ids(db) == {old_id: 12}
+
+    # The operator puts the new key first, restarts, and rotates while the service runs and takes traffic.
+    both = f"{new},{old}"
+    async with start_service(db_dsn, both, tmp_path) as svc:
+        env = {**svc.env, "TELEMETRY_MASTER_KEY": both}
+        rotation = asyncio.create_task(asyncio.to_thread(run_cli, "keys", "rotate", "--batch", "5", env=env))
+        while not rotation.done():
+            for install_id, (token, email, _) in list(made.items())[:4]:
+                status, _, _ = await svc.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, email=email))
+                assert status == 200
+            await asyncio.sleep(0.01)
+        out = (await rotation).stdout
+        assert f"re-wrapped 12 data key(s); every data key is now wrapped by {new_id}" in out
+        assert old_id in out.splitlines()[-1]  # ...which may now be removed
+    assert await kek_ids(db) == {new_id: 12}
+    audit = await db.fetch("SELECT actor, detail FROM audit_log WHERE action = 'key.rotate' ORDER BY id")
+    assert [r["detail"]["rewrapped"] for r in audit] == [5, 5, 2]
+    assert {r["actor"] for r in audit} == {"cli"} and {r["detail"]["kek_id"] for r in audit} == {new_id}
+
+    # The old key can go: everything written before the rotation still decrypts with the new one alone.
+    async with start_service(db_dsn, new, tmp_path) as svc:
+        admin_token = svc.create_secret("admin-token")
+        for install_id, (_, email, scan_id) in made.items():
+            doc = await export(svc, admin_token, install_id)
+            assert doc["installation"]["email"] == email
+            assert [s["scan"]["scan_id"] for s in doc["scans"]] == [scan_id]
+            assert not any(s.get("unreadable") for s in doc["scans"])
+
+    # ...and with only the old key the service refuses to start, naming the key it lacks.
+    proc = run_cli("serve", "--port", "0", env={**svc.env, "TELEMETRY_MASTER_KEY": old}, check=False, timeout=60)
+    assert proc.returncode == 1 and new_id in proc.stderr and "TELEMETRY_MASTER_KEY" in proc.stderr
+
+
+async def test_rotation_refuses_when_a_data_key_needs_a_key_it_lacks(service, db):
+    await service.enroll()
+    old_id = key_id_of_setting(service.settings.master_key)
+    other = generate_key()
+    proc = run_cli("keys", "rotate", env={**service.env, "TELEMETRY_MASTER_KEY": other}, check=False)
+    assert proc.returncode == 1 and old_id in proc.stderr
+    assert await kek_ids(db) == {old_id: 1}
+
+
+async def test_serve_refuses_to_start_without_a_key_some_data_key_needs(service, db):
+    await service.enroll()
+    old_id = key_id_of_setting(service.settings.master_key)
+    proc = run_cli("serve", "--port", "0", env={**service.env, "TELEMETRY_MASTER_KEY": generate_key()}, check=False, timeout=60)
+    assert proc.returncode == 1
+    assert f"key id(s) {old_id}" in proc.stderr and "not configured" in proc.stderr
+
+
+async def test_rotation_with_nothing_to_do(service):
+    out = service.cli("keys", "rotate").stdout
+    assert "re-wrapped 0 data key(s)" in out
+
+
+async def test_a_batch_skips_keys_another_transaction_holds(db, db_dsn, master_key):
+    old = KeyRing.from_setting(master_key)
+    ids = []
+    for _ in range(3):
+        install_id = uuid.uuid4()
+        k, w = new_wrapped_key(old, install_id, 1)
+        token_id, _, token_hash = new_token("installation")
+        await installations.enroll(db, install_id, kek_id=k, wrapped_key=w, token_id=token_id, token_hash=token_hash)
+        ids.append(install_id)
+    ring = KeyRing.from_setting(f"{generate_key()},{master_key}")
+    holder = await connect(db_dsn)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1 FROM data_keys WHERE install_id = $1 FOR UPDATE", ids[0])
+        done = await rewrap_batch(db, ring.primary_id, lambda *row: rewrap(ring, *row), limit=10)
+        assert done == 2 and await count_not_wrapped_by(db, ring.primary_id) == 1  # no waiting on the held row
+        await tx.rollback()
+    finally:
+        await holder.close()
+    assert await rewrap_batch(db, ring.primary_id, lambda *row: rewrap(ring, *row), limit=10) == 1
+    assert await count_not_wrapped_by(db, ring.primary_id) == 0
+    for install_id in ids:
+        r = await db.fetchrow("SELECT kek_id, wrapped FROM data_keys WHERE install_id = $1", install_id)
+        assert len(ring.unwrap(r["kek_id"], bytes(r["wrapped"]), wrap_context(install_id, 1))) == 32
+
+
+def test_generate_is_only_for_the_key_file(db_dsn, master_key, tmp_path):
+    proc = run_cli("keys", "rotate", "--generate",
+                   env={"TELEMETRY_DSN": db_dsn, "TELEMETRY_MASTER_KEY": master_key, "TELEMETRY_DATA_DIR": str(tmp_path)}, check=False)
+    assert proc.returncode == 1 and "embedded mode" in proc.stderr
+
+
+@pytest.mark.slow
+async def test_rotate_generate_in_embedded_mode(tmp_path):
+    from storage.embedded import EmbeddedPostgres
+
+    data_dir = tmp_path / "data"
+    env = {"TELEMETRY_DATA_DIR": str(data_dir)}
+    key_file = data_dir / "master.key"
+    server = EmbeddedPostgres(data_dir)  # held by the test, so the commands below join it
+    dsn = await asyncio.to_thread(server.start)
+    try:
+        first, _ = load_or_create_key_file(key_file)
+        ring = KeyRing.from_setting(first)
+        install_id = uuid.uuid4()
+        conn = await connect(dsn)
+        try:
+            await migrate(conn)
+            k, w = new_wrapped_key(ring, install_id, 1)
+            token_id, _, token_hash = new_token("installation")
+            await installations.enroll(conn, install_id, kek_id=k, wrapped_key=w, token_id=token_id, token_hash=token_hash)
+            data_key = DataKey.from_bytes(1, ring.unwrap(k, w, wrap_context(install_id, 1)))
+            sealed = seal(data_key, b"admin@example.org", email_context(install_id))
+        finally:
+            await conn.close()
+
+        out = (await asyncio.to_thread(run_cli, "keys", "rotate", "--generate", env=env)).stdout
+        keys = key_file.read_text().strip().split(",")
+        assert len(keys) == 2 and keys[1] == first
+        new_id = key_id_of_setting(keys[0])
+        assert f"every data key is now wrapped by {new_id}" in out
+
+        conn = await connect(dsn)
+        try:
+            r = await conn.fetchrow("SELECT kek_id, wrapped FROM data_keys WHERE install_id = $1", install_id)
+            assert r["kek_id"] == new_id
+            ring = KeyRing.from_setting(keys[0])  # the new key alone opens what the old one sealed
+            raw = ring.unwrap(r["kek_id"], bytes(r["wrapped"]), wrap_context(install_id, 1))
+            assert open_(DataKey.from_bytes(1, raw), sealed, email_context(install_id)) == b"admin@example.org"
+
+            # With the service running (here: a connection held open), the new key is added but nothing is
+            # re-wrapped: the running service does not have the new key until it is restarted.
+            proc = await asyncio.to_thread(run_cli, "keys", "rotate", "--generate", env=env)
+            assert "restart" in proc.stdout
+            assert len(key_file.read_text().strip().split(",")) == 3
+            assert await conn.fetchval("SELECT kek_id FROM data_keys WHERE install_id = $1", install_id) == new_id
+        finally:
+            await conn.close()
+        out = (await asyncio.to_thread(run_cli, "keys", "rotate", env=env)).stdout
+        assert "re-wrapped 1 data key(s)" in out
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+def test_no_key_material_is_printed(service):
+    procs = [service.cli("keys", "rotate"), service.cli("sweep", "--once")]
+    for key in service.settings.master_key.split(","):
+        assert not any(key in p.stdout or key in p.stderr for p in procs)
