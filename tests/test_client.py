@@ -359,7 +359,9 @@ async def test_demo_against_the_embedded_default(tmp_path):
             deadline = time.monotonic() + 120
             async with aiohttp.ClientSession() as http:
                 while True:
-                    assert serve.poll() is None, "serve exited early"
+                    if serve.poll() is not None:
+                        log.seek(0)
+                        raise AssertionError(f"serve exited early ({serve.returncode}): {log.read()}")
                     assert time.monotonic() < deadline, "serve did not become ready"
                     try:
                         async with http.get(url + "/readyz") as r:
