@@ -219,6 +219,47 @@ async def test_shortened_retention_applies_to_stored_scans_at_the_next_sweep(db,
     assert result.rows_deleted["scans"] == 1 and scan_id not in await scan_ids(db)
 
 
+async def upload_scans(service, token: str, n: int) -> list[str]:
+    status, body, _ = await service.request("POST", "/v1/agents", token=token, json={"name": "a"})
+    assert status == 201, body
+    agent = body["token"]
+    ids = []
+    for i in range(n):
+        scan_id = str(uuid.uuid4())
+        doc = {"scan_id": scan_id, "scanned_at": "2025-01-15T10:30:00Z", "asset": {"name": f"pc-{i}"}}
+        status, body, _ = await service.request("POST", "/v1/scans", token=agent, json=doc)
+        assert status == 201, body
+        ids.append(scan_id)
+    return ids
+
+
+async def test_an_expired_scan_is_never_exported_even_before_the_sweep(service, db):
+    install_id, token = await service.enroll()
+    expired, live = await upload_scans(service, token, 2)
+    await db.execute("UPDATE scans SET received_at = now() - interval '2 hours', expires_at = now() - interval '1 second' "
+                     "WHERE scan_id = $1", uuid.UUID(expired))
+    admin_token = service.create_secret("admin-token")
+    status, doc, _ = await service.request("GET", f"/v1/admin/installations/{install_id}/export", token=admin_token)
+    assert status == 200
+    assert [s["scan"]["scan_id"] for s in doc["scans"]] == [live]
+    assert await db.fetchval("SELECT count(*) FROM scans WHERE scan_id = $1", uuid.UUID(expired)) == 1  # not swept yet
+
+
+async def test_shortening_retention_over_http_takes_effect_at_the_next_sweep(service, db):
+    install_id, token = await service.enroll()
+    await upload_scans(service, token, 3)
+    now = dt.datetime.now(UTC)
+    sweeper = service.app[SWEEPER]
+    assert (await sweeper.run_once(now + 2 * HOUR)).rows_deleted["scans"] == 0
+
+    status, body, _ = await service.request("PUT", "/v1/installation/settings", token=token, json={"scan_retention_hours": 1})
+    assert status == 200, body
+
+    result = await sweeper.run_once(now + HOUR + 5 * SECOND)
+    assert result.rows_deleted["scans"] == 3
+    assert await db.fetchval("SELECT count(*) FROM scans") == 0
+
+
 # ------------------------------------------------------------------ inactive installations
 
 
