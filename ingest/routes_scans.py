@@ -36,7 +36,7 @@ from storage.policy import AGENT_REGISTRATION, SCAN, SCAN_SETTINGS
 
 SMALL_BODY = 64 * 1024  # agent registration and settings bodies
 SCAN_BATCH_BYTES = 2 << 20  # sealed bytes per scan batch (at most batch_max_bytes): short transactions
-SCAN_QUEUE_BATCHES = 8  # sealed bytes waiting per worker before 503, in batches
+SCAN_QUEUE_BYTES = 64 << 20  # sealed bytes waiting for commit per worker before 503
 # Bodies at least this large (as sent) are inflated, parsed, filtered and sealed on a worker thread,
 # so the event loop keeps answering heartbeats meanwhile; smaller ones are cheaper inline.
 OFFLOAD_WIRE_BYTES = 256 * 1024
@@ -220,7 +220,7 @@ async def scan_writer_ctx(app: web.Application):
     writer: GroupCommitWriter[scan_store.ScanRow] = GroupCommitWriter(
         "scan", app[POOL], scan_store.write_scans, app[METRICS],
         max_queue=s.queue_size, max_rows=s.batch_max_rows, max_bytes=batch_bytes,
-        max_queue_bytes=SCAN_QUEUE_BATCHES * batch_bytes, retry_after=s.retry_after,
+        max_queue_bytes=SCAN_QUEUE_BYTES, retry_after=s.retry_after,
     )
     writer.start()
     app[SCAN_WRITER] = writer

@@ -1,0 +1,650 @@
+"""Agents, scan uploads and scan retention settings, over real HTTP against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import gzip
+import os
+import struct
+import threading
+import time
+import uuid
+import zlib
+
+import orjson
+import psutil
+import pytest
+import zstandard
+
+from crypto.datakeys import wrap_context
+from crypto.envelope import new_key_bytes
+from crypto.errors import DecryptionError
+from crypto.keyring import KeyRing
+from ingest.keys import AUTH, DATA_KEYS
+from ingest.scans_read import read_scan, read_scans
+from storage import scans as scan_store
+from tests.support import heartbeat_body, start_service
+
+JSON = {"Content-Type": "application/json"}
+
+
+def is_problem(body, headers, status):
+    assert headers["Content-Type"].startswith("application/problem+json")
+    assert body["status"] == status and body["type"] and body["title"] and body["detail"]
+    return True
+
+
+def scan_body(scan_id: str | None = None, *, apps: int = 3, **extra) -> dict:
+    """A scan with every declared section and nothing undeclared."""
+    body = {
+        "scan_id": scan_id or str(uuid.uuid4()),
+        "scanned_at": "2025-01-15T10:30:00Z",
+        "agent_version": "7.1.0",
+        "asset": {"name": "WS-0042", "domain": "corp.example.com", "type": "Windows", "serial_number": "5CG1234XYZ"},
+        "os": {"name": "Windows 11 Pro", "version": "23H2", "build": "22631.3007", "architecture": "x64"},
+        "hardware": {"processor": "i7-11700", "cores": 8, "memory_mb": 32768, "bios_version": "1.14.0"},
+        "disks": [{"name": "C:", "size_gb": 512, "free_gb": 100.5, "filesystem": "NTFS"}],
+        "software": [{"name": f"App {i}", "version": f"1.{i}", "publisher": "Example", "install_date": "2024-01-01"} for i in range(apps)],
+        "network": [{"adapter": "Ethernet", "ip_address": "10.1.2.3", "mac_address": "00:1A:2B:3C:4D:5E", "dhcp": True}],
+        "hotfixes": [{"id": "KB5034441", "installed_on": "2024-12-10"}],
+        "services": [{"name": "Spooler", "state": "Running", "start_mode": "Auto"}],
+    }
+    body.update(extra)
+    return body
+
+
+async def new_agent(service, token: str, name: str = "agent-1") -> tuple[uuid.UUID, str]:
+    status, body, _ = await service.request("POST", "/v1/agents", token=token, json={"name": name})
+    assert status == 201, body
+    return uuid.UUID(body["agent_id"]), body["token"]
+
+
+async def installation_with_agent(service) -> tuple[uuid.UUID, str, uuid.UUID, str]:
+    install_id, token = await service.enroll()
+    agent_id, agent_token = await new_agent(service, token)
+    return install_id, token, agent_id, agent_token
+
+
+async def upload(service, agent_token: str, body: dict | bytes, encoding: str = "identity", headers: dict | None = None):
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    h = {**JSON, **(headers or {})}
+    if encoding == "gzip":
+        data = gzip.compress(data)
+        h["Content-Encoding"] = "gzip"
+    elif encoding == "zstd":
+        data = zstandard.ZstdCompressor().compress(data)
+        h["Content-Encoding"] = "zstd"
+    return await service.request("POST", "/v1/scans", token=agent_token, data=data, headers=h)
+
+
+async def decrypted(service, db, install_id: uuid.UUID, scan_id: str) -> dict | None:
+    return await read_scan(db, service.app[DATA_KEYS], install_id, uuid.UUID(scan_id))
+
+
+async def all_tables_as_text(db) -> str:
+    """Every row of every table (partitions included), every column, as text."""
+    tables = [r[0] for r in await db.fetch(
+        "SELECT quote_ident(schemaname) || '.' || quote_ident(tablename) FROM pg_tables "
+        "WHERE schemaname NOT IN ('pg_catalog', 'information_schema')")]
+    assert any("scans" in t for t in tables)
+    texts = [await db.fetchval(f"SELECT coalesce(string_agg(t::text, ' '), '') FROM {t} t") for t in tables]
+    return "\n".join(texts)
+
+
+def nested(depth: int):
+    value = "deep"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def metric_value(text: str, line_prefix: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(line_prefix + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# ------------------------------------------------------------------ agents
+
+
+async def test_agent_is_created_with_an_agent_token(service, db):
+    install_id, token = await service.enroll()
+    agent_id, agent_token = await new_agent(service, token, "build-server")
+    assert agent_token.startswith("tia_")
+    row = await db.fetchrow("SELECT * FROM agents WHERE agent_id = $1", agent_id)
+    assert row["install_id"] == install_id and row["name"] == "build-server" and row["revoked_at"] is None
+    tok = await db.fetchrow("SELECT * FROM tokens WHERE agent_id = $1", agent_id)
+    assert (tok["role"], tok["install_id"]) == ("agent", install_id)
+    assert agent_token not in str([dict(r) for r in await db.fetch("SELECT * FROM tokens")])
+
+
+async def test_agent_bodies_and_roles(service):
+    install_id, token, _, agent_token = await installation_with_agent(service)
+    for bad in ({}, {"name": 5}, {"name": "x" * 129}):
+        status, body, h = await service.request("POST", "/v1/agents", token=token, json=bad)
+        assert status == 422 and is_problem(body, h, 422)
+    assert (await service.request("POST", "/v1/agents", token=token, data=b"[]", headers=JSON))[0] == 400
+    # an agent token may upload scans only; an installation token may not upload scans
+    assert (await service.request("POST", "/v1/agents", token=agent_token, json={"name": "x"}))[0] == 403
+    assert (await service.request("PUT", "/v1/installation/settings", token=agent_token, json={"scan_retention_hours": 1}))[0] == 403
+    assert (await service.request("POST", "/v1/heartbeats", token=agent_token, json=heartbeat_body(install_id)))[0] == 403
+    status, body, h = await upload(service, token, scan_body())
+    assert status == 403 and is_problem(body, h, 403)
+    assert (await service.request("POST", "/v1/agents", json={"name": "x"}))[0] == 401
+
+
+async def test_deleted_agent_is_refused_at_once(service, db):
+    install_id, token, agent_id, agent_token = await installation_with_agent(service)
+    _, other_agent = await new_agent(service, token, "second")
+    assert (await upload(service, agent_token, scan_body()))[0] == 201
+    status, body, _ = await service.request("DELETE", f"/v1/agents/{agent_id}", token=token)
+    assert status == 204 and body is None
+    # no sleep: the worker that answered the DELETE has already forgotten the token
+    status, body, h = await upload(service, agent_token, scan_body())
+    assert status == 401 and is_problem(body, h, 401)
+    assert (await upload(service, other_agent, scan_body()))[0] == 201  # the installation's other agent is untouched
+    assert await db.fetchval("SELECT revoked_at IS NOT NULL FROM agents WHERE agent_id = $1", agent_id)
+    assert await db.fetchval("SELECT count(*) FROM tokens WHERE agent_id = $1 AND revoked_at IS NULL", agent_id) == 0
+    assert (await service.request("DELETE", f"/v1/agents/{agent_id}", token=token))[0] == 404  # already gone
+    assert (await service.request("DELETE", f"/v1/agents/{uuid.uuid4()}", token=token))[0] == 404
+    assert (await service.request("DELETE", "/v1/agents/not-a-uuid", token=token))[0] == 404
+
+
+async def test_installation_cannot_touch_another_installations_agent(service):
+    _, _, agent_a, agent_a_token = await installation_with_agent(service)
+    _, token_b = await service.enroll()
+    status, body, h = await service.request("DELETE", f"/v1/agents/{agent_a}", token=token_b)
+    assert status == 404 and is_problem(body, h, 404)
+    await service.app[AUTH].poll_revocations()
+    assert (await upload(service, agent_a_token, scan_body()))[0] == 201
+
+
+# ------------------------------------------------------------------ uploads
+
+
+@pytest.mark.parametrize("encoding", ["identity", "gzip", "zstd"])
+async def test_upload_is_stored_sealed_and_reads_back(service, db, encoding):
+    install_id, _, agent_id, agent_token = await installation_with_agent(service)
+    body = scan_body(apps=50)
+    status, resp, _ = await upload(service, agent_token, body, encoding)
+    assert status == 201, resp
+    assert resp["scan_id"] == body["scan_id"] and resp["dropped_fields"] == []
+    row = await db.fetchrow("SELECT * FROM scans WHERE scan_id = $1", uuid.UUID(body["scan_id"]))
+    assert row["install_id"] == install_id and row["agent_id"] == agent_id and row["key_id"] == 1
+    assert resp["expires_at"] == row["expires_at"].astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    assert row["expires_at"] - row["received_at"] == dt.timedelta(hours=720)
+    raw = orjson.dumps(body)
+    assert row["size_decoded"] == len(raw) and row["size_plain"] > 0
+    assert (row["size_wire"] == len(raw)) == (encoding == "identity")
+    assert b"WS-0042" not in bytes(row["ciphertext"])
+    assert await decrypted(service, db, install_id, body["scan_id"]) == body
+
+
+async def test_undeclared_fields_are_dropped_at_every_depth(service, db):
+    install_id, _, _, agent_token = await installation_with_agent(service)
+    body = scan_body(custom_inventory={"rack": "B4"})
+    body["asset"]["owner_phone"] = "+1 555 0100"
+    body["hardware"]["tpm"] = {"version": "2.0"}
+    body["software"][1]["license_key"] = "AAAA-BBBB"
+    body["software"][2]["license_key"] = "CCCC-DDDD"
+    body["software"][2]["uninstall"] = ["msiexec"]
+    body["disks"][0]["serial"] = "DISK-1"
+    body["network"][0]["extra"] = {"deep": {"er": 1}}
+    status, resp, _ = await upload(service, agent_token, body)
+    assert status == 201, resp
+    assert resp["dropped_fields"] == [
+        "asset.owner_phone", "hardware.tpm", "disks[].serial", "software[].license_key", "software[].uninstall",
+        "network[].extra", "custom_inventory",
+    ]
+    kept = await decrypted(service, db, install_id, body["scan_id"])
+    assert "custom_inventory" not in kept and "owner_phone" not in kept["asset"] and "tpm" not in kept["hardware"]
+    assert all(set(s) == {"name", "version", "publisher", "install_date"} for s in kept["software"])
+    assert set(kept["disks"][0]) == {"name", "size_gb", "free_gb", "filesystem"}
+    assert set(kept["network"][0]) == {"adapter", "ip_address", "mac_address", "dhcp"}
+    text = (await service.request("GET", "/metrics"))[1]
+    assert metric_value(text, 'telemetry_fields_dropped_total{category="scan"}') == 7.0
+
+
+async def test_reject_mode_refuses_undeclared_fields(db_dsn, master_key, tmp_path, db):
+    async with start_service(db_dsn, master_key, tmp_path, unknown_fields="reject") as svc:
+        _, _, _, agent_token = await installation_with_agent(svc)
+        body = scan_body()
+        body["software"][0]["license_key"] = "k"
+        status, resp, h = await upload(svc, agent_token, body)
+        assert status == 422 and is_problem(resp, h, 422) and "software[].license_key" in resp["detail"]
+        assert await db.fetchval("SELECT count(*) FROM scans") == 0
+        assert (await upload(svc, agent_token, scan_body()))[0] == 201
+
+
+async def test_markers_never_stored_in_the_clear(service, db):
+    install_id, token, _, agent_token = await installation_with_agent(service)
+    allowed = "allowed-" + uuid.uuid4().hex
+    disallowed = "disallowed-" + uuid.uuid4().hex
+    body = scan_body()
+    body["software"][0]["name"] = allowed
+    body["asset"]["last_user"] = allowed
+    body["software"][1]["license_key"] = disallowed
+    body["asset"]["owner"] = {"phone": disallowed}
+    body["custom"] = disallowed
+    status, resp, _ = await upload(service, agent_token, body, "gzip")
+    assert status == 201
+    # a second scan, and a replay, so nothing differs on a second path through the writer
+    assert (await upload(service, agent_token, body))[0] == 200
+    assert (await upload(service, agent_token, {**body, "scan_id": str(uuid.uuid4())}, "zstd"))[0] == 201
+    assert await db.fetchval("SELECT count(*) FROM scans") == 2
+    text = await all_tables_as_text(db)
+    for marker in (allowed, disallowed):
+        for form in (marker, marker.encode().hex(), marker[8:], marker[-12:]):
+            assert form not in text
+    kept = await decrypted(service, db, install_id, body["scan_id"])
+    assert kept["software"][0]["name"] == allowed and kept["asset"]["last_user"] == allowed
+    assert disallowed not in orjson.dumps(kept).decode()
+    metrics = (await service.request("GET", "/metrics"))[1]
+    assert allowed not in metrics and disallowed not in metrics and str(install_id) not in metrics
+
+
+async def test_agent_cannot_upload_for_another_installation(service, db):
+    install_a, token_a, _, agent_a = await installation_with_agent(service)
+    install_b, _ = await service.enroll()
+    status, body, h = await upload(service, agent_a, scan_body(install_id=str(install_b)))
+    assert status == 403 and is_problem(body, h, 403)
+    assert await db.fetchval("SELECT count(*) FROM scans") == 0
+    # naming its own installation is allowed (and not reported as dropped); the scan is filed under it
+    scan = scan_body(install_id=str(install_a))
+    status, body, _ = await upload(service, agent_a, scan)
+    assert status == 201 and body["dropped_fields"] == []
+    assert await db.fetchval("SELECT install_id FROM scans") == install_a
+    assert (await upload(service, agent_a, scan_body(install_id="nope")))[0] == 422
+    # a scan of A is not B's: B's scan with the same scan_id is its own
+    assert await decrypted(service, db, install_b, scan["scan_id"]) is None
+
+
+async def test_replay_answers_200_and_other_content_409(service, db):
+    install_id, _, _, agent_token = await installation_with_agent(service)
+    body = scan_body()
+    first = await upload(service, agent_token, body)
+    assert first[0] == 201
+    again = await upload(service, agent_token, body, "zstd")
+    assert again[0] == 200 and again[1] == first[1]
+    # undeclared keys are not content: the same filtered document is a replay
+    noisy = {**body, "custom": 1}
+    status, resp, _ = await upload(service, agent_token, noisy)
+    assert status == 200 and resp["expires_at"] == first[1]["expires_at"] and resp["dropped_fields"] == ["custom"]
+    changed = scan_body(body["scan_id"])
+    changed["software"][0]["version"] = "9.9"
+    status, resp, h = await upload(service, agent_token, changed)
+    assert status == 409 and is_problem(resp, h, 409)
+    assert await db.fetchval("SELECT count(*) FROM scans") == 1
+    assert (await decrypted(service, db, install_id, body["scan_id"])) == body
+    # another installation's scan_id space is its own
+    _, _, _, other_agent = await installation_with_agent(service)
+    assert (await upload(service, other_agent, changed))[0] == 201
+    metrics = (await service.request("GET", "/metrics"))[1]
+    assert metric_value(metrics, "telemetry_scans_received_total") == 2.0
+
+
+async def test_replay_compared_under_the_key_that_sealed_it(service, db, master_key):
+    install_id, _, _, agent_token = await installation_with_agent(service)
+    body = scan_body()
+    first = await upload(service, agent_token, body)
+    assert first[0] == 201
+    # a new data key for the installation (as rotation makes); new scans are sealed with it
+    kek, wrapped = KeyRing.from_setting(master_key).wrap(new_key_bytes(), wrap_context(install_id, 2))
+    await db.execute("INSERT INTO data_keys (install_id, key_id, kek_id, wrapped) VALUES ($1, 2, $2, $3)", install_id, kek, wrapped)
+    service.app[DATA_KEYS].evict(install_id)
+    other = scan_body()
+    assert (await upload(service, agent_token, other))[0] == 201
+    assert await db.fetchval("SELECT key_id FROM scans WHERE scan_id = $1", uuid.UUID(other["scan_id"])) == 2
+    again = await upload(service, agent_token, body)
+    assert again[0] == 200 and again[1] == first[1]
+    changed = {**body, "agent_version": "8.0"}
+    assert (await upload(service, agent_token, changed))[0] == 409
+    assert await decrypted(service, db, install_id, body["scan_id"]) == body
+    assert await decrypted(service, db, install_id, other["scan_id"]) == other
+
+
+async def test_concurrent_uploads_of_one_scan_id_store_it_once(service, db):
+    install_id, _, _, agent_token = await installation_with_agent(service)
+    scan_id = str(uuid.uuid4())
+    one, two = scan_body(scan_id), scan_body(scan_id, apps=4)
+    results = await asyncio.gather(*(upload(service, agent_token, one if i % 2 else two) for i in range(20)))
+    statuses = [r[0] for r in results]
+    assert statuses.count(201) == 1 and await db.fetchval("SELECT count(*) FROM scans") == 1
+    stored = await decrypted(service, db, install_id, scan_id)
+    for i, status in enumerate(statuses):
+        sent = one if i % 2 else two
+        assert status in ((200, 201) if sent == stored else (409,)), (i, status)
+
+
+async def test_expired_scan_is_gone_before_the_sweeper_runs(service, db):
+    install_id, _, _, agent_token = await installation_with_agent(service)
+    body = scan_body()
+    assert (await upload(service, agent_token, body))[0] == 201
+    await db.execute("UPDATE scans SET received_at = now() - interval '2 hours', expires_at = now() - interval '1 hour'")
+    assert await decrypted(service, db, install_id, body["scan_id"]) is None
+    assert [s async for s in read_scans(db, service.app[DATA_KEYS], install_id)] == []
+    # the same scan_id is new again (the expired row is not a previous upload any more)
+    changed = {**body, "agent_version": "8.0"}
+    status, resp, _ = await upload(service, agent_token, changed)
+    assert status == 201
+    assert await decrypted(service, db, install_id, body["scan_id"]) == changed
+
+
+async def test_restricted_installation_gets_403_and_nothing_stored(service, db):
+    install_id, _, _, agent_token = await installation_with_agent(service)
+    await db.execute("UPDATE installations SET restricted = true WHERE install_id = $1", install_id)
+    status, body, h = await upload(service, agent_token, scan_body())
+    assert status == 403 and is_problem(body, h, 403) and body["type"].endswith("/restricted")
+    assert await db.fetchval("SELECT count(*) FROM scans") == 0
+    await db.execute("UPDATE installations SET restricted = false WHERE install_id = $1", install_id)
+    assert (await upload(service, agent_token, scan_body()))[0] == 201
+
+
+# ------------------------------------------------------------------ sealing
+
+
+async def test_swapped_or_moved_ciphertexts_do_not_open(service, db):
+    install_a, _, _, agent_a = await installation_with_agent(service)
+    install_b, _, _, agent_b = await installation_with_agent(service)
+    s1, s2, s3 = scan_body(), scan_body(), scan_body()
+    for agent, s in ((agent_a, s1), (agent_a, s2), (agent_b, s3)):
+        assert (await upload(service, agent, s))[0] == 201
+    keys = service.app[DATA_KEYS]
+    assert await decrypted(service, db, install_a, s1["scan_id"]) == s1
+    # swap the ciphertexts of two rows of one installation: both fail
+    await db.execute(
+        "UPDATE scans s SET ciphertext = o.ciphertext FROM scans o "
+        "WHERE s.scan_id = $1 AND o.scan_id = $2 OR s.scan_id = $2 AND o.scan_id = $1",
+        uuid.UUID(s1["scan_id"]), uuid.UUID(s2["scan_id"]),
+    )
+    for s in (s1, s2):
+        with pytest.raises(DecryptionError):
+            await decrypted(service, db, install_a, s["scan_id"])
+    # move B's ciphertext into A's row, rewriting key_id too: still fails
+    await db.execute(
+        "UPDATE scans s SET ciphertext = o.ciphertext, key_id = o.key_id FROM scans o WHERE s.scan_id = $1 AND o.scan_id = $2",
+        uuid.UUID(s1["scan_id"]), uuid.UUID(s3["scan_id"]),
+    )
+    with pytest.raises(DecryptionError):
+        await decrypted(service, db, install_a, s1["scan_id"])
+    assert await decrypted(service, db, install_b, s3["scan_id"]) == s3
+    # and every listing of an installation meets the same
+    with pytest.raises(DecryptionError):
+        [s async for s in read_scans(db, keys, install_a)]
+
+
+# ------------------------------------------------------------------ bodies and limits
+
+
+async def test_bad_scan_bodies(service, db):
+    _, _, _, agent_token = await installation_with_agent(service)
+    cases = [
+        (scan_body(scan_id="nope"), 422),
+        ({k: v for k, v in scan_body().items() if k != "scan_id"}, 422),
+        ({k: v for k, v in scan_body().items() if k != "scanned_at"}, 422),
+        (scan_body(scanned_at="yesterday"), 422),
+        (scan_body(scanned_at="2025-01-15T10:30:00"), 422),  # no offset
+        (scan_body(software=[{"name": 5}]), 422),
+        (scan_body(software={"name": "x"}), 422),
+        (scan_body(software=["x"]), 422),
+        (scan_body(hardware={"cores": "8"}), 422),
+        (scan_body(network=[{"dhcp": "yes"}]), 422),
+        (scan_body(agent_version="x" * 33), 422),
+        (scan_body(software=[{"name": "x" * 1025}]), 422),
+        (scan_body(custom=nested(34)), 400),
+    ]
+    for body, expected in cases:
+        status, resp, h = await upload(service, agent_token, body)
+        assert status == expected and is_problem(resp, h, expected), (body, resp)
+    status, resp, _ = await upload(service, agent_token, scan_body(software=[{"name": 5}]))
+    assert "software[].name" in resp["detail"]
+    for data, headers, expected in (
+        (b"{nope", {}, 400),
+        (b"[]", {}, 400),
+        (b"\xff\xfe", {}, 400),
+        (orjson.dumps(scan_body()), {"Content-Type": "text/plain"}, 415),
+        (orjson.dumps(scan_body()), {"Content-Encoding": "br"}, 415),
+        (orjson.dumps(scan_body()), {"Content-Encoding": "gzip"}, 400),  # says gzip, is not
+        (gzip.compress(orjson.dumps(scan_body()))[:-10], {"Content-Encoding": "gzip"}, 400),
+    ):
+        status, resp, h = await upload(service, agent_token, data, headers=headers)
+        assert status == expected and is_problem(resp, h, expected), (data[:20], headers)
+    assert await db.fetchval("SELECT count(*) FROM scans") == 0
+
+
+async def test_size_limits_on_the_wire_and_after_inflating(db_dsn, master_key, tmp_path, db):
+    async with start_service(db_dsn, master_key, tmp_path, scan_max_bytes=64 * 1024, scan_max_decoded_bytes=256 * 1024) as svc:
+        _, _, _, agent_token = await installation_with_agent(svc)
+        big = scan_body(apps=2500)  # ~250 KiB of JSON, very compressible
+        raw = orjson.dumps(big)
+        assert 64 * 1024 < len(raw) < 256 * 1024
+        status, body, h = await upload(svc, agent_token, big)
+        assert status == 413 and is_problem(body, h, 413)
+        assert (await upload(svc, agent_token, big, "gzip"))[0] == 201  # small on the wire, within the decoded limit
+        bigger = scan_body(apps=4000)
+        assert len(orjson.dumps(bigger)) > 256 * 1024
+        for encoding in ("gzip", "zstd"):
+            status, body, h = await upload(svc, agent_token, bigger, encoding)
+            assert status == 413 and is_problem(body, h, 413), encoding
+        assert await db.fetchval("SELECT count(*) FROM scans") == 1
+
+
+def gzip_bomb(total: int) -> bytes:
+    """A valid gzip member inflating to `total` zero bytes (a multiple of 1 MiB), about total/1000 long."""
+    chunk = b"\0" * (1 << 20)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = deflate.compress(chunk) + deflate.flush(zlib.Z_FULL_FLUSH)  # self-contained: can be repeated
+    crc = 0
+    for _ in range(total >> 20):
+        crc = zlib.crc32(chunk, crc)
+    return b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + block * (total >> 20) + b"\x03\x00" + struct.pack("<II", crc, total & 0xFFFFFFFF)
+
+
+def zstd_bomb(total: int) -> bytes:
+    """A zstd stream (no content size in its header) inflating to `total` zero bytes."""
+    c = zstandard.ZstdCompressor(level=3).compressobj()
+    chunk = b"\0" * (1 << 20)
+    return b"".join(c.compress(chunk) for _ in range(total >> 20)) + c.flush()
+
+
+class PeakRss:
+    """Samples this process's resident size on a thread while the block runs."""
+
+    def __enter__(self):
+        self._proc = psutil.Process()
+        self.base = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+async def test_compression_bomb_is_stopped_early_and_small(service, db, kind):
+    """A body of about a MiB that would inflate to 1 GiB: 413, and the process (which runs the app) stays small."""
+    _, _, _, agent_token = await installation_with_agent(service)
+    bomb = gzip_bomb(1 << 30) if kind == "gzip" else zstd_bomb(1 << 30)
+    assert len(bomb) < 2 << 20
+    with PeakRss() as rss:
+        status, body, h = await service.request(
+            "POST", "/v1/scans", token=agent_token, data=bomb, headers={**JSON, "Content-Encoding": kind})
+    assert status == 413 and is_problem(body, h, 413)
+    print(f"{kind} bomb: peak RSS growth {rss.growth / 2**20:.1f} MiB")
+    assert rss.growth < 100 << 20, f"grew {rss.growth >> 20} MiB"
+    assert await db.fetchval("SELECT count(*) FROM scans") == 0
+
+
+async def test_zstd_frame_asking_for_a_huge_window_is_refused(service):
+    _, _, _, agent_token = await installation_with_agent(service)
+    params = zstandard.ZstdCompressionParameters.from_level(22, window_log=27, enable_ldm=True)
+    c = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    data = c.compress(orjson.dumps(scan_body())) + c.flush()
+    status, body, h = await service.request("POST", "/v1/scans", token=agent_token, data=data, headers={**JSON, "Content-Encoding": "zstd"})
+    assert status == 413 and is_problem(body, h, 413)
+
+
+# ------------------------------------------------------------------ retention settings
+
+
+async def test_retention_setting_applies_to_new_and_stored_scans(service, db):
+    install_id, token, _, agent_token = await installation_with_agent(service)
+    old = scan_body()
+    assert (await upload(service, agent_token, old))[0] == 201
+    status, body, _ = await service.request("PUT", "/v1/installation/settings", token=token, json={"scan_retention_hours": 48})
+    assert status == 200 and body == {"scan_retention_hours": 48}
+    assert await db.fetchval("SELECT scan_retention_hours FROM installations WHERE install_id = $1", install_id) == 48
+
+    async def lifetime(scan_id):
+        r = await db.fetchrow("SELECT received_at, expires_at FROM scans WHERE scan_id = $1", uuid.UUID(scan_id))
+        return r["expires_at"] - r["received_at"]
+
+    assert await lifetime(old["scan_id"]) == dt.timedelta(hours=48)  # shortened
+    new = scan_body()
+    status, resp, _ = await upload(service, agent_token, new)
+    assert status == 201 and await lifetime(new["scan_id"]) == dt.timedelta(hours=48)
+    expires = dt.datetime.fromisoformat(resp["expires_at"])
+    assert dt.timedelta(hours=47, minutes=59) < expires - dt.datetime.now(dt.timezone.utc) <= dt.timedelta(hours=48)
+    # lengthening applies to new scans only: stored ones never live longer than they were promised
+    status, body, _ = await service.request("PUT", "/v1/installation/settings", token=token, json={"scan_retention_hours": 720})
+    assert status == 200 and body == {"scan_retention_hours": 720}
+    assert await lifetime(old["scan_id"]) == dt.timedelta(hours=48)
+    newest = scan_body()
+    assert (await upload(service, agent_token, newest))[0] == 201
+    assert await lifetime(newest["scan_id"]) == dt.timedelta(hours=720)
+    # a replay answers with the expiry as stored now
+    status, resp, _ = await upload(service, agent_token, old)
+    row = await db.fetchrow("SELECT expires_at FROM scans WHERE scan_id = $1", uuid.UUID(old["scan_id"]))
+    assert status == 200 and dt.datetime.fromisoformat(resp["expires_at"]) == row["expires_at"]
+    # shortening below a stored scan's age hides it at once
+    await db.execute("UPDATE scans SET received_at = now() - interval '3 hours', expires_at = now() + interval '1 hour' "
+                     "WHERE scan_id = $1", uuid.UUID(newest["scan_id"]))
+    assert (await service.request("PUT", "/v1/installation/settings", token=token, json={"scan_retention_hours": 1}))[0] == 200
+    assert await decrypted(service, db, install_id, newest["scan_id"]) is None
+    assert await decrypted(service, db, install_id, new["scan_id"]) is not None
+
+
+async def test_retention_setting_is_validated_and_per_installation(service, db):
+    install_a, token_a, _, _ = await installation_with_agent(service)
+    install_b, token_b, _, agent_b = await installation_with_agent(service)
+    assert (await upload(service, agent_b, scan_body()))[0] == 201
+    for bad in ({}, {"scan_retention_hours": 0}, {"scan_retention_hours": 721}, {"scan_retention_hours": "24"},
+                {"scan_retention_hours": 24.0}, {"scan_retention_hours": None}, {"scan_retention_hours": True}):
+        status, body, h = await service.request("PUT", "/v1/installation/settings", token=token_a, json=bad)
+        assert status == 422 and is_problem(body, h, 422), bad
+    assert (await service.request("PUT", "/v1/installation/settings", token=token_a, json={"scan_retention_hours": 24}))[0] == 200
+    hours = dict(await db.fetch("SELECT install_id, scan_retention_hours FROM installations"))
+    assert hours == {install_a: 24, install_b: 720}
+    assert await db.fetchval("SELECT expires_at - received_at FROM scans") == dt.timedelta(hours=720)
+
+
+# ------------------------------------------------------------------ group commit
+
+
+async def test_scans_are_group_committed_with_metrics(service, db):
+    _, _, _, agent_token = await installation_with_agent(service)
+    n = 40
+    results = await asyncio.gather(*(upload(service, agent_token, scan_body(), "gzip") for _ in range(n)))
+    assert [r[0] for r in results] == [201] * n
+    assert await db.fetchval("SELECT count(DISTINCT xmin::text) FROM scans") < n
+    text = (await service.request("GET", "/metrics"))[1]
+    assert metric_value(text, "telemetry_scans_received_total") == n
+    assert metric_value(text, 'telemetry_batch_rows_sum{writer="scan"}') == n
+    wire = metric_value(text, 'telemetry_request_bytes_total{route="/v1/scans",stage="wire"}')
+    decoded = metric_value(text, 'telemetry_request_bytes_total{route="/v1/scans",stage="decoded"}')
+    assert 0 < wire < decoded
+    assert metric_value(text, 'telemetry_encrypt_duration_seconds_count{category="scan"}') == n
+    assert 'telemetry_queue_depth{writer="scan"}' in text
+
+
+async def test_scan_batches_are_bounded_by_bytes(db_dsn, master_key, tmp_path, db):
+    async with start_service(db_dsn, master_key, tmp_path, batch_max_bytes=1024) as svc:
+        install_id, _, _, agent_token = await installation_with_agent(svc)
+        # hold the writer back so every scan is queued before the first batch is taken
+        tx = db.transaction()
+        await tx.start()
+        await db.execute("SELECT 1 FROM installations WHERE install_id = $1 FOR UPDATE", install_id)
+        def noisy():  # 1.5 KiB of randomness: each sealed scan is over 1 KiB
+            return scan_body(asset={k: os.urandom(500).hex() for k in ("name", "domain", "model")})
+
+        tasks = [asyncio.create_task(upload(svc, agent_token, noisy())) for _ in range(8)]
+        await asyncio.sleep(0.5)
+        await tx.rollback()
+        assert [r[0] for r in await asyncio.gather(*tasks)] == [201] * 8
+        # each batch stops once it holds 1 KiB: one scan per transaction
+        assert await db.fetchval("SELECT count(DISTINCT xmin::text) FROM scans") == 8
+
+
+async def test_full_scan_queue_answers_503_and_heartbeats_carry_on(db_dsn, master_key, tmp_path, db):
+    async with start_service(db_dsn, master_key, tmp_path, queue_size=1, batch_max_rows=1) as svc:
+        install_a, _, _, agent_token = await installation_with_agent(svc)
+        install_b, token_b = await svc.enroll()
+        # Hold installation A's row: its scan batches cannot commit.
+        tx = db.transaction()
+        await tx.start()
+        await db.execute("SELECT 1 FROM installations WHERE install_id = $1 FOR UPDATE", install_a)
+        tasks = [asyncio.create_task(upload(svc, agent_token, scan_body())) for _ in range(8)]
+        done = []
+        for _ in range(300):
+            done = [t for t in tasks if t.done()]
+            if len(done) >= 5:  # 2 batches in flight + 1 queued; the other 5 are refused
+                break
+            await asyncio.sleep(0.02)
+        refused = [t.result() for t in done]
+        assert len(refused) == 5 and all(s == 503 and h.get("Retry-After") for s, _, h in refused)
+        # the scan writer is stuck; heartbeats have their own queue and writer
+        started = time.perf_counter()
+        for i in range(5):
+            assert (await svc.request("POST", "/v1/heartbeats", token=token_b, json=heartbeat_body(install_b, asset_count=i)))[0] == 200
+        assert time.perf_counter() - started < 5
+        await tx.rollback()
+        results = await asyncio.gather(*tasks)
+        assert sum(r[0] == 201 for r in results) == 3
+        assert await db.fetchval("SELECT count(*) FROM scans") == 3
+
+
+async def test_shutdown_commits_queued_scans(db_dsn, master_key, tmp_path, db):
+    ctx = start_service(db_dsn, master_key, tmp_path)
+    svc = await ctx.__aenter__()
+    install_id, _, _, agent_token = await installation_with_agent(svc)
+    tx = db.transaction()
+    await tx.start()
+    await db.execute("SELECT 1 FROM installations WHERE install_id = $1 FOR UPDATE", install_id)
+    tasks = [asyncio.create_task(upload(svc, agent_token, scan_body())) for _ in range(10)]
+    await asyncio.sleep(0.3)
+    assert not any(t.done() for t in tasks)
+    stopping = asyncio.create_task(ctx.__aexit__(None, None, None))
+    await asyncio.sleep(0.2)
+    await tx.rollback()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    await stopping
+    assert sum(1 for r in results if not isinstance(r, BaseException) and r[0] == 201) == 10
+    assert await db.fetchval("SELECT count(*) FROM scans") == 10
+
+
+async def test_stored_scan_helpers(service, db):
+    install_id, _, agent_id, agent_token = await installation_with_agent(service)
+    bodies = [scan_body() for _ in range(3)]
+    for b in bodies:
+        assert (await upload(service, agent_token, b))[0] == 201
+    listed = [(s, orjson.loads(doc)) async for s, doc in read_scans(db, service.app[DATA_KEYS], install_id)]
+    assert sorted(d["scan_id"] for _, d in listed) == sorted(b["scan_id"] for b in bodies)
+    assert all(s.agent_id == agent_id and s.install_id == install_id for s, _ in listed)
+    found = await scan_store.find_scan(db, install_id, uuid.UUID(bodies[0]["scan_id"]))
+    assert found is not None and found.key_id == 1
+    assert await scan_store.find_scan(db, uuid.uuid4(), uuid.UUID(bodies[0]["scan_id"])) is None
