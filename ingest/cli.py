@@ -197,14 +197,19 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
 
     from storage.policy import disclosure_rows
 
-    rows = disclosure_rows()
+    settings = load_settings()
+    rows = disclosure_rows(heartbeat_retention_days=settings.heartbeat_retention_days, inactive_days=settings.inactive_days)
     if args.format == "json":
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return 0
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
     print("| category | field | purpose | stored as | retention |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['category']} | `{r['field']}` | {r['purpose']} | {r['stored_as']} | {r['retention']} |")
+        print(f"| {cell(r['category'])} | `{cell(r['field'])}` | {cell(r['purpose'])} | {cell(r['stored_as'])} | {cell(r['retention'])} |")
     return 0
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from storage.policy import INSTALLATION, SCAN, Category
+from storage.policy import AGENT_REGISTRATION, INSTALLATION, SCAN, Category
 
 ANONYMISED = {"ip_address": "ip_prefix"}
 
@@ -95,7 +95,10 @@ TABLES: dict[str, Table] = {
         sealed=("ciphertext",),
     ),
     "data_keys": Table(bookkeeping=("install_id", "key_id", "kek_id", "wrapped", "created_at", "uses")),
-    "agents": Table(bookkeeping=("install_id", "agent_id", "name", "created_at", "revoked_at")),
+    "agents": Table(
+        policy=tuple(f.name for f in AGENT_REGISTRATION.fields),
+        bookkeeping=("install_id", "agent_id", "created_at", "revoked_at"),
+    ),
     "tokens": Table(bookkeeping=("token_id", "token_hash", "role", "install_id", "agent_id", "created_at", "revoked_at", "revoke_seq")),
     "audit_log": Table(
         bookkeeping=("id", "at", "actor", "action", "install_id", "detail"),

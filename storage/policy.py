@@ -72,10 +72,8 @@ SCAN_SETTINGS = Field(
 INSTALLATION = Category(
     name="installation",
     purpose="installation metadata sent with each heartbeat",
-    retention=(
-        f"current record until {DEFAULT_INACTIVE_DAYS} days without a heartbeat; "
-        f"heartbeat history {DEFAULT_HEARTBEAT_RETENTION_DAYS} days"
-    ),
+    # {placeholders}: the configured limits, filled in by disclosure_rows
+    retention="current record until {inactive_days} days without a heartbeat; heartbeat history {heartbeat_retention_days} days",
     root=Field(
         "heartbeat",
         "object",
@@ -147,21 +145,42 @@ SCAN = Category(
 CATEGORIES: tuple[Category, ...] = (INSTALLATION, SCAN)
 
 
-def disclosure_rows() -> list[dict[str, str]]:
-    """One row per top-level field: the table a privacy notice can quote."""
+def _leaves(f: Field, path: str):
+    """(dotted path, field) of every scalar under f; list items are written name[].field."""
+    if f.kind == "object":
+        for c in f.fields:
+            yield from _leaves(c, f"{path}.{c.name}" if path else c.name)
+    elif f.kind == "list" and f.items is not None:
+        item = f.items
+        if item.kind == "object":
+            for c in item.fields:
+                yield from _leaves(c, f"{path}[].{c.name}")
+        else:
+            yield f"{path}[]", item
+    else:
+        yield path, f
+
+
+def disclosure_rows(*, heartbeat_retention_days: int = DEFAULT_HEARTBEAT_RETENTION_DAYS,
+                    inactive_days: int = DEFAULT_INACTIVE_DAYS) -> list[dict[str, str]]:
+    """One row per declared field (nested ones by path): the table a privacy notice can quote.
+
+    Retention is stated for the configured limits (the defaults unless given).
+    """
+    limits = {"heartbeat_retention_days": heartbeat_retention_days, "inactive_days": inactive_days}
     rows = []
     for cat in CATEGORIES:
-        for f in cat.fields:
-            stored = f.storage if cat.root.storage != "encrypted" or f.storage == "key" else "encrypted"
-            rows.append(
-                {
-                    "category": cat.name,
-                    "field": f.name,
-                    "purpose": f.purpose or cat.purpose,
-                    "stored_as": stored,
-                    "retention": cat.retention,
-                }
-            )
+        retention = cat.retention.format(**limits)
+        for top in cat.fields:
+            for path, f in _leaves(top, top.name):
+                stored = f.storage if cat.root.storage != "encrypted" or f.storage == "key" else "encrypted"
+                stored = "plaintext (lookup key)" if stored == "key" else stored
+                purpose = f.purpose or top.purpose or cat.purpose
+                rows.append({"category": cat.name, "field": path, "purpose": purpose, "stored_as": stored, "retention": retention})
         for name, stored, purpose in cat.extra:
-            rows.append({"category": cat.name, "field": name, "purpose": purpose, "stored_as": stored, "retention": cat.retention})
+            rows.append({"category": cat.name, "field": name, "purpose": purpose, "stored_as": stored, "retention": retention})
+    # Not telemetry, but stored all the same: what an installation calls its agents.
+    for f in AGENT_REGISTRATION.fields:
+        rows.append({"category": "agent", "field": f.name, "purpose": f.purpose, "stored_as": f.storage,
+                     "retention": "as long as the installation's record (erasure, or {inactive_days} days without a heartbeat)".format(**limits)})
     return rows

@@ -3,6 +3,7 @@
 import datetime as dt
 import uuid
 
+import orjson
 import pytest
 
 from crypto.tokens import new_token
@@ -157,3 +158,43 @@ async def test_report_names_every_finding(service, db, master_key):
     assert sorted(f.check for f in findings) == ["keys", "retention", "schema"]
     text = report(findings)
     assert text.splitlines()[0] == "audit FAILED: 3 finding(s)" and len(text.splitlines()) == 4
+
+
+# ------------------------------------------------------------------ policy show
+
+
+def _markdown_rows(text: str) -> list[list[str]]:
+    lines = [line for line in text.strip().splitlines() if line.startswith("|")]
+    assert lines[0] == "| category | field | purpose | stored as | retention |" and lines[1] == "|---|---|---|---|---|"
+    rows = []
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        assert len(cells) == 5, line
+        rows.append(cells)
+    return rows
+
+
+def test_policy_show_is_the_disclosure_table():
+    from storage.policy import SCAN
+    from tests.support import run_cli
+
+    env = {"TELEMETRY_HEARTBEAT_RETENTION_DAYS": "14", "TELEMETRY_INACTIVE_DAYS": "200"}
+    markdown = _markdown_rows(run_cli("policy", "show", env=env).stdout)
+    as_json = orjson.loads(run_cli("policy", "show", "--format", "json", env=env).stdout)
+    assert [[r["category"], f"`{r['field']}`", r["purpose"], r["stored_as"], r["retention"]] for r in as_json] == markdown
+    by_field = {(r["category"], r["field"]): r for r in as_json}
+    assert by_field["installation", "email"]["stored_as"] == "encrypted"
+    assert by_field["installation", "ip_address"]["stored_as"] == "anonymised"
+    assert by_field["installation", "license_type"]["stored_as"] == "plaintext"
+    assert by_field["installation", "install_id"]["stored_as"] == "plaintext (lookup key)"
+    # the configured retention, not the defaults
+    assert by_field["installation", "version"]["retention"] == "current record until 200 days without a heartbeat; heartbeat history 14 days"
+    assert "720 hours" in by_field["scan", "asset.serial_number"]["retention"]
+    assert by_field["agent", "name"]["stored_as"] == "plaintext"
+    # every declared scan field, to the leaves, each encrypted but the key
+    for path in ("asset.last_user", "network[].mac_address", "software[].publisher", "hotfixes[].id", "hardware.memory_mb"):
+        assert by_field["scan", path]["stored_as"] == "encrypted"
+    assert by_field["scan", "scan_id"]["stored_as"] == "plaintext (lookup key)"
+    assert all(r["purpose"] and r["retention"] for r in as_json)
+    assert {r["category"] for r in as_json} == {"installation", "scan", "agent"}
+    assert len([r for r in as_json if r["category"] == "scan"]) > len(SCAN.fields)
