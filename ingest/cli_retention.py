@@ -34,6 +34,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"data keys added: {result.data_keys_added}")
     print(f"partitions created: {result.partitions_created}")
     print(f"swept in {result.seconds:.3f} s")
+    if result.deferred:
+        print(f"left for the next sweep (a lock was held too long): {', '.join(result.deferred)}")
+        return 1
     return 0
 
 

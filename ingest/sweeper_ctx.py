@@ -88,8 +88,9 @@ class Sweeper:
         for table, n in result.partitions_dropped.items():
             m.sweeper_partitions.labels(table).inc(n)
         m.sweep_duration.observe(result.seconds)
-        m.sweep_last_success.set(time.time())
-        if result.removed_anything or result.data_keys_added:
+        if not result.deferred:  # a sweep that had to leave a step for later is not a success
+            m.sweep_last_success.set(time.time())
+        if result.removed_anything or result.data_keys_added or result.deferred:
             log.info("sweep", extra={"sweep": result.summary(), "seconds": round(result.seconds, 3)})
 
     def _ages(self, now: dt.datetime, oldest: dict[str, dt.datetime | None]) -> None:

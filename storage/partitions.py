@@ -22,6 +22,8 @@ async def ensure_partitions(conn: asyncpg.Connection, today: dt.date, *, days_ba
         for offset in range(-days_back, days_ahead + 1):
             day = today + dt.timedelta(days=offset)
             name = partition_name(table, day)
+            if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name):
+                continue  # (CREATE TABLE IF NOT EXISTS would report "CREATE TABLE" for it too)
             start = dt.datetime.combine(day, dt.time(), dt.timezone.utc)
             end = start + dt.timedelta(days=1)
             # Concurrent creators race on the catalog; the loser's duplicate_table is harmless.

@@ -35,7 +35,8 @@ import logging
 import re
 import time
 import uuid
-from contextlib import suppress
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -49,8 +50,7 @@ log = logging.getLogger(__name__)
 # Any constant works; it only has to be the same in every process of the deployment.
 SWEEPER_LOCK = 0x7E1E_0004
 BATCH_ROWS = 5000
-# A sweep statement waiting longer than this for a lock gives up; the next sweep tries again.
-LOCK_TIMEOUT = "5s"
+PARTITION_LOCK_TIMEOUT_MS = 100
 # What a killed sweep may have left: a partition table of ours, detached, not yet dropped.
 _PARTITION_NAME = re.compile(r"^(?P<table>[a-z_]+)_p(?P<day>\d{8})$")
 
@@ -66,6 +66,7 @@ class Rules:
     data_key_max_age: dt.timedelta = dt.timedelta(days=90)
     batch_rows: int = BATCH_ROWS
     erase_grace: float = 1.0  # seconds between revoking an erased installation's tokens and unlinking them
+    lock_timeout: float = 5.0  # seconds a sweep statement waits for a lock before its step is left for the next sweep
 
     def partition_cutoff(self, table: str, now: dt.datetime) -> dt.datetime | None:
         """Partitions of table whose upper bound is <= this hold nothing still within retention."""
@@ -87,6 +88,7 @@ class SweepResult:
     installations_erased: int = 0
     data_keys_added: int = 0
     seconds: float = 0.0
+    deferred: list[str] = field(default_factory=list)  # steps left for the next sweep (a lock held too long)
 
     @property
     def removed_anything(self) -> bool:
@@ -105,6 +107,7 @@ class SweepResult:
             "partitions_created": self.partitions_created,
             "installations_erased": self.installations_erased,
             "data_keys_added": self.data_keys_added,
+            "deferred": list(self.deferred),
         }
 
 
@@ -119,21 +122,31 @@ async def sweep(conn: asyncpg.Connection, now: dt.datetime, rules: Rules = Rules
         return SweepResult(swept=False)
     result = SweepResult(swept=True)
     try:
-        await conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
-        result.partitions_created = await partitions.ensure_partitions(conn, now.date())
+        await conn.execute(f"SET lock_timeout = {int(rules.lock_timeout * 1000)}")
+        # A step that waits longer than lock_timeout for a lock (a long transaction on the table)
+        # is left for the next sweep; the sweep goes on with the others and says so.
+        async with _unless_locked(result, "creating partitions"):
+            # CREATE TABLE ... PARTITION OF takes an ACCESS EXCLUSIVE lock on the parent: while it
+            # waits, inserts queue behind it. So it waits briefly; partitions are made days ahead,
+            # and every sweep tries again.
+            await conn.execute(f"SET lock_timeout = {PARTITION_LOCK_TIMEOUT_MS}")
+            result.partitions_created = await partitions.ensure_partitions(conn, now.date())
+        await conn.execute(f"SET lock_timeout = {int(rules.lock_timeout * 1000)}")
         for table in partitions.PARTITIONED_TABLES:
             result.rows_deleted[table] = 0
             result.partitions_dropped[table] = 0
             cutoff = rules.partition_cutoff(table, now)
             if cutoff is None:
                 continue
-            await _finish_detaches(conn, table, cutoff, result)
-            await _drop_expired_partitions(conn, table, cutoff, result)
+            async with _unless_locked(result, f"dropping partitions of {table}"):
+                await _finish_detaches(conn, table, cutoff, result)
+                await _drop_expired_partitions(conn, table, cutoff, result)
         if "heartbeats" in result.rows_deleted:
-            result.rows_deleted["heartbeats"] += await delete_expired_rows(
-                conn, "heartbeats", "received_at", now - rules.heartbeat_retention, rules.batch_rows)
+            async with _unless_locked(result, "deleting heartbeats"):
+                await delete_expired_rows(conn, "heartbeats", "received_at", now - rules.heartbeat_retention, rules.batch_rows, result)
         if "scans" in result.rows_deleted:
-            result.rows_deleted["scans"] += await delete_expired_rows(conn, "scans", "expires_at", now, rules.batch_rows)
+            async with _unless_locked(result, "deleting scans"):
+                await delete_expired_rows(conn, "scans", "expires_at", now, rules.batch_rows, result)
         await finish_interrupted_erasures(conn, grace=rules.erase_grace)
         result.installations_erased = await erase_inactive(conn, now - rules.inactive, grace=rules.erase_grace)
         if new_key is not None:
@@ -147,6 +160,15 @@ async def sweep(conn: asyncpg.Connection, now: dt.datetime, rules: Rules = Rules
         # A broken connection has lost the lock already (and a pool resets what it gets back).
         with suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
             await conn.execute(f"RESET lock_timeout; SELECT pg_advisory_unlock({SWEEPER_LOCK})")
+
+
+@asynccontextmanager
+async def _unless_locked(result: SweepResult, step: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except asyncpg.LockNotAvailableError:
+        log.warning("sweeper: %s waited too long for a lock; the next sweep tries again", step)
+        result.deferred.append(step)
 
 
 def _upper_bound(day: dt.date) -> dt.datetime:
@@ -182,15 +204,23 @@ async def _drop_expired_partitions(conn: asyncpg.Connection, table: str, cutoff:
         if _upper_bound(day) > cutoff:
             break  # oldest first: the rest are newer
         try:
-            # Two transactions inside; killed between them, the partition stays "detach pending"
-            # (invisible to new queries) and _finish_detaches completes it next time.
-            await conn.execute(f"ALTER TABLE {table} DETACH PARTITION {name} CONCURRENTLY")
+            rows = await detach_and_drop(conn, table, name)
         except asyncpg.LockNotAvailableError:
-            # Someone holds the parent longer than LOCK_TIMEOUT; the rows go by DELETE meanwhile.
-            log.warning("sweeper: detaching %s timed out; will retry next sweep", name)
-            continue
-        result.rows_deleted[table] += await _count_and_drop(conn, name)
+            # A transaction that started before the detach still runs after lock_timeout: the partition
+            # is left pending (finished next sweep) and its rows go by DELETE meanwhile.
+            log.warning("sweeper: detaching %s waited too long; finishing it next sweep", name)
+            result.deferred.append(f"dropping partitions of {table}")
+            break
+        result.rows_deleted[table] += rows
         result.partitions_dropped[table] += 1
+
+
+async def detach_and_drop(conn: asyncpg.Connection, table: str, name: str) -> int:
+    """Remove partition `name` of `table` whole, without blocking readers and writers of table; returns its rows."""
+    # Two transactions inside; killed between them, the partition stays "detach pending"
+    # (invisible to new queries) and _finish_detaches completes it next time.
+    await conn.execute(f"ALTER TABLE {table} DETACH PARTITION {name} CONCURRENTLY")
+    return await _count_and_drop(conn, name)
 
 
 async def _count_and_drop(conn: asyncpg.Connection, name: str) -> int:
@@ -200,27 +230,34 @@ async def _count_and_drop(conn: asyncpg.Connection, name: str) -> int:
     return rows
 
 
-async def delete_expired_rows(conn: asyncpg.Connection, table: str, column: str, cutoff: dt.datetime, batch: int) -> int:
-    """Delete rows of table with column <= cutoff, at most `batch` rows per statement; returns how many.
+async def delete_expired_rows(conn: asyncpg.Connection, table: str, column: str, cutoff: dt.datetime, batch: int,
+                              result: SweepResult) -> None:
+    """Delete rows of table with column <= cutoff, at most `batch` rows per statement, counted in result.
 
     Per partition (oldest first), by ctid: each statement is a short transaction that locks only
     the rows it deletes. The outer condition is checked again on the row as the DELETE finds it.
     """
-    total = 0
     for name, day in await partitions.partitions_of(conn, table):
         if column == "received_at" and dt.datetime.combine(day, dt.time(), dt.timezone.utc) > cutoff:
             break  # received later than the cutoff: nothing to delete here or after
-        while True:
-            status = await conn.execute(
-                f"DELETE FROM {name} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {name} WHERE {column} <= $1 LIMIT $2)) "
-                f"AND {column} <= $1",
-                cutoff, batch,
-            )
-            deleted = int(status.split()[-1])
-            total += deleted
-            if deleted < batch:
-                break
-    return total
+        async for deleted in delete_in_batches(conn, name, column, cutoff, batch):
+            result.rows_deleted[table] += deleted
+
+
+async def delete_in_batches(conn: asyncpg.Connection, name: str, column: str, cutoff: dt.datetime,
+                            batch: int) -> AsyncIterator[int]:
+    """Delete the rows of one partition (or table) with column <= cutoff, `batch` per statement; yields each count."""
+    while True:
+        status = await conn.execute(
+            f"DELETE FROM {name} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {name} WHERE {column} <= $1 LIMIT $2)) "
+            f"AND {column} <= $1",
+            cutoff, batch,
+        )
+        deleted = int(status.split()[-1])
+        if deleted:
+            yield deleted
+        if deleted < batch:
+            return
 
 
 # ---------------------------------------------------------------- erasure

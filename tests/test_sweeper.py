@@ -143,7 +143,8 @@ async def test_nothing_to_remove_writes_no_audit_row(db):
 
 async def test_partitions_are_made_ahead(db):
     result = await sweep(db, T0)
-    assert result.partitions_created > 0
+    assert result.partitions_created == 10  # yesterday to 3 days ahead, heartbeats and scans
+    assert (await sweep(db, T0)).partitions_created == 0
     for table in ("heartbeats", "scans"):
         days = await partition_days(db, table)
         assert {(T0 + i * DAY).date() for i in range(4)} <= set(days)
@@ -393,6 +394,53 @@ async def test_a_detach_cut_short_is_finished_by_the_next_sweep(db_dsn, db, ring
     assert await db.fetchval("SELECT to_regclass($1)", name) is None
     assert result.rows_deleted["heartbeats"] == 1
     assert await heartbeat_times(db) == []
+
+
+async def test_a_long_transaction_delays_a_partition_drop_but_not_the_deletion(db_dsn, db, ring):
+    await partitions_around(db, T0, back=40, ahead=3)
+    install_id = await add_installation(db, ring, last_seen_at=T0)
+    old = T0 - 35 * DAY
+    await add_heartbeat(db, install_id, old)
+    await add_heartbeat(db, install_id, T0 - HOUR)
+    reader = await connect(db_dsn)
+    try:
+        tx = reader.transaction()
+        await tx.start()
+        await reader.fetchval("SELECT count(*) FROM heartbeats")  # e.g. a long report
+        result = await sweep(db, T0, Rules(lock_timeout=0.3))
+        assert result.deferred == ["dropping partitions of heartbeats"]
+        # The rows are gone all the same (row locks only); the partition goes when the reader is done.
+        assert result.rows_deleted["heartbeats"] == 1 and await heartbeat_times(db) == [T0 - HOUR]
+        await tx.rollback()
+    finally:
+        await reader.close()
+    result = await sweep(db, T0, Rules(lock_timeout=0.3))
+    assert not result.deferred and result.partitions_dropped["heartbeats"] >= 1
+    assert await db.fetchval("SELECT count(*) FROM pg_inherits WHERE inhdetachpending") == 0
+    assert min(await partition_days(db, "heartbeats")) == (T0 - 30 * DAY).date()
+
+
+async def test_making_a_partition_never_keeps_writers_waiting_long(db_dsn, db, ring):
+    """CREATE TABLE ... PARTITION OF needs the parent exclusively; behind a long reader it gives up fast."""
+    await partitions_around(db, T0, back=1, ahead=0)
+    reader, writer = await connect(db_dsn), await connect(db_dsn)
+    try:
+        tx = reader.transaction()
+        await tx.start()
+        await reader.fetchval("SELECT count(*) FROM heartbeats")
+        started = time.perf_counter()
+        result = await sweep(db, T0, Rules(lock_timeout=5))
+        assert "creating partitions" in result.deferred
+        assert time.perf_counter() - started < 3
+        install_id = await add_installation(writer, ring, last_seen_at=T0)
+        await add_heartbeat(writer, install_id, T0)  # nothing left queued in front of writers
+        await tx.rollback()
+    finally:
+        await reader.close()
+        await writer.close()
+    result = await sweep(db, T0)
+    assert not result.deferred and result.partitions_created == 6  # 3 days ahead, heartbeats and scans
+    assert {(T0 + i * DAY).date() for i in range(4)} <= set(await partition_days(db, "heartbeats"))
 
 
 async def test_a_partition_detached_but_not_dropped_is_dropped_by_the_next_sweep(db, ring):
