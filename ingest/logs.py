@@ -2,8 +2,9 @@
 
 That rule is kept where lines are written (the access line names the route template,
 never the raw path; see ingest.middleware). As a safety net, every formatted line is
-also scrubbed of anything shaped like a bearer token, an e-mail address, a UUID (every
-install_id, agent_id and scan_id is one) or an IP address, in case an exception message
+also scrubbed of anything shaped like a bearer token, an e-mail address, a UUID in its
+usual 8-4-4-4-12 form (every install_id, agent_id and scan_id travels as one) or an IP
+address, in case an exception message
 or a library carries one in.
 """
 
@@ -22,7 +23,7 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 
 _TOKEN = re.compile(r"\bti(?:e|i|a|adm)_[A-Za-z0-9_-]{8,}")
 _EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
-_UUID = re.compile(r"\b[0-9A-Fa-f]{8}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{12}\b")
+_UUID = re.compile(r"\b[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}\b")
 _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])")
 # Candidates only, validated below, so that a clock time such as 12:30:45 is left alone.
 _IPV6 = re.compile(r"(?<![\w:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:%[\w.]+)?(?![\w:])")
@@ -43,7 +44,7 @@ def scrub(text: str) -> str:
         text = _TOKEN.sub("[token]", text)
     if "@" in text:
         text = _EMAIL.sub("[email]", text)
-    if len(text) >= 32:
+    if len(text) >= 36:
         text = _UUID.sub("[uuid]", text)
     if text.count(".") >= 3:
         text = _IPV4.sub(_ip, text)

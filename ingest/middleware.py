@@ -8,7 +8,6 @@ import logging
 import re
 import secrets
 import time
-import uuid
 
 import asyncpg
 import orjson
@@ -96,16 +95,19 @@ def request_id_of(request: web.Request) -> str:
     return secrets.token_hex(8)
 
 
+# The form every install_id, agent_id and scan_id travels in. 32 bare hex digits are allowed:
+# that is nginx's $request_id, which deploy/ passes on.
+_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+
+
 def _looks_identifying(value: str) -> bool:
-    if role_of(value) is not None:
+    if role_of(value) is not None or _UUID.fullmatch(value):
         return True
-    for parse in (uuid.UUID, ipaddress.ip_address):
-        try:
-            parse(value)
-            return True
-        except ValueError:
-            pass
-    return False
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False
 
 
 @web.middleware
