@@ -161,7 +161,7 @@ async def test_unreachable_without_spool_raises_after_the_attempts(server):
 
 
 async def test_429_retry_after_is_honoured_and_the_record_stays_spooled(server, db, tmp_path):
-    svc = await server.start(rate_limit=0.25, rate_burst=1)  # one request, then one every 4 s
+    svc = await server.start(rate_limit=0.01, rate_burst=1)  # one request, then one every 100 s
     install_id, token = await svc.enroll()
     spool = tmp_path / "spool"
     delays, sleep = recorder()
@@ -169,12 +169,12 @@ async def test_429_retry_after_is_honoured_and_the_record_stays_spooled(server, 
         assert (await client.heartbeat(heartbeat_body(install_id, asset_count=1))).status == 200
         with pytest.raises(Spooled):
             await client.heartbeat(heartbeat_body(install_id, asset_count=2))
-        assert delays == [4 + 0.5]  # Retry-After: 4, plus the first retry's jitter ceiling
+        assert delays == [100 + 0.5]  # Retry-After: 100, plus the first retry's jitter ceiling
         # A Retry-After beyond what this client will wait ends the attempts at once.
-        client.backoff = Backoff(attempts=5, max_retry_after=3)
+        client.backoff = Backoff(attempts=5, max_retry_after=60)
         with pytest.raises(Spooled):
             await client.heartbeat(heartbeat_body(install_id, asset_count=3))
-        assert delays == [4.5] and len(client.pending()) == 2
+        assert delays == [100.5] and len(client.pending()) == 2
         assert not list((spool / REJECTED_DIR).iterdir())  # 429 is not the record's fault
     await server.stop()
     await server.start()
