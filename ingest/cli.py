@@ -221,6 +221,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     from ingest.client import send_once
 
+    if not args.url.startswith(("http://", "https://")):
+        raise CliError("send: --url must be an http:// or https:// URL")
     token = args.token or os.environ.get("TELEMETRY_TOKEN")
     if not token:
         raise CliError("send: --token (or TELEMETRY_TOKEN) is required")
