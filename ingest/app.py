@@ -69,7 +69,11 @@ async def writers_ctx(app: web.Application):
 def create_app(settings: Settings) -> web.Application:
     """Build the service for resolved settings (dsn and master_key set)."""
     # auto_decompress off: bodies are inflated by ingest.body, within limits, never by the parser.
-    app = web.Application(middlewares=[metrics_middleware, errors_middleware], handler_args={"auto_decompress": False})
+    # keepalive_timeout: aiohttp closes a connection that has not completed a request's headers
+    # this long after it opened or after its last answer; read_timeout then bounds a client that
+    # sends its headers a byte at a time as well as its body (ingest.body.read_raw), and idle ones.
+    handler_args = {"auto_decompress": False, "keepalive_timeout": settings.read_timeout}
+    app = web.Application(middlewares=[metrics_middleware, errors_middleware], handler_args=handler_args)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app.cleanup_ctx.extend([storage_ctx, keys_ctx, auth_ctx, writers_ctx, sweeper_ctx])

@@ -62,7 +62,9 @@ class Authenticator:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         token = token.strip()
-        if scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN_LENGTH or role_of(token) is None:
+        # Tokens are ASCII; a header carrying other bytes (decoded with surrogates) is no token of ours.
+        if (scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN_LENGTH or not token.isascii()
+                or role_of(token) is None):
             raise Unauthorized("a valid bearer token is required")
         principal = await self.resolve(token)
         if self._limiter is not None:
