@@ -55,7 +55,7 @@ async def export(request: web.Request) -> web.StreamResponse:
         if not resp.prepared:
             raise  # nothing sent yet: the errors middleware answers (503 for database or key trouble)
         # Half a document is on the wire: cut the connection so the client cannot take it for a whole one.
-        log.warning("export broke off after it began: %s", type(exc).__name__, exc_info=True)
+        log.warning("export broke off after it began: %s", type(exc).__name__)
         request.protocol.force_close()
         return resp
     if not found:
@@ -109,7 +109,8 @@ async def stats(request: web.Request) -> web.Response:
 
 def setup(app: web.Application) -> None:
     """Add the admin routes."""
-    app.router.add_get("/v1/admin/installations/{install_id}/export", export)
+    # No HEAD: it would read (and audit) a whole export only to throw it away.
+    app.router.add_get("/v1/admin/installations/{install_id}/export", export, allow_head=False)
     app.router.add_delete("/v1/admin/installations/{install_id}", erase)
     app.router.add_put("/v1/admin/installations/{install_id}/restriction", restriction)
-    app.router.add_get("/v1/admin/stats", stats)
+    app.router.add_get("/v1/admin/stats", stats, allow_head=False)

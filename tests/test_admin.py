@@ -6,6 +6,7 @@ import gc
 import uuid
 from dataclasses import dataclass
 
+import aiohttp
 import asyncpg
 import orjson
 import psutil
@@ -264,6 +265,36 @@ async def test_export_of_thousands_of_scans_streams_in_flat_memory(service, db, 
     # client and server share this process: together they held a small fraction of the document
     assert growth < size / 8, (growth, size)
     assert tail.endswith(b'"action":"installation.export"}]}')
+
+
+@pytest.mark.fault
+async def test_export_cut_off_midway_is_not_a_whole_document(service, db, admin_token):
+    """The database connection dies after the document has begun: the client sees a broken transfer."""
+    install_id, _ = await service.enroll()
+    await db.execute(
+        "INSERT INTO heartbeats (install_id, received_at, license_type, version, asset_count) "
+        "SELECT $1, now() - i * interval '1 ms', 'enterprise', '1.0', i FROM generate_series(1, 100000) i", install_id)
+    async with service.http.get(f"{service.url}/v1/admin/installations/{install_id}/export",
+                                headers={"Authorization": f"Bearer {admin_token}"}) as resp:
+        assert resp.status == 200
+        first = await resp.content.readexactly(1000)
+        assert first.startswith(b'{"format":"telemetry-ingest export 1"')
+        # the export's backend: the one in a read-only snapshot transaction over this installation's history
+        killed = await db.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE '%FROM heartbeats WHERE install_id%'")
+        assert killed == 1
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    # the service carries on
+    status, doc, _ = await export(service, admin_token, (await service.enroll())[0])
+    assert status == 200 and doc["heartbeats"] == []
+
+
+async def test_head_of_export_is_not_allowed(service, admin_token):
+    install_id, _ = await service.enroll()
+    status, _, _ = await service.request("HEAD", f"/v1/admin/installations/{install_id}/export", token=admin_token)
+    assert status == 405
 
 
 async def test_cli_export_writes_the_document_to_stdout(service, db, admin_token):
