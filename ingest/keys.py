@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -24,4 +25,5 @@ DATA_KEYS = web.AppKey("data_keys", "DataKeyCache")
 AUTH = web.AppKey("auth", "Authenticator")
 HEARTBEAT_WRITER = web.AppKey("heartbeat_writer", "GroupCommitWriter")
 SCAN_WRITER = web.AppKey("scan_writer", "GroupCommitWriter")
+SCAN_PREPARE = web.AppKey("scan_prepare", ThreadPoolExecutor)
 SWEEPER = web.AppKey("sweeper", "Sweeper")
