@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 import asyncpg
 
-from ingest.errors import Unavailable
+from ingest.errors import Invalid, Unavailable
 from ingest.metrics import Metrics
 from storage.partitions import ensure_partitions
 
@@ -121,6 +121,17 @@ class GroupCommitWriter(Generic[T]):
         started = time.perf_counter()
         try:
             outcomes = await self._write_with_partitions(records)
+        except asyncpg.DataError as exc:
+            # A value the database refuses (SQLSTATE class 22) that validation let through: commit
+            # the others one by one, so only the records at fault fail, and with 422, not 503.
+            if len(batch) > 1:
+                for item in batch:
+                    await self._flush([item])
+                return
+            log.warning("%s record refused by the database: %s", self.name, type(exc).__name__)
+            if not batch[0][2].done():
+                batch[0][2].set_exception(Invalid("a value was refused by the database"))
+            return
         except DATABASE_TROUBLE as exc:
             log.warning("%s batch of %d not committed: %s", self.name, len(batch), type(exc).__name__)
             error = Unavailable("database unavailable", headers={"Retry-After": str(self._retry_after)})

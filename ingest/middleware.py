@@ -15,7 +15,7 @@ from aiohttp import web
 
 from crypto.errors import CryptoError
 from crypto.tokens import role_of
-from ingest.errors import MethodNotAllowed, NotFoundProblem, Problem, TooLarge, Unavailable
+from ingest.errors import Invalid, MethodNotAllowed, NotFoundProblem, Problem, TooLarge, Unavailable
 from ingest.keys import METRICS, SETTINGS
 from storage.errors import DatabaseUnavailable
 
@@ -56,6 +56,10 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
     except web.HTTPRequestEntityTooLarge:
         request.app[METRICS].reject("size")
         return problem_response(TooLarge("body over the limit"))
+    except asyncpg.DataError as exc:  # a value the database refuses (SQLSTATE class 22): the request's fault
+        errlog.warning("value refused by the database on %s: %s", route_of(request), type(exc).__name__)
+        request.app[METRICS].reject("validation")
+        return problem_response(Invalid("a value was refused by the database"))
     except (DatabaseUnavailable, OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         sqlstate = getattr(exc, "sqlstate", None)
         errlog.warning("database trouble on %s: %s %s", route_of(request), type(exc).__name__, sqlstate or "")

@@ -392,3 +392,47 @@ async def test_hostile_inputs_do_not_kill_a_serve_worker(db_dsn, master_key, tmp
         assert await db.fetchval("SELECT count(*) FROM scans") == 0
     finally:
         assert server.stop() == 0
+
+
+# ------------------------------------------------------------------ values the database refuses
+
+
+async def test_nul_characters_are_422_and_never_fail_other_requests(target):
+    """PostgreSQL text cannot hold U+0000; a heartbeat with one must not fail the batch it would share (found by fuzzing)."""
+    bad = target.heartbeat(license_type="ent\u0000erprise")
+    results = await asyncio.gather(
+        target.send("/v1/heartbeats", bad), *(target.send("/v1/heartbeats", target.heartbeat()) for _ in range(20)))
+    assert results[0][0] == 422 and "license_type" in results[0][1]["detail"]
+    assert [r[0] for r in results[1:]] == [200] * 20
+    status, body, _ = await target.service.request("POST", "/v1/agents", token=target.token, json={"name": "a\u0000b"})
+    assert status == 422 and body["status"] == 422
+    async with target.service.app[POOL].acquire() as conn:
+        await conn.execute("DELETE FROM heartbeats")  # the 20 valid ones: "nothing hostile stored" stays a plain count
+
+
+async def test_a_record_the_database_refuses_fails_alone(db_dsn):
+    """Defence in depth: a value validation let through but the database refuses costs only its own request (422)."""
+    import asyncpg
+
+    from ingest.batching import GroupCommitWriter
+    from ingest.errors import Invalid
+    from ingest.metrics import Metrics
+    from storage.pool import create_pool
+
+    async def write(conn, records):
+        async with conn.transaction():
+            await conn.execute("CREATE TEMP TABLE IF NOT EXISTS t (v text)")
+            await conn.executemany("INSERT INTO t VALUES ($1)", [(r,) for r in records])
+        return ["stored"] * len(records)
+
+    pool = await create_pool(db_dsn, max_size=2)
+    writer = GroupCommitWriter("test", pool, write, Metrics(), max_queue=100, max_rows=100, max_bytes=1 << 20)
+    writer.start()
+    try:
+        results = await asyncio.gather(*(writer.submit(v) for v in ["a", "b", "c\u0000", "d"]), return_exceptions=True)
+        assert results[:2] == ["stored", "stored"] and results[3] == "stored"
+        assert isinstance(results[2], Invalid) and results[2].status == 422
+        assert not isinstance(results[2], asyncpg.PostgresError)
+    finally:
+        await writer.close()
+        await pool.close()
