@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import email.utils
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -343,9 +344,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def own_data_dir():
+    """A data directory outside pytest's basetemp: a pytest run starting elsewhere on the machine resets that
+    tree to mode 0700 (and prunes old ones), which locks out the embedded PostgreSQL's own user."""
+    path = Path(tempfile.mkdtemp(prefix="telemetry-test-demo-"))
+    yield path / "data"
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.slow
-async def test_demo_against_the_embedded_default(tmp_path):
-    env = {"TELEMETRY_DATA_DIR": str(tmp_path / "data")}  # no TELEMETRY_DSN: the embedded PostgreSQL
+async def test_demo_against_the_embedded_default(own_data_dir):
+    env = {"TELEMETRY_DATA_DIR": str(own_data_dir)}  # no TELEMETRY_DSN: the embedded PostgreSQL
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_") and k != "PROMETHEUS_MULTIPROC_DIR"}
     full_env.update(env)
     port = _free_port()
