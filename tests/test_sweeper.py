@@ -489,7 +489,7 @@ async def test_a_sweep_killed_at_any_point_is_finished_by_the_next(db_dsn, db, r
     assert total > 20 and await heartbeat_times(db) == expected
     await db.execute("DELETE FROM heartbeats")
 
-    for cut in range(1, total, max(1, total // 12)):
+    for cut in range(1, total, max(1, total // 8)):
         gone, expected = await setup()
         victim = await connect(db_dsn)
         pid = victim.get_server_pid()
