@@ -10,9 +10,11 @@ Lists of flat string-valued objects (a scan's `software`, `services`, ...) are
 the hot path: thousands of items, each a handful of short strings. They are
 checked in whole-list passes that run in C (every item a dict, the union of
 their keys, the types and lengths of all their values); only when such a pass
-finds something to drop, a null, or an error does the list go through the
-per-item path, which gives the exact result and message. Kept items are the
-parsed dicts themselves, not copies. Every pass is linear in the list's size.
+finds a null or an error do the items concerned go through the per-item path,
+which gives the exact result and message. Kept items are the parsed dicts
+themselves, not copies. Every pass is linear in the list's size.
+
+A null for an optional field is accepted and left out (stored as absent).
 """
 
 from __future__ import annotations
@@ -184,8 +186,15 @@ def _compile_flat_list(f: Field, item: Check, names: frozenset[str], max_len: in
         values = list(chain.from_iterable(map(values_of, items)))
         if _JUST_STR.issuperset(map(type, values)) and (max_len is None or not values or max(map(len, values)) <= max_len):
             return items if items is not v else list(v)
-        # a null, a wrong type or an over-long string somewhere: the per-item path keeps or names it
-        return [item(x, item_path, dropped) for x in items]
+        # A null, a wrong type or an over-long string somewhere: the items holding one go through
+        # the per-item path (which leaves the null out or names the error), the others as they are.
+        out = []
+        for x in items:
+            if _JUST_STR.issuperset(map(type, x.values())) and (max_len is None or not x or max(map(len, x.values())) <= max_len):
+                out.append(x)
+            else:
+                out.append(item(x, item_path, dropped))
+        return out
 
     return check_flat_list
 
@@ -207,7 +216,7 @@ def _compile_object(f: Field, max_depth: int, depth: int, fast: bool = True) -> 
                 _check_depth(value, child_depth, max_depth)
                 dropped[prefix + key] = None
             elif value is None and key in optional_null:
-                out[key] = None
+                continue  # null for an optional field: stored as absent
             else:
                 out[key] = check(value, prefix + key, dropped)
         for name in required:

@@ -207,6 +207,19 @@ async def test_undeclared_fields_are_dropped_at_every_depth(service, db):
     assert metric_value(text, 'telemetry_fields_dropped_total{category="scan"}') == 7.0
 
 
+async def test_null_optional_fields_are_stored_as_absent(service, db):
+    install_id, _, _, agent_token = await installation_with_agent(service)
+    body = scan_body()
+    body["asset"]["last_user"] = None
+    body["software"][1]["publisher"] = None
+    body["hotfixes"] = None
+    status, resp, _ = await upload(service, agent_token, body)
+    assert status == 201 and resp["dropped_fields"] == []
+    kept = await decrypted(service, db, install_id, body["scan_id"])
+    assert "last_user" not in kept["asset"] and "publisher" not in kept["software"][1] and "hotfixes" not in kept
+    assert kept["software"][0] == body["software"][0]
+
+
 async def test_reject_mode_refuses_undeclared_fields(db_dsn, master_key, tmp_path, db):
     async with start_service(db_dsn, master_key, tmp_path, unknown_fields="reject") as svc:
         _, _, _, agent_token = await installation_with_agent(svc)
