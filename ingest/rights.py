@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 EXPORT_FORMAT = "telemetry-ingest export 1"
 CHUNK = 64 * 1024
 SCAN_PREFETCH = 4
+OFFLOAD_BYTES = 1 << 20
 
 
 def _default(value: Any) -> Any:
@@ -129,7 +130,15 @@ class Export:
         async for r in scan_store.scan_history(self._conn, install_id, prefetch=SCAN_PREFETCH):
             meta = {"scan_id": r["scan_id"], "agent_id": r["agent_id"], "received_at": r["received_at"], "expires_at": r["expires_at"]}
             ciphertext = bytes(r["ciphertext"])
-            plain = _open(self._keys, ciphertext, lambda key: open_document_json(key, ciphertext, scan_context(install_id, r["scan_id"])))
+            context = scan_context(install_id, r["scan_id"])
+
+            def opener(key: DataKey, ciphertext=ciphertext, context=context) -> bytes:
+                return open_document_json(key, ciphertext, context)
+
+            if len(ciphertext) >= OFFLOAD_BYTES:  # megabytes to decrypt and inflate: not on the event loop
+                plain = await asyncio.get_running_loop().run_in_executor(None, _open, self._keys, ciphertext, opener)
+            else:
+                plain = _open(self._keys, ciphertext, opener)
             if plain is None:
                 meta["scan"] = None
                 meta["unreadable"] = True

@@ -267,6 +267,17 @@ async def test_export_of_thousands_of_scans_streams_in_flat_memory(service, db, 
     assert tail.endswith(b'"action":"installation.export"}]}')
 
 
+async def test_export_of_a_scan_of_megabytes(service, db, admin_token):
+    """A scan whose ciphertext is over a mebibyte is opened off the event loop, and exported whole."""
+    subject = await populated(service, heartbeats=0, scans=0)
+    doc = scan_body(software=[{"name": uuid.uuid4().hex * 2, "version": str(i), "publisher": uuid.uuid4().hex} for i in range(30_000)])
+    status, body, _ = await service.request("POST", "/v1/scans", token=subject.agent_token, json=doc)
+    assert status == 201, body
+    assert await db.fetchval("SELECT length(ciphertext) FROM scans WHERE install_id = $1", subject.install_id) > rights.OFFLOAD_BYTES
+    status, exported, _ = await export(service, admin_token, subject.install_id)
+    assert status == 200 and [s["scan"] for s in exported["scans"]] == [doc]
+
+
 @pytest.mark.fault
 async def test_export_cut_off_midway_is_not_a_whole_document(service, db, admin_token):
     """The database connection dies after the document has begun: the client sees a broken transfer."""
