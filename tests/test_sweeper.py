@@ -21,7 +21,7 @@ from ingest.routes_core import email_context
 from storage import installations
 from storage.partitions import ensure_partitions, partition_name, partitions_of
 from storage.pool import connect
-from storage.sweeper import SWEEPER_LOCK, Rules, oldest, sweep
+from storage.sweeper import SWEEPER_LOCK, Rules, sweep
 from tests.support import heartbeat_body, start_service
 
 UTC = dt.timezone.utc
