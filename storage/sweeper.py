@@ -24,7 +24,9 @@ One sweep, `sweep(conn, now, rules)`, in this order:
 8. write an audit row if anything was removed; release the lock.
 
 Every step commits on its own and is idempotent, so a sweep killed at any point leaves nothing
-inconsistent and the next one carries on. `now` is an argument (tests use a fixed clock).
+inconsistent and the next one carries on. A step that waits longer than `Rules.lock_timeout`
+for a lock (a long transaction on the table) is left for the next sweep and listed in
+`SweepResult.deferred`; the other steps go on. `now` is an argument (tests use a fixed clock).
 """
 
 from __future__ import annotations
