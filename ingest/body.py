@@ -59,28 +59,35 @@ async def read_raw(request: web.Request, limit: int, timeout: float | None = Non
 ZSTD_MAX_WINDOW = 1 << 23
 
 
-def inflate(data: bytes, encoding: str, limit: int) -> bytes | bytearray:
+def inflate(data: bytes, encoding: str, limit: int) -> bytes:
     """Decompress, stopping with 413 once the output passes limit (never inflating a bomb whole).
 
-    Memory stays about limit plus one chunk: output is taken a chunk at a time, and returned without a copy.
+    Output is taken a chunk at a time into a list, joined once at the end: a growing buffer
+    would be copied on the way (two copies alive at each step), a list never is, so refusing a
+    bomb costs about limit bytes at most.
     """
     if encoding == "identity":
         if len(data) > limit:
             raise TooLarge(f"body is larger than {limit} bytes")
         return data
-    out = bytearray()
+    chunks: list[bytes] = []
+    size = 0
     try:
         if encoding == "gzip":
             d = zlib.decompressobj(wbits=31)
             pending = data
             while pending:
-                out += d.decompress(pending, min(_CHUNK * 4, limit + 1 - len(out)))
-                if len(out) > limit:
+                chunk = d.decompress(pending, min(_CHUNK * 4, limit + 1 - size))
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
                     raise TooLarge(f"body inflates past {limit} bytes")
                 pending = d.unconsumed_tail
                 if d.eof:
                     break
-            out += d.flush(limit + 1 - len(out))
+            chunk = d.flush(limit + 1 - size)
+            chunks.append(chunk)
+            size += len(chunk)
             if not d.eof:
                 raise BadRequest("truncated gzip body")
         else:
@@ -88,18 +95,18 @@ def inflate(data: bytes, encoding: str, limit: int) -> bytes | bytearray:
                 raise TooLarge(f"zstd window over {ZSTD_MAX_WINDOW} bytes")
             decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
             reader = decompressor.stream_reader(io.BytesIO(data), read_across_frames=True)
-            while True:
-                chunk = reader.read(_CHUNK * 4)
-                if not chunk:
-                    break
-                out += chunk
-                if len(out) > limit:
+            while chunk := reader.read(_CHUNK * 4):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
                     raise TooLarge(f"body inflates past {limit} bytes")
+        if size > limit:
+            raise TooLarge(f"body inflates past {limit} bytes")
+        return b"".join(chunks)
     except (zlib.error, zstandard.ZstdError):
         raise BadRequest(f"body is not valid {encoding}") from None
-    if len(out) > limit:
-        raise TooLarge(f"body inflates past {limit} bytes")
-    return out
+    finally:
+        chunks.clear()  # a refused body's output goes now, not whenever its traceback does
 
 
 def parse_object(data: bytes | bytearray) -> dict[str, Any]:
