@@ -30,7 +30,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         out.write(chunk)
 
     async def work(conn, resolved):
-        return await write_export(conn, resolved.ring, install_id, "cli", begin, write)
+        return await write_export(conn, resolved.ring, install_id, "cli", begin, write,
+                                  resolved.settings.heartbeat_retention_days)
 
     if not _with_db(load_settings(), work):
         raise CliError(f"no installation {install_id}")

@@ -37,6 +37,7 @@ from ingest.scans_read import scan_context
 from storage import admin
 from storage import scans as scan_store
 from storage.audit import record
+from storage.policy import DEFAULT_HEARTBEAT_RETENTION_DAYS
 from storage.installations import data_keys
 
 log = logging.getLogger(__name__)
@@ -60,14 +61,15 @@ def _dumps(value: Any) -> bytes:
 class Export:
     """One installation's export, read from a single snapshot: call `start` inside a repeatable-read transaction."""
 
-    def __init__(self, conn, install_id: uuid.UUID, head: bytes, keys: dict[int, DataKey]) -> None:
+    def __init__(self, conn, install_id: uuid.UUID, head: bytes, keys: dict[int, DataKey], history_days: int) -> None:
         self._conn = conn
+        self._history_days = history_days
         self.install_id = install_id
         self._head = head
         self._keys = keys
 
     @classmethod
-    async def start(cls, conn, ring: KeyRing, install_id: uuid.UUID) -> "Export | None":
+    async def start(cls, conn, ring: KeyRing, install_id: uuid.UUID, history_days: int = DEFAULT_HEARTBEAT_RETENTION_DAYS) -> "Export | None":
         """Read the current record and unwrap the data keys; None if the installation is unknown or being erased."""
         row = await admin.exportable(conn, install_id)
         if row is None:
@@ -92,7 +94,7 @@ class Export:
             "exported_at": dt.datetime.now(dt.timezone.utc),
             "installation": current,
         }
-        return cls(conn, install_id, _dumps(head)[:-1], keys)  # the head object, left open
+        return cls(conn, install_id, _dumps(head)[:-1], keys, history_days)  # the head object, left open
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The document in pieces of about CHUNK bytes; memory stays bounded by the largest single record."""
@@ -100,7 +102,7 @@ class Export:
         buf = bytearray(self._head)
         buf += b',"heartbeats":['
         first = True
-        async for r in admin.heartbeat_history(conn, install_id):
+        async for r in admin.heartbeat_history(conn, install_id, self._history_days):
             if not first:
                 buf += b","
             first = False
@@ -169,7 +171,8 @@ async def audit_export(conn, install_id: uuid.UUID, actor: str) -> bool:
 
 
 async def write_export(conn, ring: KeyRing, install_id: uuid.UUID, actor: str,
-                       begin: Callable[[], Awaitable[Any]], write: Callable[[bytes], Awaitable[Any]]) -> bool:
+                       begin: Callable[[], Awaitable[Any]], write: Callable[[bytes], Awaitable[Any]],
+                       history_days: int = DEFAULT_HEARTBEAT_RETENTION_DAYS) -> bool:
     """Audit, then stream the export: `begin()` once the document is known to exist, `write(chunk)` per piece.
 
     False (and nothing written) if the installation is unknown or being erased.
@@ -177,7 +180,7 @@ async def write_export(conn, ring: KeyRing, install_id: uuid.UUID, actor: str,
     if not await audit_export(conn, install_id, actor):
         return False
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        export = await Export.start(conn, ring, install_id)
+        export = await Export.start(conn, ring, install_id, history_days)
         if export is None:
             return False
         await begin()

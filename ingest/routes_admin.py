@@ -48,7 +48,8 @@ async def export(request: web.Request) -> web.StreamResponse:
 
     try:
         async with app[POOL].acquire() as conn:
-            found = await rights.write_export(conn, app[KEYRING], install_id, principal.token_id, begin, resp.write)
+            found = await rights.write_export(conn, app[KEYRING], install_id, principal.token_id, begin, resp.write,
+                                             app[SETTINGS].heartbeat_retention_days)
     except ConnectionError:
         return resp  # the client went away; the snapshot transaction was rolled back
     except Exception as exc:

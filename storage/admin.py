@@ -23,12 +23,14 @@ async def exportable(conn, install_id: uuid.UUID) -> asyncpg.Record | None:
     )
 
 
-def heartbeat_history(conn, install_id: uuid.UUID, *, prefetch: int = 1000):
-    """A server-side cursor over the installation's heartbeat history, oldest first (use inside a transaction)."""
+def heartbeat_history(conn, install_id: uuid.UUID, retention_days: int, *, prefetch: int = 1000):
+    """A server-side cursor over the installation's heartbeat history within retention, oldest first
+    (use inside a transaction): rows past retention are never served, swept yet or not."""
     return conn.cursor(
         "SELECT received_at, license_type, version, asset_count, db_server_type, web_server_type, ip_prefix "
-        "FROM heartbeats WHERE install_id = $1 ORDER BY received_at",
+        "FROM heartbeats WHERE install_id = $1 AND received_at > now() - make_interval(days => $2) ORDER BY received_at",
         install_id,
+        retention_days,
         prefetch=prefetch,
     )
 

@@ -649,3 +649,22 @@ async def test_audit_log_privileges_for_an_application_role(db, db_dsn):
             await conn.close()
     finally:
         await db.execute(f"REVOKE ALL ON audit_log FROM {role}; REVOKE ALL ON SEQUENCE audit_log_id_seq FROM {role}; DROP ROLE {role}")
+
+
+async def test_heartbeat_history_past_retention_is_never_exported(service, db, admin_token):
+    subject = await populated(service, heartbeats=3, scans=0)
+    days = service.settings.heartbeat_retention_days
+    from storage.partitions import ensure_partitions
+
+    await ensure_partitions(db, dt.datetime.now(dt.timezone.utc).date(), days_back=days + 1)
+    # the oldest row is one minute past retention and not yet swept: it must not be served
+    await db.execute(
+        "INSERT INTO heartbeats (install_id, received_at, license_type, version, asset_count) "
+        "VALUES ($1, now() - make_interval(days => $2, mins => 1), 'old', '0.1', 1)", subject.install_id, days)
+    await db.execute(
+        "INSERT INTO heartbeats (install_id, received_at, license_type, version, asset_count) "
+        "VALUES ($1, now() - make_interval(days => $2) + interval '1 hour', 'kept', '0.2', 2)", subject.install_id, days)
+    status, doc, _ = await export(service, admin_token, subject.install_id)
+    assert status == 200
+    kinds = [h["license_type"] for h in doc["heartbeats"]]
+    assert "old" not in kinds and kinds[0] == "kept" and len(kinds) == 4
