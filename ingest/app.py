@@ -19,7 +19,7 @@ from ingest.sweeper_ctx import sweeper_ctx
 from storage import installations
 from storage.migrate import migrate
 from storage.partitions import ensure_partitions
-from storage.pool import check_durability, create_pool
+from storage.pool import acquire_within, check_durability, create_pool
 
 
 async def storage_ctx(app: web.Application):
@@ -45,7 +45,7 @@ async def keys_ctx(app: web.Application):
     pool = app[POOL]
 
     async def load(install_id):
-        async with pool.acquire() as conn:
+        async with acquire_within(pool, app[SETTINGS].db_timeout) as conn:
             return [(r["key_id"], r["kek_id"], r["wrapped"]) for r in await installations.data_keys(conn, install_id)]
 
     app[KEYRING] = ring
@@ -59,6 +59,7 @@ async def writers_ctx(app: web.Application):
     writer = GroupCommitWriter(
         "heartbeat", app[POOL], installations.write_heartbeats, app[METRICS],
         max_queue=s.queue_size, max_rows=s.batch_max_rows, max_bytes=s.batch_max_bytes, retry_after=s.retry_after,
+        timeout=s.db_timeout,
     )
     writer.start()
     app[HEARTBEAT_WRITER] = writer

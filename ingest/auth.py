@@ -18,6 +18,7 @@ from crypto.tokens import MAX_TOKEN_LENGTH, hash_token, role_of, same_hash
 from ingest.errors import Forbidden, RateLimited, Unauthorized
 from ingest.ratelimit import TokenBuckets, retry_after_seconds
 from storage import tokens as token_store
+from storage.pool import acquire_within
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,10 @@ class Authenticator:
         max_entries: int = 100_000,
         on_revoke: Callable[[uuid.UUID], None] | None = None,
         limiter: TokenBuckets | None = None,
+        db_timeout: float | None = None,
     ) -> None:
         self._pool = pool
+        self._db_timeout = db_timeout
         self._limiter = limiter
         self._max = max_entries
         self._cache: OrderedDict[bytes, tuple[Principal, float]] = OrderedDict()
@@ -83,7 +86,7 @@ class Authenticator:
         if hit is not None and now - hit[1] < CACHE_TTL:
             self._cache.move_to_end(digest)
             return hit[0]
-        async with self._pool.acquire() as conn:
+        async with acquire_within(self._pool, self._db_timeout) as conn:
             row = await token_store.find_active(conn, digest)
         if row is None or not same_hash(row.token_hash, digest):
             self._forget(digest)
@@ -137,7 +140,7 @@ async def auth_ctx(app: web.Application):
     s = app[SETTINGS]
     # Each worker enforces its share of the per-token rate: the port spreads connections over workers.
     limiter = TokenBuckets(s.rate_limit / s.workers, max(1, s.rate_burst // s.workers)) if s.rate_limit > 0 else None
-    auth = Authenticator(app[POOL], on_revoke=app[DATA_KEYS].evict, limiter=limiter)
+    auth = Authenticator(app[POOL], on_revoke=app[DATA_KEYS].evict, limiter=limiter, db_timeout=s.db_timeout)
     await auth.start_following()
     app[AUTH] = auth
     task = asyncio.create_task(auth.follow())

@@ -25,7 +25,10 @@ from storage.partitions import ensure_partitions
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Item = tuple[Any, int, asyncio.Future, float | None]  # record, size, its future, deadline (loop time)
 WriteBatch = Callable[[asyncpg.Connection, Sequence[T]], Awaitable[Sequence[Any]]]
+
+_BYTES_PER_SECOND = 10_000_000  # commit time allowed for a record's size, on top of the timeout
 
 # Errors that mean "the database is not there or not taking work": answer 503 and carry on.
 DATABASE_TROUBLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -47,17 +50,22 @@ class GroupCommitWriter(Generic[T]):
         retry_after: int = 1,
         flushers: int = 2,
         max_queue_bytes: int | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.name = name
         self._pool = pool
         self._write = write
-        self._queue: asyncio.Queue[tuple[T, int, asyncio.Future]] = asyncio.Queue(max_queue)
+        self._queue: asyncio.Queue[Item] = asyncio.Queue(max_queue)
         self._max_rows = max_rows
         self._max_bytes = max_bytes
         # Optional bound on the bytes waiting (large records): beyond it, 503 like a full queue.
         # A record alone in the queue is always taken, however large.
         self._max_queue_bytes = max_queue_bytes
         self._queued_bytes = 0
+        # How long a request waits for its commit (plus 1 s per 10 MB of record): a database that does
+        # not answer (hung, cut off, or holding locks) gives 503 in bounded time, not a hanging client.
+        self._timeout = timeout
+        self._flush_estimate = 0.0  # seconds a flush takes, recently (moving average)
         self._retry_after = retry_after
         self._flushers = flushers
         self._tasks: list[asyncio.Task] = []
@@ -77,17 +85,28 @@ class GroupCommitWriter(Generic[T]):
             raise Unavailable("shutting down", headers={"Retry-After": str(self._retry_after)})
         if self._max_queue_bytes is not None and self._queued_bytes and self._queued_bytes + size > self._max_queue_bytes:
             raise Unavailable("ingest queue is full", headers={"Retry-After": str(self._retry_after)})
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        deadline = None if self._timeout is None else loop.time() + self._timeout + size / _BYTES_PER_SECOND
         try:
-            self._queue.put_nowait((record, size, fut))
+            self._queue.put_nowait((record, size, fut, deadline))
         except asyncio.QueueFull:
             raise Unavailable("ingest queue is full", headers={"Retry-After": str(self._retry_after)}) from None
         self._queued_bytes += size
         self._depth.inc()
-        # Shielded: if the client goes away, the record is still committed (or failed) cleanly.
-        return await asyncio.shield(fut)
+        try:
+            async with asyncio.timeout_at(deadline):
+                # Shielded: if the client goes away, the record is still committed (or failed) cleanly.
+                return await asyncio.shield(fut)
+        except TimeoutError:
+            if fut.done():
+                return fut.result()
+            # Withdrawn if no flusher has taken it yet (nothing is stored); if one has, it may still
+            # commit, unacknowledged, like a commit whose answer a cut connection lost.
+            fut.cancel()
+            raise Unavailable("the database did not commit in time", headers={"Retry-After": str(self._retry_after)}) from None
 
-    def _take_batch(self, first: tuple[T, int, asyncio.Future]) -> tuple[list[tuple[T, int, asyncio.Future]], bool]:
+    def _take_batch(self, first: Item) -> tuple[list[Item], bool]:
         """The batch starting with first, and whether a stop sentinel was met while taking it."""
         batch = [first]
         size = first[1]
@@ -112,11 +131,29 @@ class GroupCommitWriter(Generic[T]):
             if first is None:  # stop sentinel from close(): everything before it is flushed
                 return
             batch, stop = self._take_batch(first)
-            await self._flush(batch)
+            batch = self._in_time(batch)
+            if batch:
+                await self._flush(batch)
             if stop:
                 return
 
-    async def _flush(self, batch: list[tuple[T, int, asyncio.Future]]) -> None:
+    def _in_time(self, batch: list[Item]) -> list[Item]:
+        """The batch without withdrawn records, and without those that would reach their deadline before
+        a usual flush ends: these are refused now (503, nothing stored), not written for a client that
+        has gone, which under overload would leave the database busy with work nobody waits for."""
+        finish = asyncio.get_running_loop().time() + self._flush_estimate
+        kept = []
+        for item in batch:
+            fut, deadline = item[2], item[3]
+            if fut.done():
+                continue
+            if deadline is not None and finish > deadline:
+                fut.set_exception(Unavailable("the database could not commit in time", headers={"Retry-After": str(self._retry_after)}))
+                continue
+            kept.append(item)
+        return kept
+
+    async def _flush(self, batch: list[Item]) -> None:
         records = [item[0] for item in batch]
         started = time.perf_counter()
         try:
@@ -135,21 +172,25 @@ class GroupCommitWriter(Generic[T]):
         except DATABASE_TROUBLE as exc:
             log.warning("%s batch of %d not committed: %s", self.name, len(batch), type(exc).__name__)
             error = Unavailable("database unavailable", headers={"Retry-After": str(self._retry_after)})
-            for _, _, fut in batch:
+            for _, _, fut, _ in batch:
                 if not fut.done():
                     fut.set_exception(error)
             return
         except BaseException as exc:
-            for _, _, fut in batch:
+            for _, _, fut, _ in batch:
                 if not fut.done():
                     fut.set_exception(Unavailable("batch failed", headers={"Retry-After": str(self._retry_after)}))
             if isinstance(exc, Exception):
                 log.exception("%s batch failed", self.name)
                 return
             raise
-        self._latency.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        # Capped: one flush held up (a lock, an outage) must not make every record look too late to write.
+        sample = elapsed if self._timeout is None else min(elapsed, self._timeout / 4)
+        self._flush_estimate = 0.8 * self._flush_estimate + 0.2 * sample
+        self._latency.observe(elapsed)
         self._rows.observe(len(batch))
-        for (_, _, fut), outcome in zip(batch, outcomes):
+        for (_, _, fut, _), outcome in zip(batch, outcomes):
             if not fut.done():
                 fut.set_result(outcome)
 

@@ -9,6 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ingest.keys import METRICS, POOL
+from storage.pool import acquire_within
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -19,9 +20,8 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """200 when the database answers within a second, else 503."""
     try:
-        async with asyncio.timeout(1.0):
-            async with request.app[POOL].acquire() as conn:
-                await conn.fetchval("SELECT 1")
+        async with acquire_within(request.app[POOL], 1.0) as conn:
+            await conn.fetchval("SELECT 1")
     except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
         return web.json_response({"status": "database unavailable"}, status=503, headers={"Retry-After": "1"})
     return web.json_response({"status": "ready"})

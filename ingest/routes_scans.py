@@ -230,7 +230,7 @@ async def scan_writer_ctx(app: web.Application):
     writer: GroupCommitWriter[scan_store.ScanRow] = GroupCommitWriter(
         "scan", app[POOL], scan_store.write_scans, app[METRICS],
         max_queue=s.queue_size, max_rows=s.batch_max_rows, max_bytes=batch_bytes,
-        max_queue_bytes=SCAN_QUEUE_BYTES, retry_after=s.retry_after,
+        max_queue_bytes=SCAN_QUEUE_BYTES, retry_after=s.retry_after, timeout=s.db_timeout,
     )
     writer.start()
     app[SCAN_WRITER] = writer

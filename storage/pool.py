@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
 import asyncpg
 import orjson
 
@@ -32,6 +36,21 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, statem
         # A dead server must not hang a request forever: fail over to 503 fast.
         timeout=5,
     )
+
+
+@contextlib.asynccontextmanager
+async def acquire_within(pool: asyncpg.Pool, timeout: float | None) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection for work to be done within timeout seconds, acquiring included (TimeoutError if not).
+
+    A connection whose work is cut off by the timeout is closed at once: handed back as usual, it
+    would first be reset, which waits for a hung server up to the command timeout.
+    """
+    async with asyncio.timeout(timeout), pool.acquire(timeout=timeout) as conn:
+        try:
+            yield conn
+        except (asyncio.CancelledError, TimeoutError):
+            conn.terminate()
+            raise
 
 
 async def check_durability(conn: asyncpg.Connection) -> None:

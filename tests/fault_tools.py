@@ -145,7 +145,8 @@ class PgProxy:
     """TCP on 127.0.0.1 in front of a PostgreSQL unix socket, that can add latency, cut or black-hole connections.
 
     Modes: "pass" forwards; "cut" closes every connection and refuses new ones (a stopped server);
-    "blackhole" accepts and holds connections without forwarding a byte (a hung server or network).
+    "blackhole" forwards nothing more on open connections and holds new ones unanswered (a hung server
+    or a partitioned network); what was held flows again when restored.
     """
 
     def __init__(self, dsn: str) -> None:
@@ -194,8 +195,7 @@ class PgProxy:
         self._writers.clear()
 
     def blackhole(self) -> None:
-        """Close every connection now, then accept new ones but never answer."""
-        self.cut()
+        """Stop forwarding: open connections go silent, new ones are accepted but never answered."""
         self.mode = "blackhole"
 
     def restore(self) -> None:
@@ -230,6 +230,8 @@ class PgProxy:
             while data := await reader.read(65536):
                 if self.latency:
                     await asyncio.sleep(self.latency)
+                while self.mode == "blackhole":
+                    await asyncio.sleep(0.05)
                 if self.mode != "pass":
                     break
                 writer.write(data)
