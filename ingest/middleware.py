@@ -114,6 +114,14 @@ def _looks_identifying(value: str) -> bool:
         return False
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+def method_of(request: web.Request) -> str:
+    """The method, or OTHER: a client-chosen token never becomes a label or a log value."""
+    return request.method if request.method in _METHODS else "OTHER"
+
+
 @web.middleware
 async def metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Count and time every request by route template and status; one access-log line per request."""
@@ -129,10 +137,11 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
     finally:
         elapsed = time.perf_counter() - started
         route = route_of(request)
-        request.app[METRICS].observe_request(route, request.method, status, elapsed)
+        method = method_of(request)
+        request.app[METRICS].observe_request(route, method, status, elapsed)
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "request",
-                extra={"route": route, "method": request.method, "status": status, "latency_ms": round(elapsed * 1000, 2),
+                extra={"route": route, "method": method, "status": status, "latency_ms": round(elapsed * 1000, 2),
                        "request_id": request_id},
             )

@@ -139,3 +139,18 @@ def test_formatters_scrub_exceptions_and_extras():
     for formatter in (JsonFormatter(), TextFormatter("%(message)s")):
         out = formatter.format(record)
         assert "6f1c1a52" not in out and "admin@example.com" not in out and "ValueError" in out
+
+
+async def test_unusual_method_is_neither_a_label_nor_logged(service):
+    weird = "TIIXSECRETMETHOD"
+    async with service.http.request(weird, service.url + "/v1/heartbeats") as resp:
+        assert 400 <= resp.status < 500, resp.status
+    text = (await service.request("GET", "/metrics"))[1]
+    assert weird not in text
+    # whatever the parser lets through, a label only ever holds a known method or OTHER
+    from aiohttp.test_utils import make_mocked_request
+
+    from ingest.middleware import method_of
+
+    assert method_of(make_mocked_request("PROPFIND", "/")) == "OTHER"
+    assert method_of(make_mocked_request("POST", "/")) == "POST"
