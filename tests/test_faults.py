@@ -204,14 +204,14 @@ async def test_database_outage_is_503_fast_and_service_comes_back_without_restar
         [worker] = server.workers()
         traffic = Traffic(server.url, install_id, token, agent_token, timeout=15)
         tasks = traffic.start(heartbeat_clients=6, scan_clients=2)
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.0)
         # The outage: every connection dropped and new ones refused (a stopped server), or held unanswered (a hung one).
         rss = [psutil.Process(worker).memory_info().rss]
         outage_start = time.monotonic()
         proxy.cut() if how == "cut" else proxy.blackhole()
         ready = []
         async with aiohttp.ClientSession() as http:
-            while time.monotonic() - outage_start < 8:
+            while time.monotonic() - outage_start < 5:
                 async with http.get(server.url + "/readyz") as r:
                     ready.append(r.status)
                 rss.append(psutil.Process(worker).memory_info().rss)
@@ -234,16 +234,14 @@ async def test_database_outage_is_503_fast_and_service_comes_back_without_restar
     finally:
         server.stop()
         await proxy.close()
-    during = [a for a in traffic.answers if a.sent > outage_start + 0.2 and a.sent + a.elapsed < outage_end]
-    started_during = [a for a in traffic.answers if outage_start + 0.2 < a.sent < outage_end]
-    print(f"\n{how}: answers to requests sent during the outage: "
-          f"{sorted({(a.status, round(a.elapsed, 1)) for a in started_during}, key=str)[:40]}")
+    # Every request sent during the outage (but for its last 2 s, whose answers may come after it) was answered 503 within 2 s.
+    during = [a for a in traffic.answers if outage_start + 0.2 < a.sent < outage_end - 2.0]
     slowest = max((a.elapsed for a in during), default=None)
     print(f"\n{how}: {len(during)} requests during the outage, slowest answer {slowest:.2f} s; "
           f"readyz {sorted(set(ready))}; RSS {min(rss) >> 20}..{max(rss) >> 20} MiB; "
           f"recovered {recovered and round(recovered, 2)} s after; {traffic.summary()}")
     assert recovered is not None, "no normal service within 30 s of the database coming back"
-    assert len(during) > 20
+    assert len(during) >= 5
     assert all(a.status == 503 and a.retry_after for a in during), [a for a in during if a.status != 503 or not a.retry_after][:5]
     assert slowest < 2.0, [a for a in during if a.elapsed >= 2.0][:5]
     assert ready[1:] and set(ready[1:]) == {503}, ready

@@ -168,6 +168,7 @@ def json_texts(draw):
     return _render(root, draw(st.randoms(use_true_random=False))).encode(), _has_repeat(root)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, database=None)
 @given(json_texts())
 @example((b'{"a": 1, "\\u0061": 2}', True))

@@ -19,6 +19,8 @@ import pytest
 from tests.fault_tools import agent_of, scan_body
 from tests.support import heartbeat_body
 
+pytestmark = pytest.mark.slow
+
 UNAUTHENTICATED = ("none", "garbage", "revoked", "erased")
 ROLES = (*UNAUTHENTICATED, "enroll", "inst_a", "agent_a", "inst_b", "agent_b", "admin")
 
