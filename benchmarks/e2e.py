@@ -135,6 +135,47 @@ async def service(ctx: Context, workers: int) -> AsyncIterator[Server]:
         yield server
 
 
+WORKER_RSS_TARGET_MIB = 200
+
+
+class PeakWorkerRss:
+    """Samples the resident size of every worker (child) of a serve process on a thread."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self._pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                for child in psutil.Process(self._pid).children(recursive=True):
+                    try:
+                        self.peak = max(self.peak, child.memory_info().rss)
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                pass
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> "PeakWorkerRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def result(self, name: str) -> Result:
+        return Result(f"{name}.worker_rss_max", self.peak / 2**20, "MiB",
+                      details={"note": f"largest worker resident size during the load; target < {WORKER_RSS_TARGET_MIB} MiB"})
+
+
 @dataclass(frozen=True)
 class Installation:
     install_id: str
@@ -206,14 +247,15 @@ async def e2e_heartbeats(ctx: Context) -> list[Result]:
                 200,
                 stored_answer,
             )
-            found, _ = await measure(
-                ctx,
-                f"e2e_heartbeats.w{workers}",
-                factory,
-                ceiling=http_ceiling_name(workers),
-                server_pid=srv.pid,
-            )
-            results += found
+            with PeakWorkerRss(srv.pid) as rss:
+                found, _ = await measure(
+                    ctx,
+                    f"e2e_heartbeats.w{workers}",
+                    factory,
+                    ceiling=http_ceiling_name(workers),
+                    server_pid=srv.pid,
+                )
+            results += [*found, rss.result(f"e2e_heartbeats.w{workers}")]
     return results
 
 
@@ -240,10 +282,11 @@ async def e2e_scans(ctx: Context) -> list[Result]:
                 lambda body: _answers_scan(body, scan_id),
             )
 
-        found, closed = await measure(
-            ctx, name, factory, ceiling=http_scan_ceiling_name(workers), server_pid=srv.pid
-        )
-    return [*found, scan_bytes_result(name, closed.rps, scans, "db_ceiling.scans.bytes")]
+        with PeakWorkerRss(srv.pid) as rss:
+            found, closed = await measure(
+                ctx, name, factory, ceiling=http_scan_ceiling_name(workers), server_pid=srv.pid
+            )
+    return [*found, scan_bytes_result(name, closed.rps, scans, "db_ceiling.scans.bytes"), rss.result(name)]
 
 
 def _answers_scan(body: bytes, scan_id: str) -> bool:
