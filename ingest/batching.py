@@ -133,7 +133,13 @@ class GroupCommitWriter(Generic[T]):
             batch, stop = self._take_batch(first)
             batch = self._in_time(batch)
             if batch:
-                await self._flush(batch)
+                try:
+                    await self._flush(batch)
+                except Exception:  # a fault of ours must not stop the flusher (its records would wait forever)
+                    log.exception("%s flush failed", self.name)
+                    for _, _, fut, _ in batch:
+                        if not fut.done():
+                            fut.set_exception(Unavailable("batch failed", headers={"Retry-After": str(self._retry_after)}))
             if stop:
                 return
 

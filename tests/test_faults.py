@@ -385,3 +385,29 @@ async def test_requests_wait_at_most_db_timeout_and_withdrawn_records_are_not_st
         # Two flushers each had taken one record (batches of one) when the lock was released; the other 8 were withdrawn.
         assert await db.fetchval("SELECT count(*) FROM heartbeats") == 2
         assert (await svc.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id)))[0] == 200
+
+
+async def test_a_fault_in_the_writer_fails_its_batch_and_the_flushers_carry_on(db_dsn):
+    """A write that returns nonsense (a bug) answers its batch 503 and leaves the flushers alive for the next ones."""
+    from ingest.batching import GroupCommitWriter
+    from ingest.errors import Unavailable
+    from ingest.metrics import Metrics
+    from storage.pool import create_pool
+
+    calls = []
+
+    async def write(conn, records):
+        calls.append(list(records))
+        return None if "bad" in records else ["stored"] * len(records)  # None: not iterable after the commit
+
+    pool = await create_pool(db_dsn, max_size=2)
+    writer = GroupCommitWriter("test", pool, write, Metrics(), max_queue=10, max_rows=10, max_bytes=1 << 20, timeout=5)
+    writer.start()
+    try:
+        for _ in range(3):  # more faults than flushers
+            with pytest.raises(Unavailable):
+                await writer.submit("bad")
+        assert await writer.submit("good") == "stored"
+    finally:
+        await writer.close()
+        await pool.close()
