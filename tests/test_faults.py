@@ -232,7 +232,7 @@ async def test_database_outage_is_503_fast_and_service_comes_back_without_restar
         await traffic.finish(tasks)
         assert server.workers() == [worker]  # the same process throughout
     finally:
-        server.stop()
+        await asyncio.to_thread(server.stop)  # off the event loop: the proxy on it carries the server's goodbyes
         await proxy.close()
     # Every request sent during the outage (but for its last 2 s, whose answers may come after it) was answered 503 within 2 s.
     during = [a for a in traffic.answers if outage_start + 0.2 < a.sent < outage_end - 2.0]
