@@ -298,7 +298,7 @@ async def test_concurrent_heartbeats_are_group_committed(service, db):
 
 
 async def test_full_queue_answers_503_with_retry_after(db_dsn, master_key, tmp_path, db):
-    async with start_service(db_dsn, master_key, tmp_path, queue_size=1, batch_max_rows=1) as svc:
+    async with start_service(db_dsn, master_key, tmp_path, queue_size=1, batch_max_rows=1, db_timeout=15) as svc:
         install_id, token = await svc.enroll()
         # Hold the installation's row lock so the writer's batches cannot commit.
         tx = db.transaction()
@@ -321,7 +321,7 @@ async def test_full_queue_answers_503_with_retry_after(db_dsn, master_key, tmp_p
 
 
 async def test_shutdown_commits_queued_heartbeats(db_dsn, master_key, tmp_path, db):
-    ctx = start_service(db_dsn, master_key, tmp_path)
+    ctx = start_service(db_dsn, master_key, tmp_path, db_timeout=15)  # the test holds a row lock
     svc = await ctx.__aenter__()
     install_id, token = await svc.enroll()
     tx = db.transaction()

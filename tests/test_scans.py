@@ -586,7 +586,7 @@ async def test_scans_are_group_committed_with_metrics(service, db):
 
 
 async def test_scan_batches_are_bounded_by_bytes(db_dsn, master_key, tmp_path, db):
-    async with start_service(db_dsn, master_key, tmp_path, batch_max_bytes=1024) as svc:
+    async with start_service(db_dsn, master_key, tmp_path, batch_max_bytes=1024, db_timeout=15) as svc:
         install_id, _, _, agent_token = await installation_with_agent(svc)
         # hold the writer back so every scan is queued before the first batch is taken
         tx = db.transaction()
@@ -604,7 +604,7 @@ async def test_scan_batches_are_bounded_by_bytes(db_dsn, master_key, tmp_path, d
 
 
 async def test_full_scan_queue_answers_503_and_heartbeats_carry_on(db_dsn, master_key, tmp_path, db):
-    async with start_service(db_dsn, master_key, tmp_path, queue_size=1, batch_max_rows=1) as svc:
+    async with start_service(db_dsn, master_key, tmp_path, queue_size=1, batch_max_rows=1, db_timeout=15) as svc:
         install_a, _, _, agent_token = await installation_with_agent(svc)
         install_b, token_b = await svc.enroll()
         # Hold installation A's row: its scan batches cannot commit.
@@ -632,7 +632,7 @@ async def test_full_scan_queue_answers_503_and_heartbeats_carry_on(db_dsn, maste
 
 
 async def test_shutdown_commits_queued_scans(db_dsn, master_key, tmp_path, db):
-    ctx = start_service(db_dsn, master_key, tmp_path)
+    ctx = start_service(db_dsn, master_key, tmp_path, db_timeout=15)  # the test holds a row lock
     svc = await ctx.__aenter__()
     install_id, _, _, agent_token = await installation_with_agent(svc)
     tx = db.transaction()

@@ -160,7 +160,7 @@ async def test_workers_share_port_and_metrics_and_are_replaced(external_env, db)
 
 
 async def test_sigterm_with_requests_in_flight_commits_them(external_env, db):
-    server = ServeProcess(external_env, "--workers", "1")
+    server = ServeProcess(external_env, "--workers", "1", "--db-timeout", "15")  # the test holds a row lock ~1 s
     try:
         await server.wait_ready()
         async with aiohttp.ClientSession() as http:
