@@ -8,13 +8,13 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass
 
 import asyncpg
 from aiohttp import web
 
 from crypto.tokens import MAX_TOKEN_LENGTH, hash_token, role_of, same_hash
+from ingest.background import background
 from ingest.errors import Forbidden, RateLimited, Unauthorized
 from ingest.ratelimit import TokenBuckets, retry_after_seconds
 from storage import tokens as token_store
@@ -143,8 +143,5 @@ async def auth_ctx(app: web.Application):
     auth = Authenticator(app[POOL], on_revoke=app[DATA_KEYS].evict, limiter=limiter, db_timeout=s.db_timeout)
     await auth.start_following()
     app[AUTH] = auth
-    task = asyncio.create_task(auth.follow())
-    yield
-    task.cancel()
-    with suppress(asyncio.CancelledError):
-        await task
+    async with background(auth.follow()):
+        yield

@@ -18,7 +18,6 @@ import logging
 import time
 import uuid
 from collections import Counter
-from contextlib import suppress
 
 import asyncpg
 from aiohttp import web
@@ -26,6 +25,7 @@ from aiohttp import web
 from crypto.datakeys import DataKeyCache, new_wrapped_key
 from crypto.errors import CryptoError
 from crypto.keyring import KeyRing
+from ingest.background import background
 from ingest.keys import DATA_KEYS, KEYRING, METRICS, POOL, SETTINGS, SWEEPER
 from ingest.metrics import Metrics
 from ingest.settings import Settings
@@ -115,8 +115,5 @@ async def sweeper_ctx(app: web.Application):
     """cleanup_ctx: the sweeper loop; cancelled on shutdown (a cut sweep is finished by the next one)."""
     s = Sweeper(app[POOL], app[KEYRING], app[DATA_KEYS], app[METRICS], app[SETTINGS])
     app[SWEEPER] = s
-    task = asyncio.create_task(s.loop())
-    yield
-    task.cancel()
-    with suppress(asyncio.CancelledError):
-        await task
+    async with background(s.loop()):
+        yield
