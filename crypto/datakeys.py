@@ -1,4 +1,17 @@
-"""A bounded in-memory cache of unwrapped data keys, loaded through a callback (no SQL here).
+"""Data keys of an installation, and a bounded in-memory cache of them loaded through callbacks (no SQL here).
+
+Two kinds of data key, told apart by their id (the 4-byte key id of crypto.envelope):
+
+- record keys, ids 1, 2, ... (below EPOCH_KEY_BASE): seal the installation's current record (its
+  e-mail). The newest seals; the sweeper adds a new one when it is worn.
+- epoch keys, id EPOCH_KEY_BASE + n for retention epoch n: seal the scans whose expires_at falls
+  in epoch n, the UTC day n after 1970-01-01 (EPOCH). The key store destroys an epoch key in the
+  first sweep after the epoch ends; no scan sealed under it is unexpired by then, so nothing is
+  lost, and every copy of the data database loses the means to open those scans at once.
+
+Why a day: an installation keeping scans 30 days holds at most 31 epoch keys, one keeping them
+24 or 48 hours two or three; a scan stays openable in a copy of the data database at most one
+day (plus a sweep interval) past its expiry. docs/admin.md gives the sizes.
 
 Entries live at most `ttl` seconds, so a data key added elsewhere (the sweeper replaces worn
 keys) is used for sealing by every worker within that time; until then sealing with the older,
@@ -8,6 +21,7 @@ the counts now and then (`drain_uses`) and adds them up in the database.
 
 from __future__ import annotations
 
+import datetime as dt
 import struct
 import time
 import uuid
@@ -20,6 +34,26 @@ from crypto.keyring import KeyRing
 
 # (key_id, kek_id, wrapped) rows of one installation, newest first.
 Loader = Callable[[uuid.UUID], Awaitable[Iterable[tuple[int, str, bytes]]]]
+# Store a new epoch key: (install_id, key_id, epoch end, kek_id, wrapped) -> False if the installation has no keys.
+Creator = Callable[[uuid.UUID, int, dt.datetime, str, bytes], Awaitable[bool]]
+
+EPOCH_KEY_BASE = 1 << 30
+EPOCH = dt.timedelta(days=1)
+_EPOCH_ZERO = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def epoch_key_id(expires_at: dt.datetime) -> int:
+    """The id of the epoch key that seals a record expiring at expires_at."""
+    return EPOCH_KEY_BASE + (expires_at - _EPOCH_ZERO) // EPOCH
+
+
+def epoch_end(key_id: int) -> dt.datetime:
+    """When an epoch key's epoch ends: every record it sealed has expired by then."""
+    return _EPOCH_ZERO + (key_id - EPOCH_KEY_BASE + 1) * EPOCH
+
+
+def is_epoch_key(key_id: int) -> bool:
+    return key_id >= EPOCH_KEY_BASE
 
 
 def wrap_context(install_id: uuid.UUID, key_id: int) -> bytes:
@@ -41,10 +75,11 @@ def rewrap(ring: KeyRing, install_id: uuid.UUID, key_id: int, kek_id: str, wrapp
 class DataKeyCache:
     """Unwrapped data keys per installation, least recently used evicted first."""
 
-    def __init__(self, ring: KeyRing, load: Loader, *, max_installations: int = 50_000, ttl: float = 300.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, ring: KeyRing, load: Loader, *, create: Creator | None = None, max_installations: int = 50_000,
+                 ttl: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._ring = ring
         self._load = load
+        self._create = create
         self._max = max_installations
         self._ttl = ttl
         self._clock = clock
@@ -65,10 +100,11 @@ class DataKeyCache:
             key_id: DataKey.from_bytes(key_id, self._ring.unwrap(kek_id, bytes(wrapped), wrap_context(install_id, key_id)))
             for key_id, kek_id, wrapped in rows
         }
-        if not keys:
-            raise DecryptionError()
+        record_keys = [k for k in keys if not is_epoch_key(k)]
+        if not record_keys:
+            raise DecryptionError()  # erased (its keys destroyed), or never enrolled
         self._keys[install_id] = keys
-        self._newest[install_id] = max(keys)
+        self._newest[install_id] = max(record_keys)
         self._loaded_at[install_id] = self._clock()
         while len(self._keys) > self._max:
             old, _ = self._keys.popitem(last=False)
@@ -81,6 +117,27 @@ class DataKeyCache:
         keys = await self._entry(install_id)
         key = keys[self._newest[install_id]]
         self._uses[(install_id, key.key_id)] += 1
+        return key
+
+    async def for_expiry(self, install_id: uuid.UUID, expires_at: dt.datetime) -> DataKey:
+        """The epoch key for records expiring at expires_at, made in the key store on its first use (counted as a use)."""
+        key_id = epoch_key_id(expires_at)
+        key = (await self._entry(install_id)).get(key_id)
+        if key is None:
+            self.evict(install_id)  # another worker may have made it: reload before making one
+            key = (await self._entry(install_id)).get(key_id)
+        if key is None:
+            if self._create is None:
+                raise DecryptionError()
+            kek_id, wrapped = new_wrapped_key(self._ring, install_id, key_id)
+            if not await self._create(install_id, key_id, epoch_end(key_id), kek_id, wrapped):
+                self.evict(install_id)
+                raise DecryptionError()  # the installation lost its keys (erased) meanwhile
+            self.evict(install_id)  # read back whichever key won, ours or a concurrent worker's
+            key = (await self._entry(install_id)).get(key_id)
+            if key is None:
+                raise DecryptionError()
+        self._uses[(install_id, key_id)] += 1
         return key
 
     async def get(self, install_id: uuid.UUID, key_id: int) -> DataKey:

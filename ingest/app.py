@@ -11,45 +11,67 @@ from crypto.keyring import KeyRing
 from ingest import openapi, routes_admin, routes_core, routes_ops, routes_scans
 from ingest.auth import auth_ctx
 from ingest.batching import GroupCommitWriter
-from ingest.keys import DATA_KEYS, HEARTBEAT_WRITER, KEYRING, METRICS, POOL, SETTINGS
+from ingest.keys import DATA_KEYS, HEARTBEAT_WRITER, KEYRING, KEYSTORE_POOL, METRICS, POOL, SETTINGS
 from ingest.metrics import Metrics
 from ingest.middleware import errors_middleware, metrics_middleware
 from ingest.settings import Settings
 from ingest.sweeper_ctx import sweeper_ctx
-from storage import installations
-from storage.migrate import migrate
+from storage import installations, keystore
+from storage.databases import ensure_keystore_database, migrate_both, replay_erasures
 from storage.partitions import ensure_partitions
 from storage.pool import acquire_within, check_durability, create_pool
 
+# Connections per worker to the key store: it serves cache misses only (ingest.keys.DATA_KEYS).
+KEYSTORE_POOL_SIZE = 2
+
 
 async def storage_ctx(app: web.Application):
-    """The pool; on the way in, refuse an unsafe server, migrate, and make the coming days' partitions."""
+    """The pools of the data database and the key store; on the way in, refuse an unsafe server,
+    make the key store's database if it is the default and missing, migrate both, make the coming
+    days' partitions, and replay the key store's erasures (a restored backup stays erased)."""
     s = app[SETTINGS]
+    ks_dsn = s.keystore_dsn or keystore.default_dsn(s.dsn, embedded=False)
     pool = await create_pool(s.dsn, max_size=s.db_pool_size, statement_cache_size=s.db_statement_cache)
+    ks_pool = None
     try:
         async with pool.acquire() as conn:
             await check_durability(conn)
-            await migrate(conn)
-            await ensure_partitions(conn, dt.datetime.now(dt.timezone.utc).date())
+            if s.keystore_dsn is None:
+                await ensure_keystore_database(conn, ks_dsn)
+            ks_pool = await create_pool(ks_dsn, max_size=KEYSTORE_POOL_SIZE, statement_cache_size=s.db_statement_cache)
+            async with ks_pool.acquire() as ks:
+                await check_durability(ks)
+                await migrate_both(conn, ks)
+                await ensure_partitions(conn, dt.datetime.now(dt.timezone.utc).date())
+                await replay_erasures(conn, ks)
     except BaseException:
         await pool.close()
+        if ks_pool is not None:
+            await ks_pool.close()
         raise
     app[POOL] = pool
+    app[KEYSTORE_POOL] = ks_pool
     yield
     await pool.close()
+    await ks_pool.close()
 
 
 async def keys_ctx(app: web.Application):
-    """The key ring (checked here, so a bad key fails start-up) and the data-key cache."""
+    """The key ring (checked here, so a bad key fails start-up) and the data-key cache over the key store."""
     ring = KeyRing.from_setting(app[SETTINGS].master_key)
-    pool = app[POOL]
+    ks_pool = app[KEYSTORE_POOL]
+    timeout = app[SETTINGS].db_timeout
 
     async def load(install_id):
-        async with acquire_within(pool, app[SETTINGS].db_timeout) as conn:
-            return [(r["key_id"], r["kek_id"], r["wrapped"]) for r in await installations.data_keys(conn, install_id)]
+        async with acquire_within(ks_pool, timeout) as conn:
+            return [(r["key_id"], r["kek_id"], r["wrapped"]) for r in await keystore.keys_of(conn, install_id)]
+
+    async def create(install_id, key_id, expires_at, kek_id, wrapped):
+        async with acquire_within(ks_pool, timeout) as conn:
+            return await keystore.add_epoch_key(conn, install_id, key_id, expires_at, kek_id, wrapped)
 
     app[KEYRING] = ring
-    app[DATA_KEYS] = DataKeyCache(ring, load)
+    app[DATA_KEYS] = DataKeyCache(ring, load, create=create)
     yield
 
 

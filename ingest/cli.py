@@ -61,39 +61,63 @@ class Resolved:
             self.ring = KeyRing.from_setting(settings.master_key)
         except KeyError_ as exc:
             raise CliError(f"TELEMETRY_MASTER_KEY: {exc}") from None
+        self.keystore_default = settings.keystore_dsn is None
+        if self.keystore_default:
+            from storage.keystore import default_dsn
+
+            settings = settings.replace(keystore_dsn=default_dsn(settings.dsn, embedded=self.embedded is not None))
         self.settings = settings
+        self.ks = None  # the key store's connection while a command runs (_with_db)
 
     def close(self) -> None:
         if self.embedded is not None:
             self.embedded.stop()
 
 
-async def _connect(settings: Settings):
+async def _connect(resolved: Resolved):
+    """Connections to the data database and the key store, both checked and migrated: (conn, ks)."""
     import asyncpg
 
-    from storage.migrate import migrate
+    from storage.databases import ensure_keystore_database, migrate_both
     from storage.pool import check_durability, connect
 
+    settings = resolved.settings
     try:
         conn = await connect(settings.dsn)
     except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
         raise CliError(f"TELEMETRY_DSN: cannot connect to PostgreSQL: {type(exc).__name__}") from None
-    await check_durability(conn)
-    await migrate(conn)
-    return conn
+    try:
+        await check_durability(conn)
+        if resolved.keystore_default:
+            await ensure_keystore_database(conn, settings.keystore_dsn)
+        try:
+            ks = await connect(settings.keystore_dsn)
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+            raise CliError(f"TELEMETRY_KEYSTORE_DSN: cannot connect to the key store: {type(exc).__name__}") from None
+        try:
+            await check_durability(ks)
+            await migrate_both(conn, ks)
+        except BaseException:
+            await ks.close()
+            raise
+    except BaseException:
+        await conn.close()
+        raise
+    return conn, ks
 
 
 def _with_db(settings: Settings, work) -> object:
-    """Run `work(conn, resolved)` against the database, starting the embedded one if needed."""
+    """Run `work(conn, resolved)` against the database (resolved.ks: the key store), starting the embedded one if needed."""
     resolved = Resolved(settings)
     try:
 
         async def main():
-            conn = await _connect(resolved.settings)
+            conn, resolved.ks = await _connect(resolved)
             try:
                 return await work(conn, resolved)
             finally:
                 await conn.close()
+                await resolved.ks.close()
 
         return asyncio.run(main())
     finally:
@@ -123,17 +147,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 async def _prepare(resolved: Resolved) -> None:
     import datetime as dt
 
+    from storage.databases import KeysMissing, check_keys, replay_erasures
     from storage.partitions import ensure_partitions
 
-    conn = await _connect(resolved.settings)
+    conn, ks = await _connect(resolved)
     try:
         await ensure_partitions(conn, dt.datetime.now(dt.timezone.utc).date())
-        needed = [r["kek_id"] for r in await conn.fetch("SELECT DISTINCT kek_id FROM data_keys")]
-        missing = resolved.ring.missing(needed)
-        if missing:
-            raise CliError(f"TELEMETRY_MASTER_KEY: data keys are wrapped by key id(s) {', '.join(missing)}, which are not configured")
+        # Erasures first: rows of installations the key store lists as erased (a restored backup)
+        # go, and are then no reason to refuse the start.
+        await replay_erasures(conn, ks)
+        try:
+            await check_keys(conn, ks, resolved.ring.key_ids)
+        except KeysMissing as exc:
+            raise CliError(f"TELEMETRY_KEYSTORE_DSN / TELEMETRY_MASTER_KEY: {exc}") from None
     finally:
         await conn.close()
+        await ks.close()
 
 
 def create_token(role: str, action: str) -> tuple[str, str]:

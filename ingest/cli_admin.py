@@ -30,7 +30,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         out.write(chunk)
 
     async def work(conn, resolved):
-        return await write_export(conn, resolved.ring, install_id, "cli", begin, write,
+        return await write_export(conn, resolved.ks, resolved.ring, install_id, "cli", begin, write,
                                   resolved.settings.heartbeat_retention_days)
 
     if not _with_db(load_settings(), work):
@@ -42,13 +42,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_erase(args: argparse.Namespace) -> int:
     """Erase an installation (or finish an interrupted erasure)."""
-    from ingest.rights import finish_erasure
-    from storage.admin import begin_erasure
+    from ingest.rights import begin_erasure, finish_erasure
 
     install_id = _install_id(args.install_id)
 
     async def work(conn, resolved):
-        state = await begin_erasure(conn, install_id, "cli")
+        state = await begin_erasure(conn, resolved.ks, install_id, "cli")
         if state is None:
             return None
         await finish_erasure(conn, install_id, "cli")
@@ -68,7 +67,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     settings = load_settings()
 
     async def work(conn, resolved):
-        return await audit_database(conn, resolved.ring, resolved.settings)
+        return await audit_database(conn, resolved.ks, resolved.ring, resolved.settings)
 
     findings = _with_db(settings, work)
     print(report(findings))

@@ -22,7 +22,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     settings = load_settings()
 
     async def work(conn, resolved):
-        return await sweep(conn, utcnow(), rules_from(settings), new_key=key_maker(resolved.ring))
+        return await sweep(conn, resolved.ks, utcnow(), rules_from(settings), new_key=key_maker(resolved.ring))
 
     result = _with_db(settings, work)
     if not result.swept:
@@ -47,24 +47,27 @@ async def _others_connected(conn) -> int:
     )
 
 
-async def rotate(conn, ring, *, batch: int) -> int:
-    """Re-wrap every data key not wrapped by the ring's primary KEK; returns how many."""
+async def rotate(conn, ks, ring, *, batch: int) -> int:
+    """Re-wrap every data key of the key store `ks` not wrapped by the ring's primary KEK; returns
+    how many. Each batch is audited in the data database `conn`."""
     from crypto.datakeys import rewrap
-    from storage.rotation import count_not_wrapped_by, kek_ids_in_use, rewrap_batch
+    from storage.audit import record
+    from storage.keystore import count_not_wrapped_by, kek_ids, rewrap_batch
 
-    missing = ring.missing(await kek_ids_in_use(conn))
+    missing = ring.missing(list(await kek_ids(ks)))
     if missing:
         raise CliError(f"TELEMETRY_MASTER_KEY: data keys are wrapped by key id(s) {', '.join(missing)}, "
                        "which are not configured; add them (after the new primary) and run again")
     total = 0
     retries = 0
     while True:
-        n = await rewrap_batch(conn, ring.primary_id, lambda *row: rewrap(ring, *row), limit=batch)
+        n = await rewrap_batch(ks, ring.primary_id, lambda *row: rewrap(ring, *row), limit=batch)
         total += n
         if n:
+            await record(conn, "cli", "key.rotate", detail={"kek_id": ring.primary_id, "rewrapped": n})
             print(f"re-wrapped {total} data key(s)", file=sys.stderr)
             continue
-        if not await count_not_wrapped_by(conn, ring.primary_id):
+        if not await count_not_wrapped_by(ks, ring.primary_id):
             return total
         retries += 1
         if retries > ROTATE_RETRIES:
@@ -93,7 +96,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
             # now would become unreadable to it. It loads the new key file when restarted.
             if await _others_connected(conn):
                 return ring, None
-        return ring, await rotate(conn, ring, batch=args.batch)
+        return ring, await rotate(conn, resolved.ks, ring, batch=args.batch)
 
     ring, total = _with_db(settings, work)
     if total is None:

@@ -9,7 +9,10 @@ finding per broken promise:
 - erasure     no erasure left half-done, no row of an installation that no longer exists
 - ciphertext  e-mails and scans hold sealed records (crypto.envelope format) only
 - json        JSON columns hold declared keys with scalar values only
-- keys        every data key is wrapped, by a key-encryption key of the configured ring
+- keys        no key material in the data database; every data key in the key store is wrapped,
+              by a key-encryption key of the configured ring; no epoch key outlives its epoch
+              (beyond one sweep interval); no installation the key store lists as erased is
+              still in the data database
 - tokens      token hashes are 32-byte digests; no text column holds a bearer token
 - personal    no text column holds an e-mail address in plaintext
 - audit-log   the append-only triggers of audit_log are present and enabled
@@ -17,6 +20,7 @@ finding per broken promise:
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import dataclass
 
@@ -24,8 +28,8 @@ from crypto.envelope import FORMAT_VERSION, HEADER_SIZE, TAG_SIZE
 from crypto.keyring import WRAPPED_SIZE, KeyRing
 from crypto.tokens import PREFIXES
 from ingest.settings import Settings
-from storage import admin
-from storage.layout import TABLES
+from storage import admin, keystore
+from storage.layout import KEY_COLUMNS, TABLES
 
 TEXT_TYPES = ("text", "character varying", "character", "json", "jsonb")
 JSON_TYPES = ("json", "jsonb")
@@ -45,8 +49,8 @@ class Finding:
     message: str
 
 
-async def audit_database(conn, ring: KeyRing, settings: Settings) -> list[Finding]:
-    """Run every check; an empty list means the database keeps every promise."""
+async def audit_database(conn, ks, ring: KeyRing, settings: Settings) -> list[Finding]:
+    """Run every check on the data database `conn` and the key store `ks`; an empty list means both keep every promise."""
     found: list[Finding] = []
     live = await admin.stored_columns(conn)
 
@@ -108,12 +112,26 @@ async def audit_database(conn, ring: KeyRing, settings: Settings) -> list[Findin
                 add("json", f"{table}.{column} holds keys outside the policy: {', '.join(outside)}")
 
     # keys
-    for kek_id, n in sorted((await admin.kek_ids(conn)).items()):
+    for table, columns in live.items():
+        held = sorted(KEY_COLUMNS & set(columns))
+        if table == "data_keys" or held:
+            add("keys", f"the data database holds key material: {table}" + (f" ({', '.join(held)})" if held else "")
+                + "; data keys belong in the key store only")
+    for kek_id, n in sorted((await keystore.kek_ids(ks)).items()):
         if kek_id not in ring:
             add("keys", f"{n} data key(s) are wrapped by key id {kek_id}, which is not in the configured key ring")
-    n = await admin.badly_wrapped(conn, WRAPPED_SIZE, _WRAP_VERSION)
+    n = await keystore.badly_wrapped(ks, WRAPPED_SIZE, _WRAP_VERSION)
     if n:
         add("keys", f"{n} data key(s) are not in the wrapped format (stored unwrapped?)")
+    grace = dt.timedelta(seconds=settings.sweep_interval)
+    n = await keystore.count_expired(ks, dt.datetime.now(dt.timezone.utc) - grace)
+    if n:
+        add("keys", f"{n} epoch key(s) in the key store outlived their epoch by more than one sweep interval")
+    stones = await keystore.tombstones(ks)
+    back = await admin.enrolled_before(conn, stones)
+    if back:
+        add("keys", f"{len(back)} installation(s) the key store lists as erased are in the data database "
+                    "(a restored backup?): the next sweep or start erases them again")
 
     # tokens and plaintext personal data in text columns
     n = await admin.unhashed_tokens(conn, _SHA256_SIZE)

@@ -14,16 +14,19 @@ if TYPE_CHECKING:
     from ingest.auth import Authenticator
     from ingest.batching import GroupCommitWriter
     from ingest.metrics import Metrics
+    from ingest.routes_scans import Retentions
     from ingest.settings import Settings
     from ingest.sweeper_ctx import Sweeper
 
 SETTINGS = web.AppKey("settings", "Settings")
 METRICS = web.AppKey("metrics", "Metrics")
 POOL = web.AppKey("pool", asyncpg.Pool)
+KEYSTORE_POOL = web.AppKey("keystore_pool", asyncpg.Pool)
 KEYRING = web.AppKey("keyring", "KeyRing")
 DATA_KEYS = web.AppKey("data_keys", "DataKeyCache")
 AUTH = web.AppKey("auth", "Authenticator")
 HEARTBEAT_WRITER = web.AppKey("heartbeat_writer", "GroupCommitWriter")
 SCAN_WRITER = web.AppKey("scan_writer", "GroupCommitWriter")
 SCAN_PREPARE = web.AppKey("scan_prepare", ThreadPoolExecutor)
+SCAN_RETENTION = web.AppKey("scan_retention", "Retentions")
 SWEEPER = web.AppKey("sweeper", "Sweeper")

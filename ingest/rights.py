@@ -34,11 +34,10 @@ from crypto.keyring import KeyRing
 from ingest.auth import POLL_INTERVAL
 from ingest.routes_core import email_context
 from ingest.scans_read import scan_context
-from storage import admin
+from storage import admin, keystore
 from storage import scans as scan_store
 from storage.audit import record
 from storage.policy import DEFAULT_HEARTBEAT_RETENTION_DAYS
-from storage.installations import data_keys
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +68,15 @@ class Export:
         self._keys = keys
 
     @classmethod
-    async def start(cls, conn, ring: KeyRing, install_id: uuid.UUID, history_days: int = DEFAULT_HEARTBEAT_RETENTION_DAYS) -> "Export | None":
-        """Read the current record and unwrap the data keys; None if the installation is unknown or being erased."""
+    async def start(cls, conn, ks, ring: KeyRing, install_id: uuid.UUID,
+                    history_days: int = DEFAULT_HEARTBEAT_RETENTION_DAYS) -> "Export | None":
+        """Read the current record and unwrap the data keys from the key store `ks`; None if the
+        installation is unknown or being erased."""
         row = await admin.exportable(conn, install_id)
         if row is None:
             return None
         keys = {}
-        for r in await data_keys(conn, install_id):
+        for r in await keystore.keys_of(ks, install_id):
             raw = ring.unwrap(r["kek_id"], bytes(r["wrapped"]), wrap_context(install_id, r["key_id"]))
             keys[r["key_id"]] = DataKey.from_bytes(r["key_id"], raw)
         current = dict(row)
@@ -170,7 +171,7 @@ async def audit_export(conn, install_id: uuid.UUID, actor: str) -> bool:
     return True
 
 
-async def write_export(conn, ring: KeyRing, install_id: uuid.UUID, actor: str,
+async def write_export(conn, ks, ring: KeyRing, install_id: uuid.UUID, actor: str,
                        begin: Callable[[], Awaitable[Any]], write: Callable[[bytes], Awaitable[Any]],
                        history_days: int = DEFAULT_HEARTBEAT_RETENTION_DAYS) -> bool:
     """Audit, then stream the export: `begin()` once the document is known to exist, `write(chunk)` per piece.
@@ -180,7 +181,7 @@ async def write_export(conn, ring: KeyRing, install_id: uuid.UUID, actor: str,
     if not await audit_export(conn, install_id, actor):
         return False
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        export = await Export.start(conn, ring, install_id, history_days)
+        export = await Export.start(conn, ks, ring, install_id, history_days)
         if export is None:
             return False
         await begin()
@@ -197,8 +198,18 @@ async def write_export(conn, ring: KeyRing, install_id: uuid.UUID, actor: str,
 UNLINK_GRACE = 4 * POLL_INTERVAL
 
 
+async def begin_erasure(conn, ks, install_id: uuid.UUID, actor: str) -> str | None:
+    """Erasure's first steps, in this order: the key store destroys the keys and writes the
+    tombstone, then the data database revokes the tokens and marks the installation erasing.
+    'started' or 'resumed'; None if the data database has no such installation (nothing done)."""
+    if await admin.erasure_state(conn, install_id) == "gone":
+        return None
+    destroyed = await keystore.destroy_installation(ks, install_id)
+    return await admin.begin_erasure(conn, install_id, actor, keys_destroyed=destroyed)
+
+
 async def finish_erasure(conn, install_id: uuid.UUID, actor: str, *, grace: float = UNLINK_GRACE) -> bool:
-    """After storage.admin.begin_erasure: delete the rows in batches, unlink the id, drop the row.
+    """After begin_erasure: delete the rows in batches, unlink the id, drop the row.
 
     Safe to call again after a crash at any point; False if a live installation holds the id.
     """

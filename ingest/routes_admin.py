@@ -15,7 +15,7 @@ from aiohttp import web
 from ingest import rights
 from ingest.body import read_json
 from ingest.errors import Invalid, NotFoundProblem
-from ingest.keys import AUTH, DATA_KEYS, KEYRING, POOL, SETTINGS
+from ingest.keys import AUTH, DATA_KEYS, KEYRING, KEYSTORE_POOL, POOL, SETTINGS
 from ingest.routes_core import json_response
 from storage import admin
 
@@ -47,8 +47,8 @@ async def export(request: web.Request) -> web.StreamResponse:
         await resp.prepare(request)
 
     try:
-        async with app[POOL].acquire() as conn:
-            found = await rights.write_export(conn, app[KEYRING], install_id, principal.token_id, begin, resp.write,
+        async with app[POOL].acquire() as conn, app[KEYSTORE_POOL].acquire() as ks:
+            found = await rights.write_export(conn, ks, app[KEYRING], install_id, principal.token_id, begin, resp.write,
                                              app[SETTINGS].heartbeat_retention_days)
     except ConnectionError:
         return resp  # the client went away; the snapshot transaction was rolled back
@@ -70,8 +70,8 @@ async def erase(request: web.Request) -> web.Response:
     app = request.app
     principal = await app[AUTH].authenticate(request, "admin")
     install_id = _install_id(request)
-    async with app[POOL].acquire() as conn:
-        state = await admin.begin_erasure(conn, install_id, principal.token_id)
+    async with app[POOL].acquire() as conn, app[KEYSTORE_POOL].acquire() as ks:
+        state = await rights.begin_erasure(conn, ks, install_id, principal.token_id)
     if state is None:
         raise NotFoundProblem("no such installation")
     # This worker forgets at once; the others follow through their revocation pollers.

@@ -15,9 +15,9 @@ from crypto.tokens import new_token
 from ingest.body import read_json
 from ingest.errors import Conflict, Forbidden, Invalid, RestrictedProblem, Unauthorized
 from ingest.filter import Allowlist
-from ingest.keys import AUTH, DATA_KEYS, HEARTBEAT_WRITER, KEYRING, METRICS, POOL, SETTINGS
+from ingest.keys import AUTH, DATA_KEYS, HEARTBEAT_WRITER, KEYRING, KEYSTORE_POOL, METRICS, POOL, SETTINGS
 from ingest.net import anonymise, client_ip
-from storage import installations
+from storage import installations, keystore
 from storage.errors import AlreadyExists
 from storage.policy import ENROLLMENT, INSTALLATION
 
@@ -42,9 +42,14 @@ async def enroll(request: web.Request) -> web.Response:
     install_id = uuid.UUID(kept["install_id"])
     token_id, token, token_hash = new_token("installation")
     kek_id, wrapped = app[KEYRING].wrap(new_key_bytes(), wrap_context(install_id, 1))
+
+    async def store_key() -> None:
+        async with app[KEYSTORE_POOL].acquire() as ks:
+            await keystore.add_first_key(ks, install_id, kek_id, wrapped)
+
     try:
         async with app[POOL].acquire() as conn:
-            await installations.enroll(conn, install_id, kek_id=kek_id, wrapped_key=wrapped, token_id=token_id, token_hash=token_hash)
+            await installations.enroll(conn, install_id, token_id=token_id, token_hash=token_hash, store_key=store_key)
     except AlreadyExists:
         raise Conflict("this install_id is already enrolled") from None
     return json_response({"install_id": str(install_id), "token": token}, status=201)

@@ -8,7 +8,7 @@ import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ingest.keys import METRICS, POOL
+from ingest.keys import KEYSTORE_POOL, METRICS, POOL
 from storage.pool import acquire_within
 
 
@@ -18,12 +18,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """200 when the database answers within a second, else 503."""
-    try:
-        async with acquire_within(request.app[POOL], 1.0) as conn:
-            await conn.fetchval("SELECT 1")
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-        return web.json_response({"status": "database unavailable"}, status=503, headers={"Retry-After": "1"})
+    """200 when the data database and the key store both answer within a second, else 503."""
+    for key, what in ((POOL, "database unavailable"), (KEYSTORE_POOL, "key store unavailable")):
+        try:
+            async with acquire_within(request.app[key], 1.0) as conn:
+                await conn.fetchval("SELECT 1")
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return web.json_response({"status": what}, status=503, headers={"Retry-After": "1"})
     return web.json_response({"status": "ready"})
 
 

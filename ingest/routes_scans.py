@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
+from crypto.datakeys import epoch_end
 from crypto.documents import canonical, content_digest, content_mac, seal_document
 from crypto.envelope import DataKey
 from crypto.tokens import new_token
@@ -27,7 +28,7 @@ from ingest.batching import GroupCommitWriter
 from ingest.body import check_content_type, content_encoding, inflate, parse_object, read_json, read_raw
 from ingest.errors import Conflict, Forbidden, Invalid, NotFoundProblem, RestrictedProblem, Unauthorized
 from ingest.filter import Allowlist
-from ingest.keys import AUTH, DATA_KEYS, METRICS, POOL, SCAN_PREPARE, SCAN_WRITER, SETTINGS
+from ingest.keys import AUTH, DATA_KEYS, METRICS, POOL, SCAN_PREPARE, SCAN_RETENTION, SCAN_WRITER, SETTINGS
 from ingest.routes_core import json_response
 from ingest.scans_read import scan_context
 from storage import agents as agent_store
@@ -35,6 +36,7 @@ from storage import scans as scan_store
 from storage.errors import NotFound
 from storage.installations import GONE, RESTRICTED
 from storage.policy import AGENT_REGISTRATION, SCAN, SCAN_SETTINGS
+from storage.pool import acquire_within
 
 SMALL_BODY = 64 * 1024  # agent registration and settings bodies
 SCAN_BATCH_BYTES = 2 << 20  # sealed bytes per scan batch (at most batch_max_bytes): short transactions
@@ -48,6 +50,12 @@ OFFLOAD_WIRE_BYTES = 256 * 1024
 OFFLOAD_COMPRESSED_BYTES = 32 * 1024
 # Threads per worker process preparing large scans: also bounds the memory of parsed documents.
 PREPARE_THREADS = 2
+
+# How long a worker trusts its copy of an installation's scan retention. It picks the epoch key a
+# scan is sealed under; a change made on another worker is seen within this long (until then a
+# shortened retention seals under a later epoch's key, which outlives the scan a little longer,
+# and a lengthened one lets the scan expire with the earlier epoch's key).
+RETENTION_TTL = 10.0
 
 _AGENT = Allowlist(AGENT_REGISTRATION)
 _SETTINGS = Allowlist(SCAN_SETTINGS)
@@ -106,7 +114,36 @@ async def put_settings(request: web.Request) -> web.Response:
         hours = await scan_store.set_retention(conn, principal.install_id, kept["scan_retention_hours"])
     if hours is None:
         raise Unauthorized("this installation no longer exists")
+    app[SCAN_RETENTION].put(principal.install_id, hours)
     return json_response({"scan_retention_hours": hours})
+
+
+class Retentions:
+    """Each installation's scan retention, as this worker last read it (at most RETENTION_TTL old)."""
+
+    def __init__(self, pool, timeout: float, *, max_entries: int = 100_000) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._max = max_entries
+        self._hours: dict[uuid.UUID, tuple[int, float]] = {}
+
+    async def hours(self, install_id: uuid.UUID) -> int:
+        """The retention in hours; Unauthorized if the installation is gone."""
+        hit = self._hours.get(install_id)
+        now = time.monotonic()
+        if hit is not None and now - hit[1] < RETENTION_TTL:
+            return hit[0]
+        async with acquire_within(self._pool, self._timeout) as conn:
+            hours = await scan_store.retention_of(conn, install_id)
+        if hours is None:
+            raise Unauthorized("this installation no longer exists")
+        self.put(install_id, hours)
+        return hours
+
+    def put(self, install_id: uuid.UUID, hours: int) -> None:
+        if len(self._hours) >= self._max:
+            self._hours.clear()  # rare and cheap to refill: one small read per installation
+        self._hours[install_id] = (hours, time.monotonic())
 
 
 # ------------------------------------------------------------------ scans
@@ -147,7 +184,11 @@ class Scans:
         size_wire = len(raw)
         self.wire_bytes.inc(size_wire)
         install_id = principal.install_id
-        key = await app[DATA_KEYS].current(install_id)
+        received_at = dt.datetime.now(dt.timezone.utc)
+        hours = await app[SCAN_RETENTION].hours(install_id)
+        # Sealed under the key of the retention epoch it will expire in: that key is destroyed
+        # when the epoch ends, and with it this scan in every copy of the data database.
+        key = await app[DATA_KEYS].for_expiry(install_id, received_at + dt.timedelta(hours=hours))
         prepare = functools.partial(self.prepare, raw, encoding, install_id, key)
         if size_wire >= OFFLOAD_WIRE_BYTES or (encoding != "identity" and size_wire >= OFFLOAD_COMPRESSED_BYTES):
             sealed = await asyncio.get_running_loop().run_in_executor(app[SCAN_PREPARE], prepare)
@@ -155,7 +196,7 @@ class Scans:
             sealed = prepare()
         del raw, prepare
         row = scan_store.ScanRow(
-            install_id, principal.agent_id, sealed.scan_id, dt.datetime.now(dt.timezone.utc), key.key_id,
+            install_id, principal.agent_id, sealed.scan_id, received_at, key.key_id, epoch_end(key.key_id),
             sealed.content_mac, size_wire, sealed.size_decoded, sealed.size_plain, sealed.ciphertext,
         )
         outcome = await app[SCAN_WRITER].submit(row, len(sealed.ciphertext))
@@ -234,6 +275,7 @@ async def scan_writer_ctx(app: web.Application):
     )
     writer.start()
     app[SCAN_WRITER] = writer
+    app[SCAN_RETENTION] = Retentions(app[POOL], s.db_timeout)
     yield
     await writer.close()
     executor.shutdown(wait=False, cancel_futures=True)  # requests are answered by now; nothing waits on these

@@ -2,7 +2,7 @@
 
 Each tick (every `sweep_interval` seconds) a worker:
 
-- adds the seals its data-key cache counted to `data_keys.uses` (storage.rotation.add_uses);
+- adds the seals its data-key cache counted to the key store's `data_keys.uses` (storage.keystore.add_uses);
 - tries one sweep (storage.sweeper.sweep); if another process holds the lock it skips, so one
   sweeper works in the whole deployment, however many nodes and workers;
 - sets the oldest-scan and oldest-heartbeat age gauges. Every worker does this (two min() on
@@ -26,10 +26,10 @@ from crypto.datakeys import DataKeyCache, new_wrapped_key
 from crypto.errors import CryptoError
 from crypto.keyring import KeyRing
 from ingest.background import background
-from ingest.keys import DATA_KEYS, KEYRING, METRICS, POOL, SETTINGS, SWEEPER
+from ingest.keys import DATA_KEYS, KEYRING, KEYSTORE_POOL, METRICS, POOL, SETTINGS, SWEEPER
 from ingest.metrics import Metrics
 from ingest.settings import Settings
-from storage import rotation, sweeper
+from storage import keystore, sweeper
 from storage.sweeper import Rules, SweepResult
 
 log = logging.getLogger("ingest.sweeper")
@@ -45,7 +45,7 @@ def rules_from(settings: Settings) -> Rules:
     )
 
 
-def key_maker(ring: KeyRing) -> rotation.NewKey:
+def key_maker(ring: KeyRing) -> keystore.NewKey:
     """New data keys for the sweeper, wrapped by the ring's primary KEK."""
     return lambda install_id, key_id: new_wrapped_key(ring, install_id, key_id)
 
@@ -57,8 +57,10 @@ def utcnow() -> dt.datetime:
 class Sweeper:
     """One worker's part: flush seal counts, sweep if it gets the lock, report ages."""
 
-    def __init__(self, pool: asyncpg.Pool, ring: KeyRing, cache: DataKeyCache, metrics: Metrics, settings: Settings) -> None:
+    def __init__(self, pool: asyncpg.Pool, ks_pool: asyncpg.Pool, ring: KeyRing, cache: DataKeyCache, metrics: Metrics,
+                 settings: Settings) -> None:
         self.pool = pool
+        self.ks_pool = ks_pool
         self.cache = cache
         self.metrics = metrics
         self.rules = rules_from(settings)
@@ -70,11 +72,11 @@ class Sweeper:
         """One tick at `now` (default: the current time); the result says whether this worker swept."""
         now = now or utcnow()
         self._unflushed.update(self.cache.drain_uses())
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire() as conn, self.ks_pool.acquire() as ks:
             if self._unflushed:
-                await rotation.add_uses(conn, self._unflushed)
+                await keystore.add_uses(ks, self._unflushed)
                 self._unflushed.clear()
-            result = await sweeper.sweep(conn, now, self.rules, new_key=self.new_key)
+            result = await sweeper.sweep(conn, ks, now, self.rules, new_key=self.new_key)
             oldest = await sweeper.oldest(conn)
         if result.swept:
             self._count(result)
@@ -113,7 +115,7 @@ class Sweeper:
 
 async def sweeper_ctx(app: web.Application):
     """cleanup_ctx: the sweeper loop; cancelled on shutdown (a cut sweep is finished by the next one)."""
-    s = Sweeper(app[POOL], app[KEYRING], app[DATA_KEYS], app[METRICS], app[SETTINGS])
+    s = Sweeper(app[POOL], app[KEYSTORE_POOL], app[KEYRING], app[DATA_KEYS], app[METRICS], app[SETTINGS])
     app[SWEEPER] = s
     async with background(s.loop()):
         yield

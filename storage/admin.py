@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Iterable, Sequence
 
@@ -72,10 +73,11 @@ async def set_restricted(conn, install_id: uuid.UUID, restricted: bool, actor: s
 
 # ---------------------------------------------------------------- erasure
 #
-# Crypto-shredding in two phases. begin_erasure destroys the data keys, revokes the
-# tokens and marks the installation `erasing`, in one transaction: once it commits,
-# every ciphertext of the installation is unreadable and every request about it
-# behaves as if it were gone. delete_rows and unlink then remove what is left, in
+# Crypto-shredding. First the key store destroys the installation's data keys and writes
+# its tombstone (storage.keystore.destroy_installation): from then on every ciphertext of
+# the installation is unreadable, in every copy of this database. Then begin_erasure revokes
+# the tokens and marks the installation `erasing`, in one transaction: once it commits,
+# every request about it behaves as if it were gone. delete_rows and unlink then remove what is left, in
 # short transactions; calling them again after a crash finishes the job. The
 # installation row goes last, so while anything of it remains, it is still
 # marked `erasing` and a new enrollment of the same id waits (409) until it is clean.
@@ -85,16 +87,15 @@ ERASE_TABLES = ("heartbeats", "scans", "agents")
 ERASE_BATCH = 5000
 
 
-async def begin_erasure(conn, install_id: uuid.UUID, actor: str) -> str | None:
-    """Phase one: 'started' or 'resumed'; None if no such installation (nothing to do)."""
+async def begin_erasure(conn, install_id: uuid.UUID, actor: str, *, keys_destroyed: int = 0) -> str | None:
+    """After the key store destroyed the keys: 'started' or 'resumed'; None if no such installation."""
     async with conn.transaction():
         erasing = await conn.fetchval("SELECT erasing FROM installations WHERE install_id = $1 FOR UPDATE", install_id)
         if erasing is None:
             return None
         await conn.execute("UPDATE installations SET erasing = true WHERE install_id = $1", install_id)
-        keys = int((await conn.execute("DELETE FROM data_keys WHERE install_id = $1", install_id)).split()[-1])
         revoked = await revoke_installation(conn, install_id)
-        detail = {"keys_destroyed": keys, "tokens_revoked": revoked}
+        detail = {"keys_destroyed": keys_destroyed, "tokens_revoked": revoked}
         if erasing:
             detail["resumed"] = True
         await record(conn, actor, "installation.erase", install_id, detail)
@@ -147,7 +148,7 @@ async def unlink(conn, install_id: uuid.UUID, actor: str, rows: int) -> bool:
         erasing = await conn.fetchval("SELECT erasing FROM installations WHERE install_id = $1 FOR UPDATE", install_id)
         if erasing is False:
             return False
-        for table in ERASE_TABLES + ("data_keys",):
+        for table in ERASE_TABLES:
             status = await conn.execute(f"DELETE FROM {table} WHERE install_id = $1 AND {_NOT_LIVE}", install_id)
             rows += int(status.split()[-1])
         # Revoke anything that slipped in, and keep the rows (without the id): every worker's
@@ -339,16 +340,14 @@ async def orphans(conn, tables: Iterable[str]) -> dict[str, int]:
     return out
 
 
-async def kek_ids(conn) -> dict[str, int]:
-    """Data keys per wrapping key id."""
-    return {r[0]: r[1] for r in await conn.fetch("SELECT kek_id, count(*) FROM data_keys GROUP BY kek_id")}
-
-
-async def badly_wrapped(conn, size: int, version: int) -> int:
-    """Data keys whose wrapped form is not `size` bytes starting with `version` (e.g. a raw key)."""
-    return await conn.fetchval(
-        "SELECT count(*) FROM data_keys WHERE length(wrapped) <> $1 OR get_byte(wrapped, 0) <> $2", size, version
-    )
+async def enrolled_before(conn, erased_at: dict[uuid.UUID, dt.datetime]) -> list[uuid.UUID]:
+    """Installations of this database enrolled at or before their time in erased_at (tombstones)."""
+    ids = list(erased_at)
+    back = []
+    for i in range(0, len(ids), 10_000):
+        rows = await conn.fetch("SELECT install_id, enrolled_at FROM installations WHERE install_id = ANY($1::uuid[])", ids[i : i + 10_000])
+        back += [r["install_id"] for r in rows if r["enrolled_at"] <= erased_at[r["install_id"]]]
+    return sorted(back)
 
 
 async def unhashed_tokens(conn, size: int) -> int:

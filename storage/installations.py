@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple
 
 import asyncpg
@@ -34,25 +34,18 @@ STORED, RESTRICTED, GONE = "stored", "restricted", "gone"
 _HISTORY_COLUMNS = ("install_id", "received_at", "license_type", "version", "asset_count", "db_server_type", "web_server_type", "ip_prefix")
 
 
-async def enroll(conn, install_id: uuid.UUID, *, kek_id: str, wrapped_key: bytes, token_id: str, token_hash: bytes) -> None:
-    """Create the installation, its first data key and its token in one transaction."""
+async def enroll(conn, install_id: uuid.UUID, *, token_id: str, token_hash: bytes,
+                 store_key: Callable[[], Awaitable[None]]) -> None:
+    """Create the installation and its token in one transaction; `store_key()` puts its first data
+    key in the key store before that transaction commits (if it fails, nothing is enrolled)."""
     async with conn.transaction():
         inserted = await conn.fetchval(
             "INSERT INTO installations (install_id) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true", install_id
         )
         if not inserted:
             raise AlreadyExists("install_id already enrolled")
-        await conn.execute(
-            "INSERT INTO data_keys (install_id, key_id, kek_id, wrapped) VALUES ($1, 1, $2, $3)", install_id, kek_id, wrapped_key
-        )
         await insert_token(conn, token_id, token_hash, "installation", install_id)
-
-
-async def data_keys(conn, install_id: uuid.UUID) -> list[asyncpg.Record]:
-    """(key_id, kek_id, wrapped) of every data key of an installation, newest first."""
-    return await conn.fetch(
-        "SELECT key_id, kek_id, wrapped FROM data_keys WHERE install_id = $1 ORDER BY key_id DESC", install_id
-    )
+        await store_key()
 
 
 async def write_heartbeats(conn, rows: Sequence[HeartbeatRow]) -> list[str]:

@@ -94,7 +94,6 @@ TABLES: dict[str, Table] = {
         bookkeeping=("install_id", "agent_id", "received_at", "expires_at", "key_id", "content_mac", "size_wire", "size_decoded", "size_plain"),
         sealed=("ciphertext",),
     ),
-    "data_keys": Table(bookkeeping=("install_id", "key_id", "kek_id", "wrapped", "created_at", "uses")),
     "agents": Table(
         policy=tuple(f.name for f in AGENT_REGISTRATION.fields),
         bookkeeping=("install_id", "agent_id", "created_at", "revoked_at"),
@@ -105,4 +104,9 @@ TABLES: dict[str, Table] = {
         json_keys=(("detail", AUDIT_DETAIL_KEYS),),
     ),
     "schema_migrations": Table(bookkeeping=("version", "name", "applied_at")),
+    # How far the key store's erasure tombstones have been replayed here (storage.databases).
+    "erasure_replay": Table(bookkeeping=("singleton", "erased_through")),
 }
+
+# Columns of key material: they belong in the key store (storage.keystore), never in the data database.
+KEY_COLUMNS = frozenset({"wrapped", "kek_id"})

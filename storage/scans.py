@@ -26,13 +26,16 @@ _COLUMNS = (
 
 
 class ScanRow(NamedTuple):
-    """One filtered, sealed scan, ready to store (its expires_at is decided in the transaction)."""
+    """One filtered, sealed scan, ready to store (its expires_at is decided in the transaction:
+    received_at + the installation's retention, but never after key_expires_at, the end of the
+    epoch of the key that sealed it)."""
 
     install_id: uuid.UUID
     agent_id: uuid.UUID
     scan_id: uuid.UUID
     received_at: dt.datetime
     key_id: int
+    key_expires_at: dt.datetime
     content_mac: bytes
     size_wire: int
     size_decoded: int
@@ -119,7 +122,9 @@ async def write_scans(conn, rows: Sequence[ScanRow]) -> list[ScanOutcome]:
             if found is not None:
                 outcomes.append(found)
                 continue
-            expires_at = r.received_at + dt.timedelta(hours=s["scan_retention_hours"])
+            # The key was chosen for the retention the handler knew; if it has since grown, the scan
+            # still expires with its key (a shorter one only makes the key outlive it).
+            expires_at = min(r.received_at + dt.timedelta(hours=s["scan_retention_hours"]), r.key_expires_at)
             existing[key] = ScanOutcome(EXISTS, expires_at, r.key_id, r.content_mac)  # a repeat later in this batch
             outcomes.append(ScanOutcome(STORED, expires_at))
             records.append((r.install_id, r.agent_id, r.scan_id, r.received_at, expires_at, r.key_id, r.content_mac,
@@ -127,6 +132,13 @@ async def write_scans(conn, rows: Sequence[ScanRow]) -> list[ScanOutcome]:
         if records:
             await conn.copy_records_to_table("scans", records=records, columns=_COLUMNS)
     return outcomes
+
+
+async def retention_of(conn, install_id: uuid.UUID) -> int | None:
+    """The installation's scan retention in hours (None if it is gone or being erased)."""
+    return await conn.fetchval(
+        "SELECT scan_retention_hours FROM installations WHERE install_id = $1 AND NOT erasing", install_id
+    )
 
 
 async def set_retention(conn, install_id: uuid.UUID, hours: int) -> int | None:

@@ -17,11 +17,16 @@ One sweep, `sweep(conn, now, rules)`, in this order:
    interval of its expiry, whatever its retention. The partition drops are the cheap path for
    whole expired days (after an outage, or the dead space of a day deleted row by row) and
    return the space at once, without VACUUM;
-6. erase installations without a heartbeat for `inactive_days` (from last_seen_at, or
-   enrolled_at if none), keys destroyed first, as an admin erasure does (storage.admin); and
+6. replay the key store's erasures (storage.databases.replay_erasures): an installation the key
+   store lists as erased but the data database holds (a restored backup) is erased again;
+   erase installations without a heartbeat for `inactive_days` (from last_seen_at, or
+   enrolled_at if none), keys destroyed first in the key store, as an admin erasure does; and
    finish erasures whose process died half-way;
-7. give installations whose newest data key is worn a new one (storage.rotation);
-8. write an audit row if anything was removed; release the lock.
+7. destroy the epoch keys whose retention epoch has ended (storage.keystore.destroy_expired):
+   every scan they sealed has expired, so no copy of the data database opens those scans any
+   more; vacuum the key store's tables so the destroyed keys leave them now;
+8. give installations whose newest record key is worn a new one (storage.keystore);
+9. write an audit row if anything was removed; release the lock.
 
 Every step commits on its own and is idempotent, so a sweep killed at any point leaves nothing
 inconsistent and the next one carries on. A step that waits longer than `Rules.lock_timeout`
@@ -43,7 +48,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from storage import admin, partitions, rotation
+from storage import admin, keystore, partitions
 from storage.audit import record
 from storage.policy import MAX_SCAN_RETENTION_HOURS
 
@@ -89,17 +94,19 @@ class SweepResult:
     partitions_created: int = 0
     installations_erased: int = 0
     data_keys_added: int = 0
+    data_keys_destroyed: int = 0  # epoch keys whose epoch ended
     seconds: float = 0.0
     deferred: list[str] = field(default_factory=list)  # steps left for the next sweep (a lock held too long)
 
     @property
     def removed_anything(self) -> bool:
-        return any(self.rows_deleted.values()) or any(self.partitions_dropped.values()) or self.installations_erased > 0
+        return (any(self.rows_deleted.values()) or any(self.partitions_dropped.values()) or self.installations_erased > 0
+                or self.data_keys_destroyed > 0)
 
     def audit_detail(self) -> dict[str, int]:
         """Scalar counts only (storage.layout.AUDIT_DETAIL_KEYS): rows per table, installations, partitions."""
         return {**self.rows_deleted, "installations": self.installations_erased,
-                "partitions": sum(self.partitions_dropped.values())}
+                "partitions": sum(self.partitions_dropped.values()), "keys_destroyed": self.data_keys_destroyed}
 
     def summary(self) -> dict:
         """The counts, for the audit log and the command line."""
@@ -109,16 +116,19 @@ class SweepResult:
             "partitions_created": self.partitions_created,
             "installations_erased": self.installations_erased,
             "data_keys_added": self.data_keys_added,
+            "data_keys_destroyed": self.data_keys_destroyed,
             "deferred": list(self.deferred),
         }
 
 
-async def sweep(conn: asyncpg.Connection, now: dt.datetime, rules: Rules = Rules(), *,
-                new_key: rotation.NewKey | None = None) -> SweepResult:
-    """One sweep at time `now` on `conn` (not in a transaction), if no other process is sweeping.
+async def sweep(conn: asyncpg.Connection, ks: asyncpg.Connection, now: dt.datetime, rules: Rules = Rules(), *,
+                new_key: keystore.NewKey | None = None) -> SweepResult:
+    """One sweep at time `now` on `conn` (not in a transaction) and the key store `ks`, if no other
+    process is sweeping.
 
     `new_key` makes fresh wrapped data keys; without it worn keys are not replaced.
     """
+    from storage.databases import replay_erasures
     started = time.perf_counter()
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SWEEPER_LOCK):
         return SweepResult(swept=False)
@@ -149,11 +159,15 @@ async def sweep(conn: asyncpg.Connection, now: dt.datetime, rules: Rules = Rules
         if "scans" in result.rows_deleted:
             async with _unless_locked(result, "deleting scans"):
                 await delete_expired_rows(conn, "scans", "expires_at", now, rules.batch_rows, result)
+        replayed = await replay_erasures(conn, ks, grace=rules.erase_grace)
         await finish_interrupted_erasures(conn, grace=rules.erase_grace)
-        result.installations_erased = await erase_inactive(conn, now - rules.inactive, grace=rules.erase_grace)
+        result.installations_erased = replayed + await erase_inactive(conn, ks, now - rules.inactive, grace=rules.erase_grace)
+        result.data_keys_destroyed = await keystore.destroy_expired(ks, now)
+        if result.data_keys_destroyed or replayed or result.installations_erased:
+            await keystore.vacuum(ks)
         if new_key is not None:
-            result.data_keys_added = await rotation.replace_worn_keys(
-                conn, now, new_key, max_uses=rules.data_key_max_uses, max_age=rules.data_key_max_age)
+            result.data_keys_added = await keystore.replace_worn_keys(
+                ks, now, new_key, max_uses=rules.data_key_max_uses, max_age=rules.data_key_max_age)
         result.seconds = time.perf_counter() - started
         if result.removed_anything:
             await record(conn, "sweeper", "sweep", detail=result.audit_detail())
@@ -264,9 +278,10 @@ async def delete_in_batches(conn: asyncpg.Connection, name: str, column: str, cu
 
 # ---------------------------------------------------------------- erasure
 #
-# The same two-phase erasure as DELETE /v1/admin/installations/{id} (storage.admin):
-# begin_erasure destroys the data keys, revokes the tokens and marks the installation
-# `erasing` in one transaction; delete_rows and unlink remove the rest. unlink waits
+# The same erasure as DELETE /v1/admin/installations/{id}: the key store destroys the keys and
+# writes the tombstone (storage.keystore.destroy_installation); then begin_erasure revokes the
+# tokens and marks the installation `erasing` in one transaction; delete_rows and unlink remove
+# the rest. unlink waits
 # until the revocation is Rules.erase_grace old, so every worker's revocation follower has
 # dropped the installation's cached data keys (as ingest.rights.UNLINK_GRACE does).
 
@@ -274,7 +289,8 @@ async def delete_in_batches(conn: asyncpg.Connection, name: str, column: str, cu
 STALE_ERASURE = 300.0
 
 
-async def erase_inactive(conn: asyncpg.Connection, cutoff: dt.datetime, *, limit: int = 100, grace: float = 1.0) -> int:
+async def erase_inactive(conn: asyncpg.Connection, ks: asyncpg.Connection, cutoff: dt.datetime, *, limit: int = 100,
+                         grace: float = 1.0) -> int:
     """Erase installations with no heartbeat since cutoff (never seen: enrolled before it); returns how many."""
     erased = 0
     while True:
@@ -292,8 +308,11 @@ async def erase_inactive(conn: asyncpg.Connection, cutoff: dt.datetime, *, limit
                 )
             ]
             for install_id in ids:
-                await admin.begin_erasure(conn, install_id, "sweeper")
-        erased += await _finish(conn, ids, grace)
+                # Keys first: once they are gone every copy is unreadable; if this transaction
+                # then fails, the tombstone makes the next sweep erase the installation anyway.
+                destroyed = await keystore.destroy_installation(ks, install_id)
+                await admin.begin_erasure(conn, install_id, "sweeper", keys_destroyed=destroyed)
+        erased += await finish_erasures(conn, ids, grace)
         if len(ids) < limit:
             return erased
 
@@ -305,10 +324,11 @@ async def finish_interrupted_erasures(conn: asyncpg.Connection, *, stale_after: 
         since = await admin.seconds_since_revocation(conn, install_id)
         if since is None or since >= stale_after:
             stale.append(install_id)
-    return await _finish(conn, stale, grace)
+    return await finish_erasures(conn, stale, grace)
 
 
-async def _finish(conn: asyncpg.Connection, ids: list[uuid.UUID], grace: float) -> int:
+async def finish_erasures(conn: asyncpg.Connection, ids: list[uuid.UUID], grace: float) -> int:
+    """Delete the rows of installations marked erasing, wait out the revocation grace once, unlink them."""
     rows = {install_id: await admin.delete_rows(conn, install_id) for install_id in ids}
     # One wait per batch, not per installation: they were all revoked in the same transaction.
     since = [await admin.seconds_since_revocation(conn, i) for i in ids]

@@ -37,21 +37,25 @@ def pg_server_dsn() -> str:
 
 @pytest.fixture(scope="session")
 async def template_db(pg_server_dsn) -> str:
-    """A migrated template database; each test clones it (fast) instead of migrating anew."""
-    from storage.migrate import migrate
+    """A migrated template database, and its key store `<name>_keys`; each test clones both (fast)
+    instead of migrating anew."""
+    from storage.databases import migrate_both
 
     name = f"ti_template_{os.getpid()}"
     admin = await asyncpg.connect(pg_server_dsn)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        for db in (name, name + "_keys"):
+            await admin.execute(f'DROP DATABASE IF EXISTS "{db}"')
+            await admin.execute(f'CREATE DATABASE "{db}"')
     finally:
         await admin.close()
     conn = await asyncpg.connect(_with_database(pg_server_dsn, name))
+    ks = await asyncpg.connect(_with_database(pg_server_dsn, name + "_keys"))
     try:
-        await migrate(conn)
+        await migrate_both(conn, ks)
     finally:
         await conn.close()
+        await ks.close()
     yield name
 
 
@@ -70,14 +74,35 @@ async def db_dsn(pg_server_dsn, template_db) -> AsyncIterator[str]:
     admin = await asyncpg.connect(pg_server_dsn)
     try:
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+        # The key store where the service looks by default: database <name>_keys on the same server.
+        await admin.execute(f'CREATE DATABASE "{name}_keys" TEMPLATE "{template_db}_keys"')
     finally:
         await admin.close()
     yield _with_database(pg_server_dsn, name)
     admin = await asyncpg.connect(pg_server_dsn)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for db in (name, name + "_keys"):
+            await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture
+def ks_dsn(db_dsn) -> str:
+    """The test database's key store (the default: <name>_keys on the same server)."""
+    from storage.keystore import default_dsn
+
+    return default_dsn(db_dsn, embedded=False)
+
+
+@pytest.fixture
+async def ks(ks_dsn) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection to the test's key store."""
+    from storage.pool import connect
+
+    conn = await connect(ks_dsn)
+    yield conn
+    await conn.close()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import orjson
 import psutil
 import pytest
 
-from crypto.datakeys import wrap_context
+from crypto.datakeys import epoch_end, wrap_context
 from crypto.envelope import DataKey, open_
 from crypto.errors import DecryptionError
 from crypto.keyring import KeyRing
@@ -214,9 +214,9 @@ async def test_export_with_a_missing_key_ring_key_is_503_before_anything_is_sent
 
 async def _bulk_scans(service, db, install_id: uuid.UUID, agent_id: uuid.UUID, count: int, size: int) -> int:
     """Store `count` distinct scans of about `size` bytes of JSON each through the real batch writer; returns their bytes."""
-    key = await service.app[DATA_KEYS].current(install_id)
-    total = 0
     now = dt.datetime.now(dt.timezone.utc)
+    key = await service.app[DATA_KEYS].for_expiry(install_id, now + dt.timedelta(hours=720))
+    total = 0
     for start in range(0, count, 100):
         rows = []
         for i in range(start, min(count, start + 100)):
@@ -226,7 +226,7 @@ async def _bulk_scans(service, db, install_id: uuid.UUID, agent_id: uuid.UUID, c
             plain = canonical({"scan_id": str(scan_id), "scanned_at": "2025-01-15T10:30:00Z", "software": software})
             context = scan_context(install_id, scan_id)
             sealed = seal_document(key, plain, context)
-            rows.append(ScanRow(install_id, agent_id, scan_id, now, key.key_id, content_mac(key, context, content_digest(plain)),
+            rows.append(ScanRow(install_id, agent_id, scan_id, now, key.key_id, epoch_end(key.key_id), content_mac(key, context, content_digest(plain)),
                                 len(plain), len(plain), len(plain), sealed))
             total += len(plain)
         outcomes = await write_scans(db, rows)
@@ -364,14 +364,14 @@ async def test_erasure_leaves_nothing_and_the_id_can_enroll_afresh(service, db, 
     assert [t["role"] for t in doc["tokens"]] == ["installation"]
 
 
-async def test_erasure_interrupted_after_key_destruction_then_resumed(service, db, admin_token, master_key):
+async def test_erasure_interrupted_after_key_destruction_then_resumed(service, db, admin_token, master_key, ks):
     subject = await populated(service)
     install_id = subject.install_id
     email_ct = await db.fetchval("SELECT email_ct FROM installations WHERE install_id = $1", install_id)
-    key_row = await db.fetchrow("SELECT key_id, kek_id, wrapped FROM data_keys WHERE install_id = $1", install_id)
+    key_row = await ks.fetchrow("SELECT key_id, kek_id, wrapped FROM data_keys WHERE install_id = $1", install_id)
     # Phase one only, as if the process died right after its commit.
-    assert await admin.begin_erasure(db, install_id, "test") == "started"
-    assert await db.fetchval("SELECT count(*) FROM data_keys WHERE install_id = $1", install_id) == 0
+    assert await rights.begin_erasure(db, ks, install_id, "test") == "started"
+    assert await ks.fetchval("SELECT count(*) FROM data_keys WHERE install_id = $1", install_id) == 0
     assert await db.fetchval("SELECT count(*) FROM tokens WHERE install_id = $1 AND revoked_at IS NULL", install_id) == 0
     # the ciphertexts are still there, but nothing the database holds opens them any more
     assert await db.fetchval("SELECT email_ct FROM installations WHERE install_id = $1", install_id) == email_ct
@@ -405,10 +405,10 @@ async def test_erasure_interrupted_after_key_destruction_then_resumed(service, d
     assert status == 201
 
 
-async def test_erasure_interrupted_during_row_deletion_resumed_by_cli(service, db):
+async def test_erasure_interrupted_during_row_deletion_resumed_by_cli(service, db, ks):
     subject = await populated(service, heartbeats=5)
     install_id = subject.install_id
-    await admin.begin_erasure(db, install_id, "test")
+    await rights.begin_erasure(db, ks, install_id, "test")
     # a crash after some batches: part of the rows are gone, the rest is still there
     await db.execute("DELETE FROM heartbeats WHERE install_id = $1 AND asset_count < 102", install_id)
     await db.execute("DELETE FROM scans WHERE install_id = $1", install_id)
@@ -419,26 +419,27 @@ async def test_erasure_interrupted_during_row_deletion_resumed_by_cli(service, d
     assert service.cli("erase", str(install_id), check=False).returncode == 1
 
 
-async def test_erasure_deletes_in_batches_and_touches_no_one_else(service, db):
+async def test_erasure_deletes_in_batches_and_touches_no_one_else(service, db, ks):
     subject = await populated(service, heartbeats=1, scans=3)
     await db.execute(
         "INSERT INTO heartbeats (install_id, received_at, license_type, version, asset_count) "
         "SELECT $1, now() - i * interval '1 ms', 'x', '1', i FROM generate_series(1, 25) i", subject.install_id)
     other = await populated(service, heartbeats=2, scans=2)
-    await admin.begin_erasure(db, subject.install_id, "test")
+    await rights.begin_erasure(db, ks, subject.install_id, "test")
     assert await admin.delete_rows(db, subject.install_id, batch=4) == 26 + 3 + 1  # heartbeats, scans, agent
-    for table, n in (("heartbeats", 2), ("scans", 2), ("agents", 1), ("data_keys", 1), ("tokens", 2)):
+    for table, n in (("heartbeats", 2), ("scans", 2), ("agents", 1), ("tokens", 2)):
         assert await db.fetchval(f"SELECT count(*) FROM {table} WHERE install_id = $1", other.install_id) == n, table
+    assert await ks.fetchval("SELECT count(*) FROM data_keys WHERE install_id = $1", other.install_id) >= 1
     # a live installation is not touched by the later phases either
     assert await rights.finish_erasure(db, other.install_id, "test") is False
     assert await admin.unlink(db, other.install_id, "test", 0) is False
     assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", other.install_id) == 2
 
 
-async def test_erasure_finished_by_someone_else_still_unlinks_the_tokens(service, db):
+async def test_erasure_finished_by_someone_else_still_unlinks_the_tokens(service, db, ks):
     """If another eraser (e.g. the sweeper) deleted the rows first, erasing again still clears the token rows."""
     subject = await populated(service)
-    await admin.begin_erasure(db, subject.install_id, "test")
+    await rights.begin_erasure(db, ks, subject.install_id, "test")
     for table in ("heartbeats", "scans", "agents", "installations"):
         await db.execute(f"DELETE FROM {table} WHERE install_id = $1", subject.install_id)
     assert await rights.finish_erasure(db, subject.install_id, "test") is True

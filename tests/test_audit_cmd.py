@@ -8,6 +8,7 @@ import pytest
 
 from crypto.tokens import new_token
 from ingest.compliance import audit_database, report
+from ingest import rights
 from storage import admin
 from storage.partitions import ensure_partitions
 from storage.tokens import insert_token
@@ -52,7 +53,7 @@ async def test_audit_passes_on_a_healthy_database(service, db):
     assert proc.stdout.strip() == "audit passed"
 
 
-async def _plant_old_heartbeat(db, ids):
+async def _plant_old_heartbeat(db, ks, ids):
     day = dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=40)
     await ensure_partitions(db, day, days_back=0, days_ahead=0)
     await db.execute(
@@ -62,19 +63,21 @@ async def _plant_old_heartbeat(db, ids):
     )
 
 
-async def _plant_unhashed_token(db, ids):
+async def _plant_unhashed_token(db, ks, ids):
     await db.execute("ALTER TABLE tokens DROP CONSTRAINT tokens_token_hash_check")
     token_id, token, _ = new_token("enroll")
     await db.execute("INSERT INTO tokens (token_id, token_hash, role) VALUES ($1, $2, 'enroll')", token_id, token.encode())
 
 
-async def _plant_unfinished_erasure(db, ids):
-    await admin.begin_erasure(db, ids["install_id"], "test")
+async def _plant_unfinished_erasure(db, ks, ids):
+    await rights.begin_erasure(db, ks, ids["install_id"], "test")
 
 
-def sql(statement: str):
-    async def plant(db, ids):
-        await db.execute(statement.format(install_id=ids["install_id"], scan_id=ids["scan_id"]))
+def sql(statement: str, where: str = "db"):
+    """A violation planted by one SQL statement in the data database (or, where="ks", the key store)."""
+    async def plant(db, ks, ids):
+        conn = ks if where == "ks" else db
+        await conn.execute(statement.format(install_id=ids["install_id"], scan_id=ids["scan_id"]))
 
     return plant
 
@@ -98,10 +101,17 @@ VIOLATIONS = [
      "json", "audit_log.detail holds keys outside the policy: hostname"),
     ("nested-json-key", sql("INSERT INTO audit_log (actor, action, detail) VALUES ('cli', 'x', '{{\"rows\": {{\"serial_number\": 1}}}}')"),
      "json", "outside the policy: serial_number"),
-    ("unknown-kek", sql("UPDATE data_keys SET kek_id = '00000000deadbeef'"),
+    ("unknown-kek", sql("UPDATE data_keys SET kek_id = '00000000deadbeef'", "ks"),
      "keys", "wrapped by key id 00000000deadbeef, which is not in the configured key ring"),
-    ("unwrapped-key", sql("UPDATE data_keys SET wrapped = decode(repeat('ab', 32), 'hex')"),
+    ("unwrapped-key", sql("UPDATE data_keys SET wrapped = decode(repeat('ab', 32), 'hex')", "ks"),
      "keys", "not in the wrapped format"),
+    ("key-material-in-data-database", sql("CREATE TABLE data_keys (install_id uuid, key_id int, kek_id text, wrapped bytea)"),
+     "keys", "the data database holds key material: data_keys"),
+    ("expired-epoch-key", sql("INSERT INTO data_keys (install_id, key_id, kek_id, wrapped, expires_at) SELECT install_id, "
+                              "1073741824 + 1, kek_id, wrapped, now() - interval '1 day' FROM data_keys LIMIT 1", "ks"),
+     "keys", "1 epoch key(s) in the key store outlived their epoch"),
+    ("erased-installation-back", sql("INSERT INTO erasures (install_id, erased_at) VALUES ('{install_id}', now())", "ks"),
+     "keys", "1 installation(s) the key store lists as erased are in the data database"),
     ("unhashed-token", _plant_unhashed_token, "tokens", "stored without hashing"),
     ("token-in-text", sql("UPDATE agents SET name = 'copied tia_Zx9kQ2mN4pL7vB1cD8fG3hJ6kL0qW5eR2tY7uI4oP1a'"),
      "tokens", "agents.name contain a bearer token"),
@@ -119,9 +129,9 @@ VIOLATIONS = [
 
 
 @pytest.mark.parametrize("plant, check, words", [v[1:] for v in VIOLATIONS], ids=[v[0] for v in VIOLATIONS])
-async def test_audit_fails_naming_each_violation(service, db, plant, check, words):
+async def test_audit_fails_naming_each_violation(service, db, ks, plant, check, words):
     ids = await healthy(service, db)
-    await plant(db, ids)
+    await plant(db, ks, ids)
     proc = service.cli("audit", check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()
@@ -137,9 +147,9 @@ async def test_audit_fails_naming_each_violation(service, db, plant, check, word
         assert service.cli("audit", check=False).returncode == 0
 
 
-async def test_audit_respects_configured_retention(service, db):
+async def test_audit_respects_configured_retention(service, db, ks):
     ids = await healthy(service, db)
-    await _plant_old_heartbeat(db, ids)
+    await _plant_old_heartbeat(db, ks, ids)
     env = {**service.env, "TELEMETRY_HEARTBEAT_RETENTION_DAYS": "60"}
     from tests.support import run_cli
 
@@ -147,14 +157,14 @@ async def test_audit_respects_configured_retention(service, db):
     assert run_cli("audit", env={**env, "TELEMETRY_HEARTBEAT_RETENTION_DAYS": "30"}, check=False).returncode == 1
 
 
-async def test_report_names_every_finding(service, db, master_key):
+async def test_report_names_every_finding(service, db, master_key, ks):
     """In process: several violations at once are all listed, one line each."""
     from crypto.keyring import KeyRing
 
     ids = await healthy(service, db)
     for plant in (VIOLATIONS[0][1], VIOLATIONS[5][1], VIOLATIONS[9][1]):
-        await plant(db, ids)
-    findings = await audit_database(db, KeyRing.from_setting(master_key), service.settings)
+        await plant(db, ks, ids)
+    findings = await audit_database(db, ks, KeyRing.from_setting(master_key), service.settings)
     assert sorted(f.check for f in findings) == ["keys", "retention", "schema"]
     text = report(findings)
     assert text.splitlines()[0] == "audit FAILED: 3 finding(s)" and len(text.splitlines()) == 4

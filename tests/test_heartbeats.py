@@ -27,7 +27,7 @@ def is_problem(body, headers, status):
 # ------------------------------------------------------------------ enrollment
 
 
-async def test_enroll_creates_installation_and_token(service, db):
+async def test_enroll_creates_installation_and_token(service, db, ks):
     install_id, token = await service.enroll()
     assert token.startswith("tii_")
     row = await db.fetchrow("SELECT * FROM installations WHERE install_id = $1", install_id)
@@ -37,7 +37,7 @@ async def test_enroll_creates_installation_and_token(service, db):
     # only the hash is stored: the token appears nowhere in the table
     dump = str([dict(r) for r in await db.fetch("SELECT * FROM tokens")])
     assert token not in dump and token[4:] not in dump
-    assert await db.fetchval("SELECT count(*) FROM data_keys WHERE install_id = $1", install_id) == 1
+    assert await ks.fetchval("SELECT count(*) FROM data_keys WHERE install_id = $1", install_id) == 1
 
 
 async def test_enroll_twice_is_409(service):
@@ -237,17 +237,17 @@ async def test_xff_believed_from_trusted_proxy(db_dsn, master_key, tmp_path, db)
         assert "198.51.100.77" not in dump and "2001:db8:abcd:12" not in dump
 
 
-async def test_email_is_encrypted_at_rest(service, db, master_key):
+async def test_email_is_encrypted_at_rest(service, db, master_key, ks):
     install_id, token = await service.enroll()
     email = f"admin-{uuid.uuid4().hex[:8]}@example.org"
     status, _, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, email=email))
     assert status == 200
-    for table in ("installations", "heartbeats", "tokens", "data_keys", "audit_log"):
-        text = await db.fetchval(f"SELECT coalesce(string_agg(t::text, ' '), '') FROM {table} t")
+    for conn, table in ((db, "installations"), (db, "heartbeats"), (db, "tokens"), (db, "audit_log"), (ks, "data_keys")):
+        text = await conn.fetchval(f"SELECT coalesce(string_agg(t::text, ' '), '') FROM {table} t")
         assert email not in text and email.encode().hex() not in text
     ct = await db.fetchval("SELECT email_ct FROM installations WHERE install_id = $1", install_id)
     # readable with the installation's data key, and only in its own context
-    kid, kek, wrapped = await db.fetchrow("SELECT key_id, kek_id, wrapped FROM data_keys WHERE install_id = $1", install_id)
+    kid, kek, wrapped = await ks.fetchrow("SELECT key_id, kek_id, wrapped FROM data_keys WHERE install_id = $1", install_id)
     key = DataKey.from_bytes(kid, KeyRing.from_setting(master_key).unwrap(kek, wrapped, wrap_context(install_id, kid)))
     assert open_(key, ct, email_context(install_id)).decode() == email
     with pytest.raises(Exception):

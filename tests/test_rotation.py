@@ -13,10 +13,10 @@ from crypto.envelope import DataKey, open_, seal
 from crypto.keyring import KeyRing, generate_key, kek_id, load_or_create_key_file
 from crypto.tokens import new_token
 from ingest.routes_core import email_context
-from storage import installations
-from storage.migrate import migrate
+from storage import installations, keystore
+from storage.databases import ensure_keystore_database, migrate_both
+from storage.keystore import count_not_wrapped_by, rewrap_batch
 from storage.pool import connect
-from storage.rotation import count_not_wrapped_by, rewrap_batch
 from tests.support import heartbeat_body, run_cli, start_service
 
 
@@ -49,16 +49,28 @@ async def populate(svc, n: int) -> dict[uuid.UUID, tuple[str, str, str]]:
     return made
 
 
-async def kek_ids(db) -> dict[str, int]:
-    return {r["kek_id"]: r["n"] for r in await db.fetch("SELECT kek_id, count(*) AS n FROM data_keys GROUP BY kek_id")}
+async def enroll_direct(db, ks, install_id: uuid.UUID, ring: KeyRing) -> tuple[str, bytes]:
+    """Enroll an installation without the service (its key 1 in the key store): (kek id, wrapped key)."""
+    k, w = new_wrapped_key(ring, install_id, 1)
+    token_id, _, token_hash = new_token("installation")
+
+    async def store_key():
+        await keystore.add_first_key(ks, install_id, k, w)
+
+    await installations.enroll(db, install_id, token_id=token_id, token_hash=token_hash, store_key=store_key)
+    return k, w
 
 
-async def test_rotation_rewraps_every_data_key_and_old_data_still_decrypts(db_dsn, master_key, tmp_path, db):
+async def kek_ids(ks) -> dict[str, int]:
+    return {r["kek_id"]: r["n"] for r in await ks.fetch("SELECT kek_id, count(*) AS n FROM data_keys GROUP BY kek_id")}
+
+
+async def test_rotation_rewraps_every_data_key_and_old_data_still_decrypts(db_dsn, master_key, tmp_path, db, ks):
     old, new = master_key, generate_key()
     old_id, new_id = key_id_of_setting(old), key_id_of_setting(new)
     async with start_service(db_dsn, old, tmp_path) as svc:
         made = await populate(svc, 12)
-    assert await kek_ids(db) == {old_id: 12}
+    assert await kek_ids(ks) == {old_id: 24}  # a record key and a scan epoch key each
 
     # The operator puts the new key first, restarts, and rotates while the service runs and takes traffic.
     both = f"{new},{old}"
@@ -71,11 +83,11 @@ async def test_rotation_rewraps_every_data_key_and_old_data_still_decrypts(db_ds
                 assert status == 200
             await asyncio.sleep(0.01)
         out = (await rotation).stdout
-        assert f"re-wrapped 12 data key(s); every data key is now wrapped by {new_id}" in out
+        assert f"re-wrapped 24 data key(s); every data key is now wrapped by {new_id}" in out
         assert old_id in out.splitlines()[-1]  # ...which may now be removed
-    assert await kek_ids(db) == {new_id: 12}
+    assert await kek_ids(ks) == {new_id: 24}
     audit = await db.fetch("SELECT actor, detail FROM audit_log WHERE action = 'key.rotate' ORDER BY id")
-    assert [r["detail"]["rewrapped"] for r in audit] == [5, 5, 2]
+    assert [r["detail"]["rewrapped"] for r in audit] == [5, 5, 5, 5, 4]
     assert {r["actor"] for r in audit} == {"cli"} and {r["detail"]["kek_id"] for r in audit} == {new_id}
 
     # The old key can go: everything written before the rotation still decrypts with the new one alone.
@@ -92,13 +104,13 @@ async def test_rotation_rewraps_every_data_key_and_old_data_still_decrypts(db_ds
     assert proc.returncode == 1 and new_id in proc.stderr and "TELEMETRY_MASTER_KEY" in proc.stderr
 
 
-async def test_rotation_refuses_when_a_data_key_needs_a_key_it_lacks(service, db):
+async def test_rotation_refuses_when_a_data_key_needs_a_key_it_lacks(service, db, ks):
     await service.enroll()
     old_id = key_id_of_setting(service.settings.master_key)
     other = generate_key()
     proc = run_cli("keys", "rotate", env={**service.env, "TELEMETRY_MASTER_KEY": other}, check=False)
     assert proc.returncode == 1 and old_id in proc.stderr
-    assert await kek_ids(db) == {old_id: 1}
+    assert await kek_ids(ks) == {old_id: 1}
 
 
 async def test_serve_refuses_to_start_without_a_key_some_data_key_needs(service, db):
@@ -114,30 +126,28 @@ async def test_rotation_with_nothing_to_do(service):
     assert "re-wrapped 0 data key(s)" in out
 
 
-async def test_a_batch_skips_keys_another_transaction_holds(db, db_dsn, master_key):
+async def test_a_batch_skips_keys_another_transaction_holds(db, ks_dsn, master_key, ks):
     old = KeyRing.from_setting(master_key)
     ids = []
     for _ in range(3):
         install_id = uuid.uuid4()
-        k, w = new_wrapped_key(old, install_id, 1)
-        token_id, _, token_hash = new_token("installation")
-        await installations.enroll(db, install_id, kek_id=k, wrapped_key=w, token_id=token_id, token_hash=token_hash)
+        await enroll_direct(db, ks, install_id, old)
         ids.append(install_id)
     ring = KeyRing.from_setting(f"{generate_key()},{master_key}")
-    holder = await connect(db_dsn)
+    holder = await connect(ks_dsn)
     try:
         tx = holder.transaction()
         await tx.start()
         await holder.execute("SELECT 1 FROM data_keys WHERE install_id = $1 FOR UPDATE", ids[0])
-        done = await rewrap_batch(db, ring.primary_id, lambda *row: rewrap(ring, *row), limit=10)
-        assert done == 2 and await count_not_wrapped_by(db, ring.primary_id) == 1  # no waiting on the held row
+        done = await rewrap_batch(ks, ring.primary_id, lambda *row: rewrap(ring, *row), limit=10)
+        assert done == 2 and await count_not_wrapped_by(ks, ring.primary_id) == 1  # no waiting on the held row
         await tx.rollback()
     finally:
         await holder.close()
-    assert await rewrap_batch(db, ring.primary_id, lambda *row: rewrap(ring, *row), limit=10) == 1
-    assert await count_not_wrapped_by(db, ring.primary_id) == 0
+    assert await rewrap_batch(ks, ring.primary_id, lambda *row: rewrap(ring, *row), limit=10) == 1
+    assert await count_not_wrapped_by(ks, ring.primary_id) == 0
     for install_id in ids:
-        r = await db.fetchrow("SELECT kek_id, wrapped FROM data_keys WHERE install_id = $1", install_id)
+        r = await ks.fetchrow("SELECT kek_id, wrapped FROM data_keys WHERE install_id = $1", install_id)
         assert len(ring.unwrap(r["kek_id"], bytes(r["wrapped"]), wrap_context(install_id, 1))) == 32
 
 
@@ -161,15 +171,17 @@ async def test_rotate_generate_in_embedded_mode(tmp_path):
         ring = KeyRing.from_setting(first)
         install_id = uuid.uuid4()
         conn = await connect(dsn)
+        ks_dsn = keystore.default_dsn(dsn, embedded=True)
+        await ensure_keystore_database(conn, ks_dsn)
+        ks = await connect(ks_dsn)
         try:
-            await migrate(conn)
-            k, w = new_wrapped_key(ring, install_id, 1)
-            token_id, _, token_hash = new_token("installation")
-            await installations.enroll(conn, install_id, kek_id=k, wrapped_key=w, token_id=token_id, token_hash=token_hash)
+            await migrate_both(conn, ks)
+            k, w = await enroll_direct(conn, ks, install_id, ring)
             data_key = DataKey.from_bytes(1, ring.unwrap(k, w, wrap_context(install_id, 1)))
             sealed = seal(data_key, b"admin@example.org", email_context(install_id))
         finally:
             await conn.close()
+            await ks.close()
 
         out = (await asyncio.to_thread(run_cli, "keys", "rotate", "--generate", env=env)).stdout
         keys = key_file.read_text().strip().split(",")
@@ -178,8 +190,9 @@ async def test_rotate_generate_in_embedded_mode(tmp_path):
         assert f"every data key is now wrapped by {new_id}" in out
 
         conn = await connect(dsn)
+        ks = await connect(ks_dsn)
         try:
-            r = await conn.fetchrow("SELECT kek_id, wrapped FROM data_keys WHERE install_id = $1", install_id)
+            r = await ks.fetchrow("SELECT kek_id, wrapped FROM data_keys WHERE install_id = $1", install_id)
             assert r["kek_id"] == new_id
             ring = KeyRing.from_setting(keys[0])  # the new key alone opens what the old one sealed
             raw = ring.unwrap(r["kek_id"], bytes(r["wrapped"]), wrap_context(install_id, 1))
@@ -190,9 +203,10 @@ async def test_rotate_generate_in_embedded_mode(tmp_path):
             proc = await asyncio.to_thread(run_cli, "keys", "rotate", "--generate", env=env)
             assert "restart" in proc.stdout
             assert len(key_file.read_text().strip().split(",")) == 3
-            assert await conn.fetchval("SELECT kek_id FROM data_keys WHERE install_id = $1", install_id) == new_id
+            assert await ks.fetchval("SELECT kek_id FROM data_keys WHERE install_id = $1", install_id) == new_id
         finally:
             await conn.close()
+            await ks.close()
         out = (await asyncio.to_thread(run_cli, "keys", "rotate", env=env)).stdout
         assert "re-wrapped 1 data key(s)" in out
     finally:

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import zstandard
 
-from crypto.datakeys import wrap_context
+from crypto.datakeys import epoch_key_id, wrap_context
 from crypto.envelope import new_key_bytes
 from crypto.errors import DecryptionError
 from crypto.keyring import KeyRing
@@ -172,7 +172,8 @@ async def test_upload_is_stored_sealed_and_reads_back(service, db, encoding):
     assert status == 201, resp
     assert resp["scan_id"] == body["scan_id"] and resp["dropped_fields"] == []
     row = await db.fetchrow("SELECT * FROM scans WHERE scan_id = $1", uuid.UUID(body["scan_id"]))
-    assert row["install_id"] == install_id and row["agent_id"] == agent_id and row["key_id"] == 1
+    # sealed under the key of the retention epoch (UTC day) it expires in, not the record key
+    assert row["install_id"] == install_id and row["agent_id"] == agent_id and row["key_id"] == epoch_key_id(row["expires_at"])
     assert resp["expires_at"] == row["expires_at"].astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
     assert row["expires_at"] - row["received_at"] == dt.timedelta(hours=720)
     raw = orjson.dumps(body)
@@ -298,20 +299,23 @@ async def test_replay_answers_200_and_other_content_409(service, db):
     assert metric_value(metrics, "telemetry_scans_received_total") == 2.0
 
 
-async def test_replay_compared_under_the_key_that_sealed_it(service, db, master_key):
-    install_id, _, _, agent_token = await installation_with_agent(service)
+async def test_replay_compared_under_the_key_that_sealed_it(service, db, master_key, ks):
+    install_id, install_token, _, agent_token = await installation_with_agent(service)
     body = scan_body()
     first = await upload(service, agent_token, body)
     assert first[0] == 201
-    # a new data key for the installation (as rotation makes); new scans are sealed with it
-    kek, wrapped = KeyRing.from_setting(master_key).wrap(new_key_bytes(), wrap_context(install_id, 2))
-    await db.execute("INSERT INTO data_keys (install_id, key_id, kek_id, wrapped) VALUES ($1, 2, $2, $3)", install_id, kek, wrapped)
-    service.app[DATA_KEYS].evict(install_id)
+    first_key = await db.fetchval("SELECT key_id FROM scans WHERE scan_id = $1", uuid.UUID(body["scan_id"]))
+    # a shorter retention: new scans expire in another epoch, so they are sealed under another key
+    status, _, _ = await service.request("PUT", "/v1/installation/settings", token=install_token, json={"scan_retention_hours": 24})
+    assert status == 200
     other = scan_body()
     assert (await upload(service, agent_token, other))[0] == 201
-    assert await db.fetchval("SELECT key_id FROM scans WHERE scan_id = $1", uuid.UUID(other["scan_id"])) == 2
+    other_key = await db.fetchval("SELECT key_id FROM scans WHERE scan_id = $1", uuid.UUID(other["scan_id"]))
+    assert other_key != first_key and await ks.fetchval("SELECT count(*) FROM data_keys WHERE install_id = $1", install_id) == 3
     again = await upload(service, agent_token, body)
-    assert again[0] == 200 and again[1] == first[1]
+    # the same scan, its expiry brought forward by the shorter retention
+    assert again[0] == 200 and {**again[1], "expires_at": None} == {**first[1], "expires_at": None}
+    assert again[1]["expires_at"] < first[1]["expires_at"]
     changed = {**body, "agent_version": "8.0"}
     assert (await upload(service, agent_token, changed))[0] == 409
     assert await decrypted(service, db, install_id, body["scan_id"]) == body
@@ -659,5 +663,5 @@ async def test_stored_scan_helpers(service, db):
     assert sorted(d["scan_id"] for _, d in listed) == sorted(b["scan_id"] for b in bodies)
     assert all(s.agent_id == agent_id and s.install_id == install_id for s, _ in listed)
     found = await scan_store.find_scan(db, install_id, uuid.UUID(bodies[0]["scan_id"]))
-    assert found is not None and found.key_id == 1
+    assert found is not None and found.key_id == epoch_key_id(found.expires_at)
     assert await scan_store.find_scan(db, uuid.uuid4(), uuid.UUID(bodies[0]["scan_id"])) is None

@@ -12,13 +12,15 @@ import uuid
 import asyncpg
 import pytest
 
+from ingest import rights
+
 from crypto.datakeys import DataKeyCache, new_wrapped_key, wrap_context
 from crypto.envelope import key_id_of, open_
 from crypto.keyring import KeyRing
 from crypto.tokens import new_token
 from ingest.keys import DATA_KEYS, SWEEPER
 from ingest.routes_core import email_context
-from storage import installations
+from storage import installations, keystore
 from storage.partitions import ensure_partitions, partition_name, partitions_of
 from storage.pool import connect
 from storage.sweeper import SWEEPER_LOCK, Rules, sweep
@@ -38,13 +40,17 @@ async def partitions_around(conn, at: dt.datetime, *, back: int, ahead: int = 1)
     await ensure_partitions(conn, at.date(), days_back=back, days_ahead=ahead)
 
 
-async def add_installation(conn, ring: KeyRing, *, enrolled_at: dt.datetime = T0 - 10 * DAY,
+async def add_installation(conn, ks, ring: KeyRing, *, enrolled_at: dt.datetime = T0 - 10 * DAY,
                            last_seen_at: dt.datetime | None = None, retention_hours: int = 720) -> uuid.UUID:
-    """An enrolled installation (data key 1, installation token) with the given times."""
+    """An enrolled installation (data key 1 in the key store, installation token) with the given times."""
     install_id = uuid.uuid4()
     kek_id, wrapped = new_wrapped_key(ring, install_id, 1)
     token_id, _, token_hash = new_token("installation")
-    await installations.enroll(conn, install_id, kek_id=kek_id, wrapped_key=wrapped, token_id=token_id, token_hash=token_hash)
+
+    async def store_key():
+        await keystore.add_first_key(ks, install_id, kek_id, wrapped)
+
+    await installations.enroll(conn, install_id, token_id=token_id, token_hash=token_hash, store_key=store_key)
     await conn.execute(
         "UPDATE installations SET enrolled_at = $2, last_seen_at = $3, scan_retention_hours = $4 WHERE install_id = $1",
         install_id, enrolled_at, last_seen_at, retention_hours,
@@ -92,15 +98,15 @@ def ring(master_key) -> KeyRing:
 # ------------------------------------------------------------------ heartbeat history
 
 
-async def test_heartbeat_history_past_retention_is_gone_and_one_second_short_survives(db, ring):
+async def test_heartbeat_history_past_retention_is_gone_and_one_second_short_survives(db, ring, ks):
     await partitions_around(db, T0, back=40)
-    install_id = await add_installation(db, ring, last_seen_at=T0)
+    install_id = await add_installation(db, ks, ring, last_seen_at=T0)
     cutoff = T0 - 30 * DAY
     old_day = T0 - 35 * DAY  # in a partition that lies wholly past the retention
     for at in (old_day, cutoff - SECOND, cutoff, cutoff + SECOND, T0 - DAY):
         await add_heartbeat(db, install_id, at)
 
-    result = await sweep(db, T0, Rules(heartbeat_retention=30 * DAY))
+    result = await sweep(db, ks, T0, Rules(heartbeat_retention=30 * DAY))
 
     assert result.swept
     assert await heartbeat_times(db) == [cutoff + SECOND, T0 - DAY]
@@ -113,13 +119,13 @@ async def test_heartbeat_history_past_retention_is_gone_and_one_second_short_sur
     assert audit["actor"] == "sweeper" and audit["detail"]["heartbeats"] == 3 and audit["detail"]["partitions"] >= 1
 
     # The next sweep, a second later, takes the row that has now expired; nothing else.
-    again = await sweep(db, T0 + SECOND, Rules(heartbeat_retention=30 * DAY))
+    again = await sweep(db, ks, T0 + SECOND, Rules(heartbeat_retention=30 * DAY))
     assert again.rows_deleted["heartbeats"] == 1 and await heartbeat_times(db) == [T0 - DAY]
 
 
-async def test_rows_are_deleted_in_bounded_batches(db, ring):
+async def test_rows_are_deleted_in_bounded_batches(db, ring, ks):
     await partitions_around(db, T0, back=31)
-    install_id = await add_installation(db, ring, last_seen_at=T0)
+    install_id = await add_installation(db, ks, ring, last_seen_at=T0)
     cutoff = T0 - 30 * DAY
     for i in range(11):
         await add_heartbeat(db, install_id, cutoff - i * SECOND)
@@ -127,7 +133,7 @@ async def test_rows_are_deleted_in_bounded_batches(db, ring):
     statements = []
     db.add_query_logger(lambda q: statements.append(q.query) if q.query.startswith("DELETE") else None)
 
-    result = await sweep(db, T0, Rules(heartbeat_retention=30 * DAY, batch_rows=4))
+    result = await sweep(db, ks, T0, Rules(heartbeat_retention=30 * DAY, batch_rows=4))
 
     assert result.rows_deleted["heartbeats"] == 11
     assert await heartbeat_times(db) == [cutoff + SECOND]
@@ -135,16 +141,16 @@ async def test_rows_are_deleted_in_bounded_batches(db, ring):
     assert len([s for s in statements if "heartbeats_p" in s]) == 3
 
 
-async def test_nothing_to_remove_writes_no_audit_row(db):
-    result = await sweep(db, T0)
+async def test_nothing_to_remove_writes_no_audit_row(db, ks):
+    result = await sweep(db, ks, T0)
     assert result.swept and not result.removed_anything
     assert await db.fetchval("SELECT count(*) FROM audit_log WHERE action = 'sweep'") == 0
 
 
-async def test_partitions_are_made_ahead(db):
-    result = await sweep(db, T0)
+async def test_partitions_are_made_ahead(db, ks):
+    result = await sweep(db, ks, T0)
     assert result.partitions_created == 10  # yesterday to 3 days ahead, heartbeats and scans
-    assert (await sweep(db, T0)).partitions_created == 0
+    assert (await sweep(db, ks, T0)).partitions_created == 0
     for table in ("heartbeats", "scans"):
         days = await partition_days(db, table)
         assert {(T0 + i * DAY).date() for i in range(4)} <= set(days)
@@ -153,9 +159,9 @@ async def test_partitions_are_made_ahead(db):
 # ------------------------------------------------------------------ scans
 
 
-async def test_scans_expire_at_24_48_and_720_hours(db, ring):
+async def test_scans_expire_at_24_48_and_720_hours(db, ring, ks):
     await partitions_around(db, T0, back=1, ahead=32)
-    ids = {h: await add_installation(db, ring, last_seen_at=T0 + 40 * DAY, retention_hours=h) for h in (24, 48, 720)}
+    ids = {h: await add_installation(db, ks, ring, last_seen_at=T0 + 40 * DAY, retention_hours=h) for h in (24, 48, 720)}
     received = T0 + HOUR
     at = {h: await add_scan(db, ids[h], received) for h in ids}
     # one second younger: one second short of expiry when its elders go
@@ -163,7 +169,7 @@ async def test_scans_expire_at_24_48_and_720_hours(db, ring):
 
     for hours in (24, 48, 720):
         t = received + dt.timedelta(hours=hours)
-        result = await sweep(db, t)
+        result = await sweep(db, ks, t)
         left = await scan_ids(db)
         assert at[hours] not in left, f"{hours} h scan survived its expiry"
         assert later[hours] in left, f"{hours} h scan one second short of expiry was deleted"
@@ -174,49 +180,49 @@ async def test_scans_expire_at_24_48_and_720_hours(db, ring):
         assert {at[h] for h in ids if h > hours} | {later[h] for h in ids if h >= hours} <= left
 
 
-async def test_scan_partition_past_maximum_retention_is_dropped(db, ring):
+async def test_scan_partition_past_maximum_retention_is_dropped(db, ring, ks):
     await partitions_around(db, T0, back=1, ahead=1)
-    install_id = await add_installation(db, ring, last_seen_at=T0 + 40 * DAY)
+    install_id = await add_installation(db, ks, ring, last_seen_at=T0 + 40 * DAY)
     for i in range(3):
         await add_scan(db, install_id, T0 + i * HOUR)
     day = T0.date()
     # Killed sweeps aside, the rows are deleted within an interval of their expiry...
-    result = await sweep(db, T0 + 720 * HOUR + 3 * HOUR)
+    result = await sweep(db, ks, T0 + 720 * HOUR + 3 * HOUR)
     assert result.rows_deleted["scans"] == 3 and await scan_ids(db) == set()
     assert day in await partition_days(db, "scans")
     # ...and once the whole day is past 720 h, its partition (and its dead space) goes at once.
     end_of_day = dt.datetime.combine(day + DAY, dt.time(), UTC)
-    result = await sweep(db, end_of_day + 720 * HOUR)
+    result = await sweep(db, ks, end_of_day + 720 * HOUR)
     assert result.partitions_dropped["scans"] >= 1
     assert day not in await partition_days(db, "scans")
 
 
-async def test_a_whole_expired_day_goes_by_partition_drop(db, ring):
+async def test_a_whole_expired_day_goes_by_partition_drop(db, ring, ks):
     """After an outage: a day of scans all past 720 h is dropped whole, its rows counted."""
     await partitions_around(db, T0, back=1, ahead=1)
-    install_id = await add_installation(db, ring, last_seen_at=T0 + 40 * DAY)
+    install_id = await add_installation(db, ks, ring, last_seen_at=T0 + 40 * DAY)
     for i in range(5):
         await add_scan(db, install_id, T0 + i * HOUR)
     statements = []
     db.add_query_logger(lambda q: statements.append(q.query))
-    result = await sweep(db, T0 + 40 * DAY)
+    result = await sweep(db, ks, T0 + 40 * DAY)
     assert result.rows_deleted["scans"] == 5 and result.partitions_dropped["scans"] >= 1
     assert not [s for s in statements if s.startswith("DELETE FROM scans_p")  and "ctid" in s and T0.strftime("%Y%m%d") in s]
     assert await scan_ids(db) == set()
 
 
-async def test_shortened_retention_applies_to_stored_scans_at_the_next_sweep(db, ring):
+async def test_shortened_retention_applies_to_stored_scans_at_the_next_sweep(db, ring, ks):
     from storage.scans import set_retention
 
     await partitions_around(db, T0, back=1, ahead=2)
-    install_id = await add_installation(db, ring, last_seen_at=T0 + 40 * DAY)
+    install_id = await add_installation(db, ks, ring, last_seen_at=T0 + 40 * DAY)
     scan_id = await add_scan(db, install_id, T0)
-    assert (await sweep(db, T0 + 25 * HOUR)).rows_deleted["scans"] == 0
+    assert (await sweep(db, ks, T0 + 25 * HOUR)).rows_deleted["scans"] == 0
     assert scan_id in await scan_ids(db)
 
     await set_retention(db, install_id, 24)
 
-    result = await sweep(db, T0 + 25 * HOUR)
+    result = await sweep(db, ks, T0 + 25 * HOUR)
     assert result.rows_deleted["scans"] == 1 and scan_id not in await scan_ids(db)
 
 
@@ -264,47 +270,48 @@ async def test_shortening_retention_over_http_takes_effect_at_the_next_sweep(ser
 # ------------------------------------------------------------------ inactive installations
 
 
-async def test_inactive_installations_are_erased_keys_first(db, ring):
+async def test_inactive_installations_are_erased_keys_first(db, ring, ks):
     await partitions_around(db, T0, back=2)
     inactive = 400 * DAY
-    gone_seen = await add_installation(db, ring, enrolled_at=T0 - 900 * DAY, last_seen_at=T0 - inactive)
-    gone_never = await add_installation(db, ring, enrolled_at=T0 - inactive - SECOND)
-    kept_seen = await add_installation(db, ring, enrolled_at=T0 - 900 * DAY, last_seen_at=T0 - inactive + SECOND)
-    kept_new = await add_installation(db, ring, enrolled_at=T0 - DAY)
+    gone_seen = await add_installation(db, ks, ring, enrolled_at=T0 - 900 * DAY, last_seen_at=T0 - inactive)
+    gone_never = await add_installation(db, ks, ring, enrolled_at=T0 - inactive - SECOND)
+    kept_seen = await add_installation(db, ks, ring, enrolled_at=T0 - 900 * DAY, last_seen_at=T0 - inactive + SECOND)
+    kept_new = await add_installation(db, ks, ring, enrolled_at=T0 - DAY)
     for i in (gone_seen, kept_seen):
         await add_heartbeat(db, i, T0 - DAY)
 
-    result = await sweep(db, T0, Rules(inactive=inactive, erase_grace=0))
+    result = await sweep(db, ks, T0, Rules(inactive=inactive, erase_grace=0))
 
     assert result.installations_erased == 2
     left = {r["install_id"] for r in await db.fetch("SELECT install_id FROM installations")}
     assert left == {kept_seen, kept_new}
-    for table in ("data_keys", "heartbeats", "scans", "agents"):
+    for table in ("heartbeats", "scans", "agents"):
         assert await db.fetchval(f"SELECT count(*) FROM {table} WHERE install_id = ANY($1::uuid[])", [gone_seen, gone_never]) == 0
+    assert await ks.fetchval("SELECT count(*) FROM data_keys WHERE install_id = ANY($1::uuid[])", [gone_seen, gone_never]) == 0
+    assert set(await keystore.tombstones(ks)) == {gone_seen, gone_never}
     assert await db.fetchval("SELECT count(*) FROM tokens WHERE revoked_at IS NULL AND install_id IS NULL AND role = 'installation'") == 0
     # keys destroyed (first transaction) before the rows went (second); both audited, by the sweeper
     for install_id in (gone_seen, gone_never):
         actions = [(r["actor"], r["action"]) for r in await db.fetch(
             "SELECT actor, action FROM audit_log WHERE install_id = $1 ORDER BY id", install_id)]
         assert actions == [("sweeper", "installation.erase"), ("sweeper", "installation.erased")]
-    assert await db.fetchval("SELECT count(*) FROM data_keys WHERE install_id = ANY($1::uuid[])", [kept_seen, kept_new]) == 2
+    assert await ks.fetchval("SELECT count(*) FROM data_keys WHERE install_id = ANY($1::uuid[])", [kept_seen, kept_new]) == 2
 
 
-async def test_an_erasure_cut_short_is_finished_by_a_later_sweep(db, ring):
+async def test_an_erasure_cut_short_is_finished_by_a_later_sweep(db, ring, ks):
     """A process killed after the keys were destroyed: the installation stays marked, the sweeper finishes it."""
-    from storage.admin import begin_erasure
 
     await partitions_around(db, T0, back=2)
-    cut = await add_installation(db, ring, last_seen_at=T0)
-    in_flight = await add_installation(db, ring, last_seen_at=T0)
+    cut = await add_installation(db, ks, ring, last_seen_at=T0)
+    in_flight = await add_installation(db, ks, ring, last_seen_at=T0)
     for i in (cut, in_flight):
         await add_heartbeat(db, i, T0 - DAY)
-        await begin_erasure(db, i, "tid_admin")
-    assert await db.fetchval("SELECT count(*) FROM data_keys WHERE install_id = ANY($1::uuid[])", [cut, in_flight]) == 0
+        await rights.begin_erasure(db, ks, i, "tid_admin")
+    assert await ks.fetchval("SELECT count(*) FROM data_keys WHERE install_id = ANY($1::uuid[])", [cut, in_flight]) == 0
     # the first was revoked long ago (its process died); the second is an admin erasure running right now
     await db.execute("UPDATE tokens SET revoked_at = now() - interval '1 hour' WHERE install_id = $1", cut)
 
-    await sweep(db, T0)
+    await sweep(db, ks, T0)
 
     left = {r["install_id"] for r in await db.fetch("SELECT install_id FROM installations")}
     assert cut not in left and in_flight in left
@@ -327,9 +334,9 @@ async def test_a_heartbeat_after_erasure_is_refused(service, db):
 # ------------------------------------------------------------------ one sweeper, and killed sweeps
 
 
-async def test_two_sweepers_at_once_only_one_works(db_dsn, db, ring):
+async def test_two_sweepers_at_once_only_one_works(db_dsn, db, ring, ks):
     await partitions_around(db, T0, back=40)
-    install_id = await add_installation(db, ring, last_seen_at=T0)
+    install_id = await add_installation(db, ks, ring, last_seen_at=T0)
     await add_heartbeat(db, install_id, T0 - 31 * DAY)
     a, b, blocker = await connect(db_dsn), await connect(db_dsn), await connect(db_dsn)
     try:
@@ -337,41 +344,41 @@ async def test_two_sweepers_at_once_only_one_works(db_dsn, db, ring):
         tx = blocker.transaction()
         await tx.start()
         await blocker.execute("LOCK TABLE installations IN ACCESS EXCLUSIVE MODE")
-        first = asyncio.create_task(sweep(a, T0))
+        first = asyncio.create_task(sweep(a, ks, T0))
         for _ in range(100):
             if await db.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1 AND granted",
                                  SWEEPER_LOCK & 0xFFFFFFFF):
                 break
             await asyncio.sleep(0.02)
-        second = await sweep(b, T0)
+        second = await sweep(b, ks, T0)
         assert not second.swept and not second.removed_anything
         await tx.rollback()
         done = await first
         assert done.swept and done.rows_deleted["heartbeats"] == 1
         # the lock is free again afterwards
-        assert (await sweep(b, T0)).swept
+        assert (await sweep(b, ks, T0)).swept
     finally:
         for c in (a, b, blocker):
             await c.close()
 
 
-async def test_a_sweeper_whose_connection_dies_releases_the_lock(db_dsn, db):
+async def test_a_sweeper_whose_connection_dies_releases_the_lock(db_dsn, db, ks):
     holder = await connect(db_dsn)
     assert await holder.fetchval("SELECT pg_try_advisory_lock($1)", SWEEPER_LOCK)
-    assert not (await sweep(db, T0)).swept
+    assert not (await sweep(db, ks, T0)).swept
     holder.terminate()  # a killed process: its session, and the lock, end with it
     for _ in range(50):
-        if (await sweep(db, T0)).swept:
+        if (await sweep(db, ks, T0)).swept:
             break
         await asyncio.sleep(0.05)
     else:
         pytest.fail("the lock of a dead session was not released")
 
 
-async def test_a_detach_cut_short_is_finished_by_the_next_sweep(db_dsn, db, ring):
+async def test_a_detach_cut_short_is_finished_by_the_next_sweep(db_dsn, db, ring, ks):
     """Killed between the two transactions of DETACH ... CONCURRENTLY: the partition is left pending."""
     await partitions_around(db, T0, back=40)
-    install_id = await add_installation(db, ring, last_seen_at=T0)
+    install_id = await add_installation(db, ks, ring, last_seen_at=T0)
     old = T0 - 35 * DAY
     await add_heartbeat(db, install_id, old)
     name = partition_name("heartbeats", old.date())
@@ -389,16 +396,16 @@ async def test_a_detach_cut_short_is_finished_by_the_next_sweep(db_dsn, db, ring
         await detacher.close()
     assert await db.fetchval("SELECT count(*) FROM pg_inherits WHERE inhrelid = to_regclass($1) AND inhdetachpending", name) == 1
 
-    result = await sweep(db, T0)
+    result = await sweep(db, ks, T0)
 
     assert await db.fetchval("SELECT to_regclass($1)", name) is None
     assert result.rows_deleted["heartbeats"] == 1
     assert await heartbeat_times(db) == []
 
 
-async def test_a_long_transaction_delays_a_partition_drop_but_not_the_deletion(db_dsn, db, ring):
+async def test_a_long_transaction_delays_a_partition_drop_but_not_the_deletion(db_dsn, db, ring, ks):
     await partitions_around(db, T0, back=40, ahead=3)
-    install_id = await add_installation(db, ring, last_seen_at=T0)
+    install_id = await add_installation(db, ks, ring, last_seen_at=T0)
     old = T0 - 35 * DAY
     await add_heartbeat(db, install_id, old)
     await add_heartbeat(db, install_id, T0 - HOUR)
@@ -407,20 +414,20 @@ async def test_a_long_transaction_delays_a_partition_drop_but_not_the_deletion(d
         tx = reader.transaction()
         await tx.start()
         await reader.fetchval("SELECT count(*) FROM heartbeats")  # e.g. a long report
-        result = await sweep(db, T0, Rules(lock_timeout=0.3))
+        result = await sweep(db, ks, T0, Rules(lock_timeout=0.3))
         assert result.deferred == ["dropping partitions of heartbeats"]
         # The rows are gone all the same (row locks only); the partition goes when the reader is done.
         assert result.rows_deleted["heartbeats"] == 1 and await heartbeat_times(db) == [T0 - HOUR]
         await tx.rollback()
     finally:
         await reader.close()
-    result = await sweep(db, T0, Rules(lock_timeout=0.3))
+    result = await sweep(db, ks, T0, Rules(lock_timeout=0.3))
     assert not result.deferred and result.partitions_dropped["heartbeats"] >= 1
     assert await db.fetchval("SELECT count(*) FROM pg_inherits WHERE inhdetachpending") == 0
     assert min(await partition_days(db, "heartbeats")) == (T0 - 30 * DAY).date()
 
 
-async def test_making_a_partition_never_keeps_writers_waiting_long(db_dsn, db, ring):
+async def test_making_a_partition_never_keeps_writers_waiting_long(db_dsn, db, ring, ks):
     """CREATE TABLE ... PARTITION OF needs the parent exclusively; behind a long reader it gives up fast."""
     await partitions_around(db, T0, back=1, ahead=0)
     reader, writer = await connect(db_dsn), await connect(db_dsn)
@@ -429,36 +436,36 @@ async def test_making_a_partition_never_keeps_writers_waiting_long(db_dsn, db, r
         await tx.start()
         await reader.fetchval("SELECT count(*) FROM heartbeats")
         started = time.perf_counter()
-        result = await sweep(db, T0, Rules(lock_timeout=5))
+        result = await sweep(db, ks, T0, Rules(lock_timeout=5))
         assert "creating partitions" in result.deferred
         assert time.perf_counter() - started < 3
-        install_id = await add_installation(writer, ring, last_seen_at=T0)
+        install_id = await add_installation(writer, ks, ring, last_seen_at=T0)
         await add_heartbeat(writer, install_id, T0)  # nothing left queued in front of writers
         await tx.rollback()
     finally:
         await reader.close()
         await writer.close()
-    result = await sweep(db, T0)
+    result = await sweep(db, ks, T0)
     assert not result.deferred and result.partitions_created == 6  # 3 days ahead, heartbeats and scans
     assert {(T0 + i * DAY).date() for i in range(4)} <= set(await partition_days(db, "heartbeats"))
 
 
-async def test_a_partition_detached_but_not_dropped_is_dropped_by_the_next_sweep(db, ring):
+async def test_a_partition_detached_but_not_dropped_is_dropped_by_the_next_sweep(db, ring, ks):
     await partitions_around(db, T0, back=40)
-    install_id = await add_installation(db, ring, last_seen_at=T0)
+    install_id = await add_installation(db, ks, ring, last_seen_at=T0)
     old = T0 - 35 * DAY
     await add_heartbeat(db, install_id, old)
     name = partition_name("heartbeats", old.date())
     await db.execute(f"ALTER TABLE heartbeats DETACH PARTITION {name}")  # killed right after this
 
-    result = await sweep(db, T0)
+    result = await sweep(db, ks, T0)
 
     assert await db.fetchval("SELECT to_regclass($1)", name) is None
     assert result.rows_deleted["heartbeats"] == 1 and result.partitions_dropped["heartbeats"] >= 1
 
 
 @pytest.mark.fault
-async def test_a_sweep_killed_at_any_point_is_finished_by_the_next(db_dsn, db, ring):
+async def test_a_sweep_killed_at_any_point_is_finished_by_the_next(db_dsn, db, ring, ks):
     """Kill the sweeper's session after its n-th statement, for n across a whole sweep; the next sweep always
     ends in the same state, and the state in between is never inconsistent."""
     rules = Rules(batch_rows=3, erase_grace=0)
@@ -466,16 +473,16 @@ async def test_a_sweep_killed_at_any_point_is_finished_by_the_next(db_dsn, db, r
 
     async def setup():
         await partitions_around(db, T0, back=40)
-        keep = await add_installation(db, ring, last_seen_at=T0)
+        keep = await add_installation(db, ks, ring, last_seen_at=T0)
         for d in range(35, 25, -1):
             for h in (0, 6, 12, 18):
                 await add_heartbeat(db, keep, T0 - d * DAY + h * HOUR)
-        gone = await add_installation(db, ring, enrolled_at=T0 - 500 * DAY, last_seen_at=T0 - 401 * DAY)
+        gone = await add_installation(db, ks, ring, enrolled_at=T0 - 500 * DAY, last_seen_at=T0 - 401 * DAY)
         return gone, sorted(t for t in await heartbeat_times(db) if t > cutoff)
 
     async def consistent(gone):
         state = await db.fetchrow("SELECT erasing FROM installations WHERE install_id = $1", gone)
-        keys = await db.fetchval("SELECT count(*) FROM data_keys WHERE install_id = $1", gone)
+        keys = await ks.fetchval("SELECT count(*) FROM data_keys WHERE install_id = $1", gone)
         # never half-erased the wrong way round: rows without keys, or keys of an installation marked erasing
         assert (state is None and keys == 0) or (state["erasing"] and keys == 0) or (not state["erasing"] and keys == 1)
 
@@ -483,7 +490,7 @@ async def test_a_sweep_killed_at_any_point_is_finished_by_the_next(db_dsn, db, r
     gone, expected = await setup()
     probe = await connect(db_dsn)
     probe.add_query_logger(lambda q: statements.append(q.query))
-    await sweep(probe, T0, rules)
+    await sweep(probe, ks, T0, rules)
     await probe.close()
     total = len(statements)
     assert total > 20 and await heartbeat_times(db) == expected
@@ -504,7 +511,7 @@ async def test_a_sweep_killed_at_any_point_is_finished_by_the_next(db_dsn, db, r
 
         victim.add_query_logger(kill_after)
         try:
-            await sweep(victim, T0, rules)
+            await sweep(victim, ks, T0, rules)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
             pass  # the session died under it
         for k in kills:
@@ -512,7 +519,7 @@ async def test_a_sweep_killed_at_any_point_is_finished_by_the_next(db_dsn, db, r
         victim.terminate()
         await consistent(gone)
         for _ in range(100):  # the killed session's lock goes with it
-            result = await sweep(db, T0, rules)
+            result = await sweep(db, ks, T0, rules)
             if result.swept:
                 break
             await asyncio.sleep(0.05)
@@ -528,11 +535,11 @@ async def test_a_sweep_killed_at_any_point_is_finished_by_the_next(db_dsn, db, r
 # ------------------------------------------------------------------ in serve, metrics, command line
 
 
-async def test_the_sweeper_runs_inside_serve_every_interval(db_dsn, master_key, tmp_path, db):
+async def test_the_sweeper_runs_inside_serve_every_interval(db_dsn, master_key, tmp_path, db, ks):
     now = dt.datetime.now(UTC)
     await partitions_around(db, now, back=32)
     ring = KeyRing.from_setting(master_key)
-    install_id = await add_installation(db, ring, last_seen_at=now)
+    install_id = await add_installation(db, ks, ring, last_seen_at=now)
     await add_heartbeat(db, install_id, now - 31 * DAY)
     await add_heartbeat(db, install_id, now - HOUR)
     async with start_service(db_dsn, master_key, tmp_path, sweep_interval=0.2) as svc:
@@ -554,11 +561,11 @@ def metric(text: str, name: str) -> float:
     return float(m.group(1))
 
 
-async def test_metrics_show_what_a_sweep_removed_and_the_oldest_ages(service, db, ring):
+async def test_metrics_show_what_a_sweep_removed_and_the_oldest_ages(service, db, ring, ks):
     now = dt.datetime.now(UTC).replace(microsecond=0)
     await partitions_around(db, now, back=35)
     ring = KeyRing.from_setting(service.settings.master_key)
-    install_id = await add_installation(db, ring, last_seen_at=now, retention_hours=24)
+    install_id = await add_installation(db, ks, ring, last_seen_at=now, retention_hours=24)
     await add_heartbeat(db, install_id, now - 33 * DAY)
     await add_heartbeat(db, install_id, now - 10 * DAY)
     await add_scan(db, install_id, now - 2 * DAY)  # expired (24 h)
@@ -576,10 +583,10 @@ async def test_metrics_show_what_a_sweep_removed_and_the_oldest_ages(service, db
     assert metric(text, "telemetry_sweep_last_success_timestamp_seconds") > 0
 
 
-async def test_a_worker_that_does_not_get_the_lock_still_reports_the_ages(service, db):
+async def test_a_worker_that_does_not_get_the_lock_still_reports_the_ages(service, db, ks):
     now = dt.datetime.now(UTC).replace(microsecond=0)
     ring = KeyRing.from_setting(service.settings.master_key)
-    install_id = await add_installation(db, ring, last_seen_at=now)
+    install_id = await add_installation(db, ks, ring, last_seen_at=now)
     await add_heartbeat(db, install_id, now - 2 * HOUR)
     assert await db.fetchval("SELECT pg_try_advisory_lock($1)", SWEEPER_LOCK)
     try:
@@ -593,11 +600,11 @@ async def test_a_worker_that_does_not_get_the_lock_still_reports_the_ages(servic
     assert metric(text, "telemetry_sweep_last_success_timestamp_seconds") == 0
 
 
-async def test_sweep_once_from_the_command_line(service, db):
+async def test_sweep_once_from_the_command_line(service, db, ks):
     now = dt.datetime.now(UTC)
     await partitions_around(db, now, back=32)
     ring = KeyRing.from_setting(service.settings.master_key)
-    install_id = await add_installation(db, ring, last_seen_at=now)
+    install_id = await add_installation(db, ks, ring, last_seen_at=now)
     await add_heartbeat(db, install_id, now - 31 * DAY)
 
     out = service.cli("sweep", "--once").stdout
@@ -614,7 +621,7 @@ async def test_sweep_once_from_the_command_line(service, db):
 # ------------------------------------------------------------------ data keys: counted, replaced, picked up
 
 
-async def test_seals_are_counted_and_a_worn_key_is_replaced(service, db):
+async def test_seals_are_counted_and_a_worn_key_is_replaced(service, db, ks):
     install_id, token = await service.enroll()
     for _ in range(3):
         status, _, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, email="a@example.com"))
@@ -623,14 +630,14 @@ async def test_seals_are_counted_and_a_worn_key_is_replaced(service, db):
     sweeper.rules = Rules(data_key_max_uses=4)
     now = dt.datetime.now(UTC)
     result = await sweeper.run_once(now)
-    assert await db.fetchval("SELECT uses FROM data_keys WHERE install_id = $1 AND key_id = 1", install_id) == 3
+    assert await ks.fetchval("SELECT uses FROM data_keys WHERE install_id = $1 AND key_id = 1", install_id) == 3
     assert result.data_keys_added == 0
 
     status, _, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, email="b@example.com"))
     assert status == 200
     result = await sweeper.run_once(now)
     assert result.data_keys_added == 1
-    row = await db.fetchrow("SELECT kek_id, uses FROM data_keys WHERE install_id = $1 AND key_id = 2", install_id)
+    row = await ks.fetchrow("SELECT kek_id, uses FROM data_keys WHERE install_id = $1 AND key_id = 2", install_id)
     assert row["kek_id"] == service.app[DATA_KEYS]._ring.primary_id and row["uses"] == 0
 
     # Workers pick the new key up when their cache entry expires (here: at once).
@@ -640,35 +647,35 @@ async def test_seals_are_counted_and_a_worn_key_is_replaced(service, db):
     email_ct = bytes(await db.fetchval("SELECT email_ct FROM installations WHERE install_id = $1", install_id))
     assert key_id_of(email_ct) == 2
     ring = KeyRing.from_setting(service.settings.master_key)
-    key = await DataKeyCache(ring, _loader(db)).get(install_id, 2)
+    key = await DataKeyCache(ring, _loader(ks)).get(install_id, 2)
     assert open_(key, email_ct, email_context(install_id)) == b"c@example.com"
 
 
-async def test_an_old_key_is_replaced_by_age(db, ring):
-    install_id = await add_installation(db, ring, last_seen_at=T0)
-    await db.execute("UPDATE data_keys SET created_at = $2 WHERE install_id = $1", install_id, T0 - 91 * DAY)
+async def test_an_old_key_is_replaced_by_age(db, ring, ks):
+    install_id = await add_installation(db, ks, ring, last_seen_at=T0)
+    await ks.execute("UPDATE data_keys SET created_at = $2 WHERE install_id = $1", install_id, T0 - 91 * DAY)
     made = lambda i, k: new_wrapped_key(ring, i, k)  # noqa: E731
-    assert (await sweep(db, T0, Rules(data_key_max_age=90 * DAY), new_key=made)).data_keys_added == 1
-    assert (await sweep(db, T0, Rules(data_key_max_age=90 * DAY), new_key=made)).data_keys_added == 0
-    rows = await db.fetch("SELECT key_id, kek_id, wrapped FROM data_keys WHERE install_id = $1 ORDER BY key_id", install_id)
+    assert (await sweep(db, ks, T0, Rules(data_key_max_age=90 * DAY), new_key=made)).data_keys_added == 1
+    assert (await sweep(db, ks, T0, Rules(data_key_max_age=90 * DAY), new_key=made)).data_keys_added == 0
+    rows = await ks.fetch("SELECT key_id, kek_id, wrapped FROM data_keys WHERE install_id = $1 ORDER BY key_id", install_id)
     assert [r["key_id"] for r in rows] == [1, 2]
     assert len(ring.unwrap(rows[1]["kek_id"], rows[1]["wrapped"], wrap_context(install_id, 2))) == 32
 
 
 def _loader(conn):
     async def load(install_id):
-        return [(r["key_id"], r["kek_id"], r["wrapped"]) for r in await installations.data_keys(conn, install_id)]
+        return [(r["key_id"], r["kek_id"], r["wrapped"]) for r in await keystore.keys_of(conn, install_id)]
 
     return load
 
 
-async def test_the_data_key_cache_picks_up_a_new_key_after_its_ttl(db, ring):
-    install_id = await add_installation(db, ring, last_seen_at=T0)
+async def test_the_data_key_cache_picks_up_a_new_key_after_its_ttl(db, ring, ks):
+    install_id = await add_installation(db, ks, ring, last_seen_at=T0)
     clock = [0.0]
-    cache = DataKeyCache(ring, _loader(db), ttl=300, clock=lambda: clock[0])
+    cache = DataKeyCache(ring, _loader(ks), ttl=300, clock=lambda: clock[0])
     assert (await cache.current(install_id)).key_id == 1
     kek_id, wrapped = new_wrapped_key(ring, install_id, 2)
-    await db.execute("INSERT INTO data_keys (install_id, key_id, kek_id, wrapped) VALUES ($1, 2, $2, $3)", install_id, kek_id, wrapped)
+    await ks.execute("INSERT INTO data_keys (install_id, key_id, kek_id, wrapped) VALUES ($1, 2, $2, $3)", install_id, kek_id, wrapped)
     clock[0] = 299
     assert (await cache.current(install_id)).key_id == 1  # still valid: sealing with it is fine
     assert (await cache.get(install_id, 2)).key_id == 2  # an unknown id reloads at once
