@@ -8,7 +8,7 @@ from aiohttp import web
 
 from crypto.datakeys import DataKeyCache
 from crypto.keyring import KeyRing
-from ingest import openapi, routes_admin, routes_core, routes_ops, routes_scans
+from ingest import deadline, openapi, routes_admin, routes_core, routes_ops, routes_scans
 from ingest.auth import auth_ctx
 from ingest.batching import GroupCommitWriter
 from ingest.keys import DATA_KEYS, HEARTBEAT_WRITER, KEYRING, METRICS, POOL, SETTINGS
@@ -19,7 +19,7 @@ from ingest.sweeper_ctx import sweeper_ctx
 from storage import installations
 from storage.migrate import migrate
 from storage.partitions import ensure_partitions
-from storage.pool import acquire_within, check_durability, create_pool
+from storage.pool import check_durability, create_pool
 
 
 async def storage_ctx(app: web.Application):
@@ -45,7 +45,7 @@ async def keys_ctx(app: web.Application):
     pool = app[POOL]
 
     async def load(install_id):
-        async with acquire_within(pool, app[SETTINGS].db_timeout) as conn:
+        async with deadline.connection(app) as conn:  # within the request's deadline, if a request loads it
             return [(r["key_id"], r["kek_id"], r["wrapped"]) for r in await installations.data_keys(conn, install_id)]
 
     app[KEYRING] = ring

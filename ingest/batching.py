@@ -18,6 +18,7 @@ from typing import Any, Generic, TypeVar
 
 import asyncpg
 
+from ingest import deadline as request_deadline
 from ingest.errors import Invalid, Unavailable
 from ingest.metrics import Metrics
 from storage.partitions import ensure_partitions
@@ -87,7 +88,10 @@ class GroupCommitWriter(Generic[T]):
             raise Unavailable("ingest queue is full", headers={"Retry-After": str(self._retry_after)})
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        deadline = None if self._timeout is None else loop.time() + self._timeout + size / _BYTES_PER_SECOND
+        # The request's own deadline (ingest.deadline), so the commit shares it with the token lookup
+        # and the data key; outside a request (tests of the writer alone), timeout from now.
+        base = request_deadline.current(self._timeout)
+        deadline = None if base is None else base + size / _BYTES_PER_SECOND
         try:
             self._queue.put_nowait((record, size, fut, deadline))
         except asyncio.QueueFull:

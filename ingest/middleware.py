@@ -15,6 +15,7 @@ from aiohttp import web
 
 from crypto.errors import CryptoError
 from crypto.tokens import role_of
+from ingest import deadline
 from ingest.errors import Invalid, MethodNotAllowed, NotFoundProblem, Problem, TooLarge, Unavailable
 from ingest.keys import METRICS, SETTINGS
 from storage.errors import DatabaseUnavailable
@@ -128,6 +129,8 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
     started = time.perf_counter()
     status = 500
     request_id = request_id_of(request)
+    # From here every wait of this request for the database shares one deadline (ingest.deadline).
+    token = deadline.begin(request.app[SETTINGS].db_timeout)
     try:
         response = await handler(request)
         status = response.status
@@ -135,6 +138,7 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
             response.headers[REQUEST_ID_HEADER] = request_id
         return response
     finally:
+        deadline.end(token)
         elapsed = time.perf_counter() - started
         route = route_of(request)
         method = method_of(request)

@@ -23,6 +23,7 @@ from aiohttp import web
 from crypto.documents import canonical, content_digest, content_mac, seal_document
 from crypto.envelope import DataKey
 from crypto.tokens import new_token
+from ingest import deadline
 from ingest.batching import GroupCommitWriter
 from ingest.body import check_content_type, content_encoding, inflate, parse_object, read_json, read_raw
 from ingest.errors import Conflict, Forbidden, Invalid, NotFoundProblem, RestrictedProblem, Unauthorized
@@ -66,12 +67,13 @@ async def create_agent(request: web.Request) -> web.Response:
     """POST /v1/agents: an installation registers an agent and gets its token (shown once)."""
     app = request.app
     principal = await app[AUTH].authenticate(request, "installation")
-    doc, _, _ = await read_json(request, limit=SMALL_BODY, decoded_limit=SMALL_BODY)
+    with deadline.not_counted():
+        doc, _, _ = await read_json(request, limit=SMALL_BODY, decoded_limit=SMALL_BODY)
     kept, _ = _AGENT.filter_document(doc)  # nothing else of this body is stored, so extras are ignored
     agent_id = uuid.uuid4()
     token_id, token, token_hash = new_token("agent")
     try:
-        async with app[POOL].acquire() as conn:
+        async with deadline.connection(app) as conn:
             await agent_store.create(conn, principal.install_id, agent_id, kept["name"], token_id=token_id, token_hash=token_hash)
     except NotFound:
         raise Unauthorized("this installation no longer exists") from None
@@ -87,7 +89,7 @@ async def delete_agent(request: web.Request) -> web.Response:
     except ValueError:
         raise NotFoundProblem("no such agent") from None
     try:
-        async with app[POOL].acquire() as conn:
+        async with deadline.connection(app) as conn:
             await agent_store.revoke(conn, principal.install_id, agent_id)
     except NotFound:
         raise NotFoundProblem("no such agent") from None
@@ -100,9 +102,10 @@ async def put_settings(request: web.Request) -> web.Response:
     """PUT /v1/installation/settings: set the scan retention; stored scans' expiry moves earlier, never later."""
     app = request.app
     principal = await app[AUTH].authenticate(request, "installation")
-    doc, _, _ = await read_json(request, limit=SMALL_BODY, decoded_limit=SMALL_BODY)
+    with deadline.not_counted():
+        doc, _, _ = await read_json(request, limit=SMALL_BODY, decoded_limit=SMALL_BODY)
     kept, _ = _SETTINGS.filter_document(doc)
-    async with app[POOL].acquire() as conn:
+    async with deadline.connection(app) as conn:
         hours = await scan_store.set_retention(conn, principal.install_id, kept["scan_retention_hours"])
     if hours is None:
         raise Unauthorized("this installation no longer exists")
@@ -143,16 +146,18 @@ class Scans:
         principal = await app[AUTH].authenticate(request, "agent")
         check_content_type(request)
         encoding = content_encoding(request)
-        raw = await read_raw(request, s.scan_max_bytes, s.read_timeout)
+        with deadline.not_counted():  # the client's time, not the database's
+            raw = await read_raw(request, s.scan_max_bytes, s.read_timeout)
         size_wire = len(raw)
         self.wire_bytes.inc(size_wire)
         install_id = principal.install_id
         key = await app[DATA_KEYS].current(install_id)
         prepare = functools.partial(self.prepare, raw, encoding, install_id, key)
-        if size_wire >= OFFLOAD_WIRE_BYTES or (encoding != "identity" and size_wire >= OFFLOAD_COMPRESSED_BYTES):
-            sealed = await asyncio.get_running_loop().run_in_executor(app[SCAN_PREPARE], prepare)
-        else:
-            sealed = prepare()
+        with deadline.not_counted():  # CPU time, not the database's
+            if size_wire >= OFFLOAD_WIRE_BYTES or (encoding != "identity" and size_wire >= OFFLOAD_COMPRESSED_BYTES):
+                sealed = await asyncio.get_running_loop().run_in_executor(app[SCAN_PREPARE], prepare)
+            else:
+                sealed = prepare()
         del raw, prepare
         row = scan_store.ScanRow(
             install_id, principal.agent_id, sealed.scan_id, dt.datetime.now(dt.timezone.utc), key.key_id,
