@@ -100,7 +100,7 @@ class Settings:
     rate_limit: float = _setting(0.0, _float(0, 1e9), "requests per second per token (0: off)")
     rate_burst: int = _setting(100, _int(1, 1_000_000), "burst size of the per-token rate limit")
     read_timeout: float = _setting(30.0, _float(0.1, 3600), "seconds a client may take to send its request")
-    db_timeout: float = _setting(1.5, _float(0.1, 3600), "seconds a request waits for the database (token lookup, data key, commit; plus 1 s per 10 MB committed) before 503")
+    db_timeout: float = _setting(1.5, _float(0.1, 3600), "seconds a request may wait for the database, all its waits together, from its arrival (body reception not counted; plus 1 s per 10 MB committed) before 503")
     retry_after: int = _setting(1, _int(1, 3600), "seconds suggested in Retry-After when overloaded")
     log_format: str = _setting("text", _choice("text", "json"), "log lines as text or JSON")
 
