@@ -12,6 +12,7 @@ import zstandard
 from crypto.datakeys import wrap_context
 from crypto.envelope import DataKey, open_
 from crypto.keyring import KeyRing
+from ingest.keys import METRICS
 from ingest.routes_core import email_context
 from tests.support import heartbeat_body, start_service
 
@@ -356,3 +357,23 @@ async def test_ops_endpoints_and_metrics_hold_no_identifiers(service):
         assert name in text, name
     for secret in (str(install_id), token, email, "127.0.0.1", install_id.hex):
         assert secret not in text
+
+
+async def test_encrypt_duration_measures_sealing_not_the_data_key_load(db_dsn, master_key, tmp_path, db):
+    """The first heartbeat with an e-mail loads the data key; a lock makes that load wait 1 s. The
+    seal itself takes microseconds, and that is all telemetry_encrypt_duration_seconds may show."""
+    async with start_service(db_dsn, master_key, tmp_path, db_timeout=10) as svc:
+        install_id, token = await svc.enroll()
+        tx = db.transaction()
+        await tx.start()
+        await db.execute("LOCK TABLE data_keys IN ACCESS EXCLUSIVE MODE")
+        sent = asyncio.create_task(svc.request("POST", "/v1/heartbeats", token=token,
+                                               json=heartbeat_body(install_id, email="ops@example.com")))
+        await asyncio.sleep(1.0)
+        await tx.rollback()
+        status, body, _ = await sent
+        assert status == 200, body
+        registry = svc.app[METRICS].registry
+        labels = {"category": "installation"}
+        assert registry.get_sample_value("telemetry_encrypt_duration_seconds_count", labels) == 1
+        assert registry.get_sample_value("telemetry_encrypt_duration_seconds_sum", labels) < 0.5
