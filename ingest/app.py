@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 
 from aiohttp import web
@@ -11,8 +12,9 @@ from crypto.keyring import KeyRing
 from ingest import deadline, openapi, routes_admin, routes_core, routes_ops, routes_scans
 from ingest.auth import auth_ctx
 from ingest.batching import GroupCommitWriter
-from ingest.keys import DATA_KEYS, HEARTBEAT_WRITER, KEYRING, METRICS, POOL, SETTINGS
-from ingest.metrics import Metrics
+from ingest.background import background
+from ingest.keys import DATA_KEYS, HEARTBEAT_WRITER, KEYRING, METRICS, POOL, SCAN_WRITER, SETTINGS
+from ingest.metrics import SAMPLE_INTERVAL, Metrics
 from ingest.middleware import errors_middleware, metrics_middleware
 from ingest.settings import Settings
 from ingest.sweeper_ctx import sweeper_ctx
@@ -67,6 +69,20 @@ async def writers_ctx(app: web.Application):
     await writer.close()
 
 
+async def gauges_ctx(app: web.Application):
+    """cleanup_ctx: the pool and queue gauges, sampled every second in every worker, so that the sum
+    (or maximum) over workers a scrape reports is at most a second old whichever worker answers it."""
+
+    async def sample_forever() -> None:
+        writers = [app[key] for key in (HEARTBEAT_WRITER, SCAN_WRITER) if key in app]
+        while True:
+            app[METRICS].sample(app[POOL], writers)
+            await asyncio.sleep(SAMPLE_INTERVAL)
+
+    async with background(sample_forever()):
+        yield
+
+
 def create_app(settings: Settings) -> web.Application:
     """Build the service for resolved settings (dsn and master_key set)."""
     # auto_decompress off: bodies are inflated by ingest.body, within limits, never by the parser.
@@ -83,4 +99,5 @@ def create_app(settings: Settings) -> web.Application:
     routes_core.setup(app)
     routes_admin.setup(app)
     routes_scans.setup(app)
+    app.cleanup_ctx.append(gauges_ctx)  # after the writers' contexts: it samples them
     return app

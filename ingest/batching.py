@@ -76,6 +76,13 @@ class GroupCommitWriter(Generic[T]):
         self._latency = metrics.flush_latency.labels(name)
         self._overload = metrics.rejected.labels("overload")
 
+    def fill(self) -> float:
+        """How full the queue is, 0..1: of its records bound or its bytes bound, whichever is fuller."""
+        fill = self._queue.qsize() / self._queue.maxsize
+        if self._max_queue_bytes:
+            fill = max(fill, self._queued_bytes / self._max_queue_bytes)
+        return min(fill, 1.0)
+
     def start(self) -> None:
         """Start the flushers."""
         self._tasks = [asyncio.create_task(self._run(), name=f"{self.name}-flusher-{i}") for i in range(self._flushers)]
