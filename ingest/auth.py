@@ -14,11 +14,12 @@ import asyncpg
 from aiohttp import web
 
 from crypto.tokens import MAX_TOKEN_LENGTH, hash_token, role_of, same_hash
+from ingest import deadline
 from ingest.background import background
 from ingest.errors import Forbidden, RateLimited, Unauthorized
+from ingest.keys import TOKEN_ID
 from ingest.ratelimit import TokenBuckets, retry_after_seconds
 from storage import tokens as token_store
-from ingest import deadline
 from storage.pool import acquire_until
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Authenticator:
                 or role_of(token) is None):
             raise Unauthorized("a valid bearer token is required")
         principal = await self.resolve(token)
+        request[TOKEN_ID] = principal.token_id  # named by the access line (an id is safe to log; the token is not)
         if self._limiter is not None:
             wait = self._limiter.take(principal.token_id)
             if wait:

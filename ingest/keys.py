@@ -27,3 +27,6 @@ HEARTBEAT_WRITER = web.AppKey("heartbeat_writer", "GroupCommitWriter")
 SCAN_WRITER = web.AppKey("scan_writer", "GroupCommitWriter")
 SCAN_PREPARE = web.AppKey("scan_prepare", ThreadPoolExecutor)
 SWEEPER = web.AppKey("sweeper", "Sweeper")
+
+# Per request: the id (never the token) of the token that authenticated it, for the access line.
+TOKEN_ID = web.RequestKey("token_id", str)

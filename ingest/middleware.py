@@ -17,7 +17,7 @@ from crypto.errors import CryptoError
 from crypto.tokens import role_of
 from ingest import deadline
 from ingest.errors import Invalid, MethodNotAllowed, NotFoundProblem, Problem, TooLarge, Unavailable
-from ingest.keys import METRICS, SETTINGS
+from ingest.keys import METRICS, SETTINGS, TOKEN_ID
 from storage.errors import DatabaseUnavailable
 
 log = logging.getLogger("ingest.access")
@@ -144,8 +144,9 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
         method = method_of(request)
         request.app[METRICS].observe_request(route, method, status, elapsed)
         if log.isEnabledFor(logging.INFO):
-            log.info(
-                "request",
-                extra={"route": route, "method": method, "status": status, "latency_ms": round(elapsed * 1000, 2),
-                       "request_id": request_id},
-            )
+            extra = {"route": route, "method": method, "status": status, "latency_ms": round(elapsed * 1000, 2),
+                     "request_id": request_id}
+            token_id = request.get(TOKEN_ID)
+            if token_id is not None:  # set by ingest.auth once a token is known: its id (tid_...), never the token
+                extra["token_id"] = token_id
+            log.info("request", extra=extra)
