@@ -52,8 +52,9 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         return problem_response(p)
     except web.HTTPNotFound:
         return problem_response(NotFoundProblem("no such resource"))
-    except web.HTTPMethodNotAllowed:
-        return problem_response(MethodNotAllowed("method not allowed on this resource"))
+    except web.HTTPMethodNotAllowed as exc:
+        allow = {"Allow": ", ".join(sorted(exc.allowed_methods))}  # RFC 9110: a 405 names the methods that are
+        return problem_response(MethodNotAllowed("method not allowed on this resource", headers=allow))
     except web.HTTPRequestEntityTooLarge:
         request.app[METRICS].reject("size")
         return problem_response(TooLarge("body over the limit"))

@@ -424,3 +424,9 @@ async def test_queue_fill_ratio_can_reach_the_alert_threshold_on_one_worker(db_d
         statuses = [(await t)[0] for t in sent]
         assert fill == 1.0, fill
         assert statuses == [200] * 6
+
+
+async def test_method_not_allowed_is_a_problem_with_allow(service):
+    status, body, headers = await service.request("PUT", "/v1/heartbeats", json={})
+    assert status == 405 and body["type"].endswith("/method-not-allowed")
+    assert headers["Allow"] == "POST"
