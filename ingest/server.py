@@ -1,8 +1,9 @@
 """`serve`: one listening socket, N forked worker processes, dead workers replaced.
 
-The parent binds the port, prepares the database once (durability check,
-migrations, partitions, key coverage), then forks the workers, which share the
-socket. SIGTERM or SIGINT to the parent is passed on; each worker stops
+The command line has prepared the database by then (durability check, migrations,
+partitions, key coverage: ingest.cli); the parent binds the port and forks the
+workers, which share the socket and each repeat the durability check, migrations
+and partitions as they open their pools. SIGTERM or SIGINT to the parent is passed on; each worker stops
 accepting, finishes its requests, commits its queued batches, and exits.
 """
 
