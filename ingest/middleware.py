@@ -53,7 +53,7 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
     except web.HTTPNotFound:
         return problem_response(NotFoundProblem("no such resource"))
     except web.HTTPMethodNotAllowed as exc:
-        allow = {"Allow": ", ".join(sorted(exc.allowed_methods))}  # RFC 9110: a 405 names the methods that are
+        allow = {"Allow": ", ".join(sorted(exc.allowed_methods))}  # RFC 9110: a 405 names the methods the resource allows
         return problem_response(MethodNotAllowed("method not allowed on this resource", headers=allow))
     except web.HTTPRequestEntityTooLarge:
         request.app[METRICS].reject("size")
