@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 
 from aiohttp import web
 
 from crypto.datakeys import DataKeyCache
 from crypto.keyring import KeyRing
-from ingest import openapi, routes_admin, routes_core, routes_ops, routes_scans
+from ingest import deadline, openapi, routes_admin, routes_core, routes_ops, routes_scans
 from ingest.auth import auth_ctx
 from ingest.batching import GroupCommitWriter
-from ingest.keys import DATA_KEYS, HEARTBEAT_WRITER, KEYRING, KEYSTORE_POOL, METRICS, POOL, SETTINGS
-from ingest.metrics import Metrics
+from ingest.background import background
+from ingest.keys import DATA_KEYS, HEARTBEAT_WRITER, KEYRING, KEYSTORE_POOL, METRICS, POOL, SCAN_WRITER, SETTINGS
+from ingest.metrics import SAMPLE_INTERVAL, Metrics
 from ingest.middleware import errors_middleware, metrics_middleware
 from ingest.settings import Settings
 from ingest.sweeper_ctx import sweeper_ctx
 from storage import installations, keystore
 from storage.databases import ensure_keystore_database, migrate_both, replay_erasures
 from storage.partitions import ensure_partitions
-from storage.pool import acquire_within, check_durability, create_pool
+from storage.pool import check_durability, create_pool
 
 # Connections per worker to the key store: it serves cache misses only (ingest.keys.DATA_KEYS).
 KEYSTORE_POOL_SIZE = 2
@@ -63,11 +65,11 @@ async def keys_ctx(app: web.Application):
     timeout = app[SETTINGS].db_timeout
 
     async def load(install_id):
-        async with acquire_within(ks_pool, timeout) as conn:
+        async with deadline.connection(app, pool=KEYSTORE_POOL) as conn:  # within the request's deadline, if a request loads it
             return [(r["key_id"], r["kek_id"], r["wrapped"]) for r in await keystore.keys_of(conn, install_id)]
 
     async def create(install_id, key_id, expires_at, kek_id, wrapped):
-        async with acquire_within(ks_pool, timeout) as conn:
+        async with deadline.connection(app, pool=KEYSTORE_POOL) as conn:
             return await keystore.add_epoch_key(conn, install_id, key_id, expires_at, kek_id, wrapped)
 
     app[KEYRING] = ring
@@ -89,6 +91,20 @@ async def writers_ctx(app: web.Application):
     await writer.close()
 
 
+async def gauges_ctx(app: web.Application):
+    """cleanup_ctx: the pool and queue gauges, sampled every second in every worker, so that the sum
+    (or maximum) over workers a scrape reports is at most a second old whichever worker answers it."""
+
+    async def sample_forever() -> None:
+        writers = [app[key] for key in (HEARTBEAT_WRITER, SCAN_WRITER) if key in app]
+        while True:
+            app[METRICS].sample(app[POOL], writers)
+            await asyncio.sleep(SAMPLE_INTERVAL)
+
+    async with background(sample_forever()):
+        yield
+
+
 def create_app(settings: Settings) -> web.Application:
     """Build the service for resolved settings (dsn and master_key set)."""
     # auto_decompress off: bodies are inflated by ingest.body, within limits, never by the parser.
@@ -105,4 +121,5 @@ def create_app(settings: Settings) -> web.Application:
     routes_core.setup(app)
     routes_admin.setup(app)
     routes_scans.setup(app)
+    app.cleanup_ctx.append(gauges_ctx)  # after the writers' contexts: it samples them
     return app

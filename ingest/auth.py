@@ -14,11 +14,13 @@ import asyncpg
 from aiohttp import web
 
 from crypto.tokens import MAX_TOKEN_LENGTH, hash_token, role_of, same_hash
+from ingest import deadline
 from ingest.background import background
 from ingest.errors import Forbidden, RateLimited, Unauthorized
+from ingest.keys import TOKEN_ID
 from ingest.ratelimit import TokenBuckets, retry_after_seconds
 from storage import tokens as token_store
-from storage.pool import acquire_within
+from storage.pool import acquire_until
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class Authenticator:
                 or role_of(token) is None):
             raise Unauthorized("a valid bearer token is required")
         principal = await self.resolve(token)
+        request[TOKEN_ID] = principal.token_id  # named by the access line (an id is safe to log; the token is not)
         if self._limiter is not None:
             wait = self._limiter.take(principal.token_id)
             if wait:
@@ -86,7 +89,7 @@ class Authenticator:
         if hit is not None and now - hit[1] < CACHE_TTL:
             self._cache.move_to_end(digest)
             return hit[0]
-        async with acquire_within(self._pool, self._db_timeout) as conn:
+        async with acquire_until(self._pool, deadline.current(self._db_timeout)) as conn:
             row = await token_store.find_active(conn, digest)
         if row is None or not same_hash(row.token_hash, digest):
             self._forget(digest)
@@ -111,7 +114,7 @@ class Authenticator:
 
     async def poll_revocations(self) -> int:
         """Evict every token revoked since the last poll; returns how many were seen."""
-        async with self._pool.acquire() as conn:
+        async with acquire_until(self._pool, deadline.current()) as conn:  # unbounded outside a request
             rows = await token_store.revoked_since(conn, max(0, self._position - _OVERLAP))
         for r in rows:
             digest = self._hash_by_id.pop(r["token_id"], None)

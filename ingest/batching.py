@@ -18,6 +18,7 @@ from typing import Any, Generic, TypeVar
 
 import asyncpg
 
+from ingest import deadline as request_deadline
 from ingest.errors import Invalid, Unavailable
 from ingest.metrics import Metrics
 from storage.partitions import ensure_partitions
@@ -75,6 +76,13 @@ class GroupCommitWriter(Generic[T]):
         self._latency = metrics.flush_latency.labels(name)
         self._overload = metrics.rejected.labels("overload")
 
+    def fill(self) -> float:
+        """How full the queue is, 0..1: of its records bound or its bytes bound, whichever is fuller."""
+        fill = self._queue.qsize() / self._queue.maxsize
+        if self._max_queue_bytes:
+            fill = max(fill, self._queued_bytes / self._max_queue_bytes)
+        return min(fill, 1.0)
+
     def start(self) -> None:
         """Start the flushers."""
         self._tasks = [asyncio.create_task(self._run(), name=f"{self.name}-flusher-{i}") for i in range(self._flushers)]
@@ -87,7 +95,10 @@ class GroupCommitWriter(Generic[T]):
             raise Unavailable("ingest queue is full", headers={"Retry-After": str(self._retry_after)})
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        deadline = None if self._timeout is None else loop.time() + self._timeout + size / _BYTES_PER_SECOND
+        # The request's own deadline (ingest.deadline), so the commit shares it with the token lookup
+        # and the data key; outside a request (tests of the writer alone), timeout from now.
+        base = request_deadline.current(self._timeout)
+        deadline = None if base is None else base + size / _BYTES_PER_SECOND
         try:
             self._queue.put_nowait((record, size, fut, deadline))
         except asyncio.QueueFull:

@@ -84,7 +84,9 @@ async def _connect(resolved: Resolved):
     settings = resolved.settings
     try:
         conn = await connect(settings.dsn)
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+    except asyncpg.ClientConfigurationError as exc:  # asyncpg's own check of the DSN's parameters; names no secret
+        raise CliError(f"TELEMETRY_DSN: {exc}") from None
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
         raise CliError(f"TELEMETRY_DSN: cannot connect to PostgreSQL: {type(exc).__name__}") from None
     try:
         await check_durability(conn)

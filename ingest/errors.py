@@ -70,7 +70,3 @@ class RateLimited(Problem):
 
 class Unavailable(Problem):
     status, slug, title, reason = 503, "unavailable", "Service overloaded or database unavailable", "overload"
-
-
-class HeaderTooLarge(Problem):
-    status, slug, title, reason = 431, "headers-too-large", "Request headers too large", "size"

@@ -30,3 +30,6 @@ SCAN_WRITER = web.AppKey("scan_writer", "GroupCommitWriter")
 SCAN_PREPARE = web.AppKey("scan_prepare", ThreadPoolExecutor)
 SCAN_RETENTION = web.AppKey("scan_retention", "Retentions")
 SWEEPER = web.AppKey("sweeper", "Sweeper")
+
+# Per request: the id (never the token) of the token that authenticated it, for the access line.
+TOKEN_ID = web.RequestKey("token_id", str)

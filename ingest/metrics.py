@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import multiprocess
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SAMPLE_INTERVAL = 1.0  # seconds between samples of the pool and queue gauges, in every worker
 ROWS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
@@ -42,6 +43,10 @@ class Metrics:
         self.scans_received = Counter("telemetry_scans_received_total", "Scans accepted.", **reg)
         self.encrypt_latency = Histogram("telemetry_encrypt_duration_seconds", "Time to seal one document.", ("category",), buckets=LATENCY_BUCKETS, **reg)
         self.pool = gauge("telemetry_db_pool_connections", "Database pool connections.", ("state",))
+        # Sampled every SAMPLE_INTERVAL in every worker (ingest.app.gauges_ctx), not only by the worker a scrape reaches.
+        self._pool_children = {state: self.pool.labels(state) for state in ("size", "in_use", "max")}
+        self.queue_fill = gauge("telemetry_queue_fill_ratio", "Fullest worker's group-commit queue, as a fraction of its capacity.",
+                                ("writer",), mode="livemax")
         self.sweeper_rows = Counter("telemetry_sweeper_rows_deleted_total", "Rows removed by the sweeper.", ("table",), **reg)
         self.sweeper_partitions = Counter("telemetry_sweeper_partitions_dropped_total", "Partitions dropped by the sweeper.", ("table",), **reg)
         self.sweep_duration = Histogram("telemetry_sweep_duration_seconds", "Duration of one sweep.", buckets=LATENCY_BUCKETS + (30.0, 60.0, 300.0), **reg)
@@ -70,6 +75,15 @@ class Metrics:
         if child is None:
             child = self._rejected_children[reason] = self.rejected.labels(reason)
         child.inc()
+
+    def sample(self, pool, writers) -> None:
+        """Set the pool gauges (connections open, in use, the pool's maximum) and each writer's queue fill."""
+        size = pool.get_size()
+        self._pool_children["size"].set(size)
+        self._pool_children["in_use"].set(size - pool.get_idle_size())
+        self._pool_children["max"].set(pool.get_max_size())
+        for writer in writers:
+            self.queue_fill.labels(writer.name).set(writer.fill())
 
     def exposition(self) -> bytes:
         """The text exposition of the whole service."""

@@ -15,8 +15,9 @@ from aiohttp import web
 
 from crypto.errors import CryptoError
 from crypto.tokens import role_of
+from ingest import deadline
 from ingest.errors import Invalid, MethodNotAllowed, NotFoundProblem, Problem, TooLarge, Unavailable
-from ingest.keys import METRICS, SETTINGS
+from ingest.keys import METRICS, SETTINGS, TOKEN_ID
 from storage.errors import DatabaseUnavailable
 
 log = logging.getLogger("ingest.access")
@@ -51,8 +52,9 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         return problem_response(p)
     except web.HTTPNotFound:
         return problem_response(NotFoundProblem("no such resource"))
-    except web.HTTPMethodNotAllowed:
-        return problem_response(MethodNotAllowed("method not allowed on this resource"))
+    except web.HTTPMethodNotAllowed as exc:
+        allow = {"Allow": ", ".join(sorted(exc.allowed_methods))}  # RFC 9110: a 405 names the methods the resource allows
+        return problem_response(MethodNotAllowed("method not allowed on this resource", headers=allow))
     except web.HTTPRequestEntityTooLarge:
         request.app[METRICS].reject("size")
         return problem_response(TooLarge("body over the limit"))
@@ -128,6 +130,8 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
     started = time.perf_counter()
     status = 500
     request_id = request_id_of(request)
+    # From here every wait of this request for the database shares one deadline (ingest.deadline).
+    token = deadline.begin(request.app[SETTINGS].db_timeout)
     try:
         response = await handler(request)
         status = response.status
@@ -135,13 +139,15 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
             response.headers[REQUEST_ID_HEADER] = request_id
         return response
     finally:
+        deadline.end(token)
         elapsed = time.perf_counter() - started
         route = route_of(request)
         method = method_of(request)
         request.app[METRICS].observe_request(route, method, status, elapsed)
         if log.isEnabledFor(logging.INFO):
-            log.info(
-                "request",
-                extra={"route": route, "method": method, "status": status, "latency_ms": round(elapsed * 1000, 2),
-                       "request_id": request_id},
-            )
+            extra = {"route": route, "method": method, "status": status, "latency_ms": round(elapsed * 1000, 2),
+                     "request_id": request_id}
+            token_id = request.get(TOKEN_ID)
+            if token_id is not None:  # set by ingest.auth once a token is known: its id (tid_...), never the token
+                extra["token_id"] = token_id
+            log.info("request", extra=extra)

@@ -7,17 +7,19 @@ UUID is answered 404, like an unknown one: there is no such resource.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
 from aiohttp import web
 
-from ingest import rights
+from ingest import deadline, rights
 from ingest.body import read_json
 from ingest.errors import Invalid, NotFoundProblem
 from ingest.keys import AUTH, DATA_KEYS, KEYRING, KEYSTORE_POOL, POOL, SETTINGS
 from ingest.routes_core import json_response
 from storage import admin
+from storage.pool import acquire_until
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,16 @@ async def export(request: web.Request) -> web.StreamResponse:
     resp.content_type = "application/json"
     resp.enable_chunked_encoding()
 
+    # The request's deadline bounds the wait until the document begins (audit, snapshot, keys); then
+    # the stream takes as long as the export's size and the client's reading need.
+    bound = asyncio.timeout_at(deadline.current(app[SETTINGS].db_timeout))
+
     async def begin() -> None:
+        bound.reschedule(None)
         await resp.prepare(request)
 
     try:
-        async with app[POOL].acquire() as conn, app[KEYSTORE_POOL].acquire() as ks:
+        async with bound, acquire_until(app[POOL], None) as conn, acquire_until(app[KEYSTORE_POOL], None) as ks:
             found = await rights.write_export(conn, ks, app[KEYRING], install_id, principal.token_id, begin, resp.write,
                                              app[SETTINGS].heartbeat_retention_days)
     except ConnectionError:
@@ -70,14 +77,16 @@ async def erase(request: web.Request) -> web.Response:
     app = request.app
     principal = await app[AUTH].authenticate(request, "admin")
     install_id = _install_id(request)
-    async with app[POOL].acquire() as conn, app[KEYSTORE_POOL].acquire() as ks:
+    async with deadline.connection(app) as conn, deadline.connection(app, pool=KEYSTORE_POOL) as ks:
         state = await rights.begin_erasure(conn, ks, install_id, principal.token_id)
     if state is None:
         raise NotFoundProblem("no such installation")
     # This worker forgets at once; the others follow through their revocation pollers.
     app[DATA_KEYS].evict(install_id)
     await app[AUTH].poll_revocations()
-    async with app[POOL].acquire() as conn:
+    # Finishing waits up to rights.UNLINK_GRACE for every worker to see the revocation: that much more
+    # time. Cut off, the erasure stays begun (keys destroyed, tokens revoked); the sweeper finishes it.
+    async with deadline.connection(app, extra=rights.UNLINK_GRACE) as conn:
         await rights.finish_erasure(conn, install_id, principal.token_id)
     app[DATA_KEYS].evict(install_id)
     return web.Response(status=204)
@@ -88,11 +97,12 @@ async def restriction(request: web.Request) -> web.Response:
     app = request.app
     principal = await app[AUTH].authenticate(request, "admin")
     install_id = _install_id(request)
-    doc, _, _ = await read_json(request, limit=_BODY_LIMIT, decoded_limit=_BODY_LIMIT)
+    with deadline.not_counted():
+        doc, _, _ = await read_json(request, limit=_BODY_LIMIT, decoded_limit=_BODY_LIMIT)
     restricted = doc.get("restricted")
     if type(restricted) is not bool:
         raise Invalid("restricted: required, must be true or false")
-    async with app[POOL].acquire() as conn:
+    async with deadline.connection(app) as conn:
         found = await admin.set_restricted(conn, install_id, restricted, principal.token_id)
     if not found:
         raise NotFoundProblem("no such installation")
@@ -103,7 +113,7 @@ async def stats(request: web.Request) -> web.Response:
     """GET /v1/admin/stats: aggregate counts of active installations; groups below k folded into "other"."""
     app = request.app
     await app[AUTH].authenticate(request, "admin")
-    async with app[POOL].acquire() as conn:
+    async with deadline.connection(app) as conn:
         body = await admin.statistics(conn, k=app[SETTINGS].stats_k)
     return json_response(body)
 

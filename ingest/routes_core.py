@@ -12,10 +12,11 @@ from aiohttp import web
 from crypto.datakeys import wrap_context
 from crypto.envelope import new_key_bytes, seal
 from crypto.tokens import new_token
+from ingest import deadline
 from ingest.body import read_json
 from ingest.errors import Conflict, Forbidden, Invalid, RestrictedProblem, Unauthorized
 from ingest.filter import Allowlist
-from ingest.keys import AUTH, DATA_KEYS, HEARTBEAT_WRITER, KEYRING, KEYSTORE_POOL, METRICS, POOL, SETTINGS
+from ingest.keys import AUTH, DATA_KEYS, HEARTBEAT_WRITER, KEYRING, KEYSTORE_POOL, METRICS, SETTINGS
 from ingest.net import anonymise, client_ip
 from storage import installations, keystore
 from storage.errors import AlreadyExists
@@ -37,18 +38,19 @@ async def enroll(request: web.Request) -> web.Response:
     """POST /v1/enroll: an enrollment secret buys an installation token for a new install_id."""
     app = request.app
     await app[AUTH].authenticate(request, "enroll")
-    doc, _, _ = await read_json(request, limit=64 * 1024, decoded_limit=64 * 1024)
+    with deadline.not_counted():
+        doc, _, _ = await read_json(request, limit=64 * 1024, decoded_limit=64 * 1024)
     kept, _ = _ENROLL.filter_document(doc)  # nothing else in this body is stored, so extras are ignored
     install_id = uuid.UUID(kept["install_id"])
     token_id, token, token_hash = new_token("installation")
     kek_id, wrapped = app[KEYRING].wrap(new_key_bytes(), wrap_context(install_id, 1))
 
     async def store_key() -> None:
-        async with app[KEYSTORE_POOL].acquire() as ks:
+        async with deadline.connection(app, pool=KEYSTORE_POOL) as ks:
             await keystore.add_first_key(ks, install_id, kek_id, wrapped)
 
     try:
-        async with app[POOL].acquire() as conn:
+        async with deadline.connection(app) as conn:
             await installations.enroll(conn, install_id, token_id=token_id, token_hash=token_hash, store_key=store_key)
     except AlreadyExists:
         raise Conflict("this install_id is already enrolled") from None
@@ -74,7 +76,8 @@ class Heartbeats:
         app, settings = self.app, self.settings
         principal = await app[AUTH].authenticate(request, "installation")
         limit = settings.heartbeat_max_bytes
-        doc, wire, decoded = await read_json(request, limit=limit, decoded_limit=limit)
+        with deadline.not_counted():
+            doc, wire, decoded = await read_json(request, limit=limit, decoded_limit=limit)
         self.wire_bytes.inc(wire)
         self.decoded_bytes.inc(decoded)
         kept, dropped = self.filter.filter_document(doc)
@@ -92,8 +95,8 @@ class Heartbeats:
         email = kept.get("email")
         email_ct = None
         if email is not None:
+            key = await app[DATA_KEYS].current(install_id)  # may wait for the database: not sealing time
             started = time.perf_counter()
-            key = await app[DATA_KEYS].current(install_id)
             email_ct = seal(key, email.encode(), email_context(install_id))
             self.encrypt_latency.observe(time.perf_counter() - started)
         row = installations.HeartbeatRow(

@@ -30,10 +30,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition for the whole service."""
+    # The gauges of the pool and queues are sampled every second in every worker (ingest.app.gauges_ctx).
     m = request.app[METRICS]
-    pool = request.app[POOL]
-    m.pool.labels("size").set(pool.get_size())
-    m.pool.labels("in_use").set(pool.get_size() - pool.get_idle_size())
     return web.Response(body=m.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -24,6 +24,7 @@ from crypto.datakeys import epoch_end
 from crypto.documents import canonical, content_digest, content_mac, seal_document
 from crypto.envelope import DataKey
 from crypto.tokens import new_token
+from ingest import deadline
 from ingest.batching import GroupCommitWriter
 from ingest.body import check_content_type, content_encoding, inflate, parse_object, read_json, read_raw
 from ingest.errors import Conflict, Forbidden, Invalid, NotFoundProblem, RestrictedProblem, Unauthorized
@@ -36,7 +37,6 @@ from storage import scans as scan_store
 from storage.errors import NotFound
 from storage.installations import GONE, RESTRICTED
 from storage.policy import AGENT_REGISTRATION, SCAN, SCAN_SETTINGS
-from storage.pool import acquire_within
 
 SMALL_BODY = 64 * 1024  # agent registration and settings bodies
 SCAN_BATCH_BYTES = 2 << 20  # sealed bytes per scan batch (at most batch_max_bytes): short transactions
@@ -74,12 +74,13 @@ async def create_agent(request: web.Request) -> web.Response:
     """POST /v1/agents: an installation registers an agent and gets its token (shown once)."""
     app = request.app
     principal = await app[AUTH].authenticate(request, "installation")
-    doc, _, _ = await read_json(request, limit=SMALL_BODY, decoded_limit=SMALL_BODY)
+    with deadline.not_counted():
+        doc, _, _ = await read_json(request, limit=SMALL_BODY, decoded_limit=SMALL_BODY)
     kept, _ = _AGENT.filter_document(doc)  # nothing else of this body is stored, so extras are ignored
     agent_id = uuid.uuid4()
     token_id, token, token_hash = new_token("agent")
     try:
-        async with app[POOL].acquire() as conn:
+        async with deadline.connection(app) as conn:
             await agent_store.create(conn, principal.install_id, agent_id, kept["name"], token_id=token_id, token_hash=token_hash)
     except NotFound:
         raise Unauthorized("this installation no longer exists") from None
@@ -95,7 +96,7 @@ async def delete_agent(request: web.Request) -> web.Response:
     except ValueError:
         raise NotFoundProblem("no such agent") from None
     try:
-        async with app[POOL].acquire() as conn:
+        async with deadline.connection(app) as conn:
             await agent_store.revoke(conn, principal.install_id, agent_id)
     except NotFound:
         raise NotFoundProblem("no such agent") from None
@@ -108,9 +109,10 @@ async def put_settings(request: web.Request) -> web.Response:
     """PUT /v1/installation/settings: set the scan retention; stored scans' expiry moves earlier, never later."""
     app = request.app
     principal = await app[AUTH].authenticate(request, "installation")
-    doc, _, _ = await read_json(request, limit=SMALL_BODY, decoded_limit=SMALL_BODY)
+    with deadline.not_counted():
+        doc, _, _ = await read_json(request, limit=SMALL_BODY, decoded_limit=SMALL_BODY)
     kept, _ = _SETTINGS.filter_document(doc)
-    async with app[POOL].acquire() as conn:
+    async with deadline.connection(app) as conn:
         hours = await scan_store.set_retention(conn, principal.install_id, kept["scan_retention_hours"])
     if hours is None:
         raise Unauthorized("this installation no longer exists")
@@ -121,9 +123,8 @@ async def put_settings(request: web.Request) -> web.Response:
 class Retentions:
     """Each installation's scan retention, as this worker last read it (at most RETENTION_TTL old)."""
 
-    def __init__(self, pool, timeout: float, *, max_entries: int = 100_000) -> None:
-        self._pool = pool
-        self._timeout = timeout
+    def __init__(self, app: web.Application, *, max_entries: int = 100_000) -> None:
+        self._app = app
         self._max = max_entries
         self._hours: dict[uuid.UUID, tuple[int, float]] = {}
 
@@ -133,7 +134,7 @@ class Retentions:
         now = time.monotonic()
         if hit is not None and now - hit[1] < RETENTION_TTL:
             return hit[0]
-        async with acquire_within(self._pool, self._timeout) as conn:
+        async with deadline.connection(self._app) as conn:
             hours = await scan_store.retention_of(conn, install_id)
         if hours is None:
             raise Unauthorized("this installation no longer exists")
@@ -180,7 +181,8 @@ class Scans:
         principal = await app[AUTH].authenticate(request, "agent")
         check_content_type(request)
         encoding = content_encoding(request)
-        raw = await read_raw(request, s.scan_max_bytes, s.read_timeout)
+        with deadline.not_counted():  # the client's time, not the database's
+            raw = await read_raw(request, s.scan_max_bytes, s.read_timeout)
         size_wire = len(raw)
         self.wire_bytes.inc(size_wire)
         install_id = principal.install_id
@@ -190,10 +192,11 @@ class Scans:
         # when the epoch ends, and with it this scan in every copy of the data database.
         key = await app[DATA_KEYS].for_expiry(install_id, received_at + dt.timedelta(hours=hours))
         prepare = functools.partial(self.prepare, raw, encoding, install_id, key)
-        if size_wire >= OFFLOAD_WIRE_BYTES or (encoding != "identity" and size_wire >= OFFLOAD_COMPRESSED_BYTES):
-            sealed = await asyncio.get_running_loop().run_in_executor(app[SCAN_PREPARE], prepare)
-        else:
-            sealed = prepare()
+        with deadline.not_counted():  # CPU time, not the database's
+            if size_wire >= OFFLOAD_WIRE_BYTES or (encoding != "identity" and size_wire >= OFFLOAD_COMPRESSED_BYTES):
+                sealed = await asyncio.get_running_loop().run_in_executor(app[SCAN_PREPARE], prepare)
+            else:
+                sealed = prepare()
         del raw, prepare
         row = scan_store.ScanRow(
             install_id, principal.agent_id, sealed.scan_id, received_at, key.key_id, epoch_end(key.key_id),
@@ -275,7 +278,7 @@ async def scan_writer_ctx(app: web.Application):
     )
     writer.start()
     app[SCAN_WRITER] = writer
-    app[SCAN_RETENTION] = Retentions(app[POOL], s.db_timeout)
+    app[SCAN_RETENTION] = Retentions(app)
     yield
     await writer.close()
     executor.shutdown(wait=False, cancel_futures=True)  # requests are answered by now; nothing waits on these

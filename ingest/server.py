@@ -1,8 +1,9 @@
 """`serve`: one listening socket, N forked worker processes, dead workers replaced.
 
-The parent binds the port, prepares the database once (durability check,
-migrations, partitions, key coverage), then forks the workers, which share the
-socket. SIGTERM or SIGINT to the parent is passed on; each worker stops
+The command line has prepared the database by then (durability check, migrations,
+partitions, key coverage: ingest.cli); the parent binds the port and forks the
+workers, which share the socket and each repeat the durability check, migrations
+and partitions as they open their pools. SIGTERM or SIGINT to the parent is passed on; each worker stops
 accepting, finishes its requests, commits its queued batches, and exits.
 """
 
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from ingest.settings import Settings
+from ingest.settings import Settings, SettingsError
 
 log = logging.getLogger("ingest.server")
 
@@ -147,8 +148,16 @@ def prepare_metrics_dir(data_dir: Path) -> Path:
 
 def serve(settings: Settings) -> int:
     """Bind, fork the workers, supervise. Returns the exit code."""
-    metrics_dir = prepare_metrics_dir(settings.data_dir)
-    sock = bind(settings.host, settings.port)
+    # A setting the operating system refuses ends in one line naming it, like any bad value.
+    try:
+        metrics_dir = prepare_metrics_dir(settings.data_dir)
+    except OSError as exc:
+        raise SettingsError(f"TELEMETRY_DATA_DIR: cannot make the metrics directory in {settings.data_dir}: {exc.strerror}") from None
+    try:
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        raise SettingsError(f"TELEMETRY_HOST / TELEMETRY_PORT: cannot listen on {settings.host} port {settings.port}: "
+                            f"{exc.strerror or type(exc).__name__}") from None
     log.info("listening", extra={"host": settings.host, "port": sock.getsockname()[1], "workers": settings.workers})
     print(f"telemetry-ingest listening on http://{settings.host}:{sock.getsockname()[1]} with {settings.workers} worker(s)", file=sys.stderr, flush=True)
     return Supervisor(settings, sock, metrics_dir).run()

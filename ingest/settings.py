@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 
 class SettingsError(ValueError):
@@ -51,10 +53,36 @@ def _networks(v: str) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in v.split(",") if p.strip())
 
 
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")  # "_" too: container names have it
+
+
 def _host(v: str) -> str:
-    if not v.strip():
+    """An IP address or a host name (RFC 1123); an all-numeric name such as 256.1.1.1 is a bad address, not a name."""
+    v = v.strip()
+    if not v:
         raise ValueError("must not be empty")
-    return v.strip()
+    try:
+        ipaddress.ip_address(v)
+        return v
+    except ValueError:
+        pass
+    labels = v.rstrip(".").split(".")
+    if len(v) > 253 or not all(_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+        raise ValueError("must be an IP address or a host name")
+    return v
+
+
+def _dsn(v: str) -> str:
+    """A PostgreSQL URI (postgresql://user@host:port/db?...), the form asyncpg takes; checked without echoing it."""
+    v = _nonempty(v)
+    try:
+        parts = urlsplit(v)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        raise ValueError("must be a postgresql:// URI") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError("must be a postgresql:// URI")
+    return v
 
 
 def _nonempty(v: str) -> str:
@@ -72,7 +100,7 @@ class Settings:
     """Everything configurable. Field `x_y` is read from TELEMETRY_X_Y and `serve --x-y`."""
 
     # The contract's settings.
-    dsn: str | None = _setting(None, _nonempty, "PostgreSQL to use (unset: embedded PostgreSQL in the data directory)")
+    dsn: str | None = _setting(None, _dsn, "PostgreSQL to use, a postgresql:// URI (unset: embedded PostgreSQL in the data directory)")
     data_dir: Path = _setting(Path("./telemetry-data"), Path, "embedded database and generated key file")
     master_key: str | None = _setting(None, _nonempty, "key-encryption keys, comma-separated base64; first is primary")
     host: str = _setting("127.0.0.1", _host, "listen address")
@@ -98,10 +126,10 @@ class Settings:
     batch_max_bytes: int = _setting(8 << 20, _int(1024, 1 << 31), "bytes per group-commit batch")
     db_pool_size: int = _setting(10, _int(1, 1000), "database connections per worker")
     db_statement_cache: int = _setting(100, _int(0, 100_000), "prepared statements cached per connection (0 for PgBouncer transaction mode)")
-    rate_limit: float = _setting(0.0, _float(0, 1e9), "requests per second per token (0: off)")
-    rate_burst: int = _setting(100, _int(1, 1_000_000), "burst size of the per-token rate limit")
+    rate_limit: float = _setting(0.0, _float(0, 1e9), "requests per second per token on each node, shared out over its workers (0: off)")
+    rate_burst: int = _setting(100, _int(1, 1_000_000), "burst size of the per-token rate limit on each node, shared out over its workers")
     read_timeout: float = _setting(30.0, _float(0.1, 3600), "seconds a client may take to send its request")
-    db_timeout: float = _setting(1.5, _float(0.1, 3600), "seconds a request waits for the database (token lookup, data key, commit; plus 1 s per 10 MB committed) before 503")
+    db_timeout: float = _setting(1.5, _float(0.1, 3600), "seconds a request may wait for the database, all its waits together, from its arrival (body reception not counted; plus 1 s per 10 MB committed) before 503")
     retry_after: int = _setting(1, _int(1, 3600), "seconds suggested in Retry-After when overloaded")
     log_format: str = _setting("text", _choice("text", "json"), "log lines as text or JSON")
 

@@ -39,18 +39,25 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, statem
 
 
 @contextlib.asynccontextmanager
-async def acquire_within(pool: asyncpg.Pool, timeout: float | None) -> AsyncIterator[asyncpg.Connection]:
-    """A pooled connection for work to be done within timeout seconds, acquiring included (TimeoutError if not).
+async def acquire_until(pool: asyncpg.Pool, deadline: float | None) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection for work to be done by deadline (event-loop time; None: no bound), acquiring
+    included (TimeoutError if not).
 
-    A connection whose work is cut off by the timeout is closed at once: handed back as usual, it
+    A connection whose work is cut off by the deadline is closed at once: handed back as usual, it
     would first be reset, which waits for a hung server up to the command timeout.
     """
-    async with asyncio.timeout(timeout), pool.acquire(timeout=timeout) as conn:
+    async with asyncio.timeout_at(deadline), pool.acquire() as conn:
         try:
             yield conn
         except (asyncio.CancelledError, TimeoutError):
             conn.terminate()
             raise
+
+
+def acquire_within(pool: asyncpg.Pool, timeout: float | None) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
+    """acquire_until, timeout seconds from now."""
+    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+    return acquire_until(pool, deadline)
 
 
 async def check_durability(conn: asyncpg.Connection) -> None:

@@ -382,7 +382,9 @@ def test_alert_expressions():
     five = rules["TelemetryIngestHigh5xxRate"]["expr"]
     assert 'status=~"5.."' in five and "telemetry_requests_total" in five
     assert 'status="503"' in rules["TelemetryIngestHigh503Rate"]["expr"]
-    assert "telemetry_queue_depth" in rules["TelemetryIngestQueueDepthHigh"]["expr"]
+    # A fraction of each worker's queue capacity: a record count over the queue size could never be reached.
+    assert re.fullmatch(r"max by \(job, instance, writer\) \(telemetry_queue_fill_ratio\) > 0\.5",
+                        rules["TelemetryIngestQueueDepthHigh"]["expr"].strip())
     sweep = rules["TelemetryIngestSweeperStalled"]["expr"]
     assert "time()" in sweep and "telemetry_sweep_last_success_timestamp_seconds" in sweep
     assert _threshold(sweep) == 3 * 60, "3 sweep intervals of the default 60 s"
@@ -390,7 +392,9 @@ def test_alert_expressions():
     assert "telemetry_oldest_scan_age_seconds" in scan
     assert _threshold(scan) == 720 * 3600 + 2 * 60, "maximum retention 720 h plus two sweep intervals"
     pool = rules["TelemetryIngestDbPoolExhausted"]
-    assert 'state="in_use"' in pool["expr"] and 'state="size"' in pool["expr"] and ">=" in pool["expr"]
+    # in use against the pools' maximum size, not against the connections open at the moment
+    assert 'state="in_use"' in pool["expr"] and 'state="max"' in pool["expr"] and ">=" in pool["expr"]
+    assert 'state="size"' not in pool["expr"]
     assert pool["for"] == "5m"
 
 

@@ -411,3 +411,98 @@ async def test_a_fault_in_the_writer_fails_its_batch_and_the_flushers_carry_on(d
     finally:
         await writer.close()
         await pool.close()
+
+
+# ------------------------------------------------------------------ one deadline per request, on every route
+
+
+async def _cli_secret(kind: str, db_dsn: str, master_key: str, tmp_path) -> str:
+    # Straight to the database, off the event loop (the proxy in front of the service runs on it).
+    env = env_for(db_dsn, master_key, tmp_path)
+    return (await asyncio.to_thread(run_cli, kind, "create", env=env)).stdout.strip().splitlines()[-1]
+
+
+async def test_every_route_family_answers_503_within_db_timeout_when_the_database_goes_silent(db_dsn, master_key, tmp_path):
+    """Enroll, agents, settings, every admin route, heartbeats and scans, with their tokens and data key
+    cached, against a database that stops answering: each 503 + Retry-After at about db_timeout, not
+    after the pool's connect timeout (5 s) or the command timeout (30 s) behind it."""
+    from tests.support import start_service
+
+    proxy = await PgProxy(db_dsn).start()
+    try:
+        async with start_service(proxy.dsn, master_key, tmp_path, db_timeout=0.5) as svc:
+            secret = await _cli_secret("enroll-secret", db_dsn, master_key, tmp_path)
+            admin = await _cli_secret("admin-token", db_dsn, master_key, tmp_path)
+            install_id, token = await svc.enroll(secret=secret)  # caches the secret
+            email = heartbeat_body(install_id, email="ops@example.com")
+            assert (await svc.request("POST", "/v1/heartbeats", token=token, json=email))[0] == 200  # caches the data key
+            status, agent, _ = await svc.request("POST", "/v1/agents", token=token, json={"name": "a"})
+            assert status == 201
+            assert (await svc.request("POST", "/v1/scans", token=agent["token"], json=scan_body()))[0] == 201
+            assert (await svc.request("GET", "/v1/admin/stats", token=admin))[0] == 200  # caches the admin token
+            inst = f"/v1/admin/installations/{install_id}"
+            calls = [
+                ("POST", "/v1/enroll", secret, {"install_id": str(uuid.uuid4())}),
+                ("POST", "/v1/agents", token, {"name": "b"}),
+                ("DELETE", f"/v1/agents/{agent['agent_id']}", token, None),
+                ("PUT", "/v1/installation/settings", token, {"scan_retention_hours": 24}),
+                ("POST", "/v1/heartbeats", token, email),
+                ("POST", "/v1/scans", agent["token"], scan_body()),
+                ("GET", inst + "/export", admin, None),
+                ("PUT", inst + "/restriction", admin, {"restricted": True}),
+                ("GET", "/v1/admin/stats", admin, None),
+                ("DELETE", inst, admin, None),
+            ]
+            proxy.blackhole()
+            answers = []
+            for method, path, tok, body in calls:
+                started = time.monotonic()
+                status, problem, headers = await svc.request(method, path, token=tok, json=body)
+                answers.append((method, path, status, round(time.monotonic() - started, 2), headers.get("Retry-After")))
+            print("\n" + "\n".join(map(str, answers)))
+            proxy.restore()
+    finally:
+        await proxy.close()
+    assert all(status == 503 and retry for _, _, status, _, retry in answers), answers
+    # db_timeout is 0.5 s (erasure: 1 s more); 4 s is generous on a loaded machine and still short of
+    # the 5 s an unbounded wait took before.
+    assert all(took < 4.0 for *_, took, _ in answers), answers
+
+
+async def test_token_lookup_data_key_and_commit_share_one_deadline(db_dsn, master_key, tmp_path, db):
+    """Three waits of 0.6 x db_timeout each (the token lookup, the data-key load, the commit) add up to more
+    than db_timeout: the heartbeat is 503 and nothing is stored, where each wait with its own timeout
+    would have let it through."""
+    from tests.support import start_service
+
+    timeout = 1.5
+    async with start_service(db_dsn, master_key, tmp_path, db_timeout=timeout) as svc:
+        install_id, token = await svc.enroll()  # neither the token nor the data key is cached yet
+        from storage.pool import connect
+
+        holders = [await connect(db_dsn) for _ in range(3)]
+        try:
+            txs = [h.transaction() for h in holders]
+            for tx in txs:
+                await tx.start()
+            await holders[0].execute("LOCK TABLE tokens IN ACCESS EXCLUSIVE MODE")
+            await holders[1].execute("LOCK TABLE data_keys IN ACCESS EXCLUSIVE MODE")
+            await holders[2].execute("SELECT 1 FROM installations WHERE install_id = $1 FOR UPDATE", install_id)
+
+            async def release_in_turn():
+                for tx in txs:
+                    await asyncio.sleep(0.6 * timeout)
+                    await tx.rollback()
+
+            releasing = asyncio.create_task(release_in_turn())
+            status, body, headers = await svc.request("POST", "/v1/heartbeats", token=token,
+                                                      json=heartbeat_body(install_id, email="ops@example.com"))
+            await releasing
+        finally:
+            for h in holders:
+                await h.close()
+        assert status == 503 and headers.get("Retry-After"), (status, body)
+        await asyncio.sleep(0.3)
+        assert await db.fetchval("SELECT count(*) FROM heartbeats") == 0
+        # With the database answering again, the same request goes through.
+        assert (await svc.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id)))[0] == 200

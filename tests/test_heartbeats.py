@@ -12,6 +12,7 @@ import zstandard
 from crypto.datakeys import wrap_context
 from crypto.envelope import DataKey, open_
 from crypto.keyring import KeyRing
+from ingest.keys import METRICS, POOL
 from ingest.routes_core import email_context
 from tests.support import heartbeat_body, start_service
 
@@ -356,3 +357,76 @@ async def test_ops_endpoints_and_metrics_hold_no_identifiers(service):
         assert name in text, name
     for secret in (str(install_id), token, email, "127.0.0.1", install_id.hex):
         assert secret not in text
+
+
+async def test_encrypt_duration_measures_sealing_not_the_data_key_load(db_dsn, master_key, tmp_path, db):
+    """The first heartbeat with an e-mail loads the data key; a lock makes that load wait 1 s. The
+    seal itself takes microseconds, and that is all telemetry_encrypt_duration_seconds may show."""
+    async with start_service(db_dsn, master_key, tmp_path, db_timeout=10) as svc:
+        install_id, token = await svc.enroll()
+        tx = db.transaction()
+        await tx.start()
+        await db.execute("LOCK TABLE data_keys IN ACCESS EXCLUSIVE MODE")
+        sent = asyncio.create_task(svc.request("POST", "/v1/heartbeats", token=token,
+                                               json=heartbeat_body(install_id, email="ops@example.com")))
+        await asyncio.sleep(1.0)
+        await tx.rollback()
+        status, body, _ = await sent
+        assert status == 200, body
+        registry = svc.app[METRICS].registry
+        labels = {"category": "installation"}
+        assert registry.get_sample_value("telemetry_encrypt_duration_seconds_count", labels) == 1
+        assert registry.get_sample_value("telemetry_encrypt_duration_seconds_sum", labels) < 0.5
+
+
+async def _sampled(registry, name: str, labels: dict, want, timeout: float = 5.0):
+    """Wait (up to timeout) until the gauge satisfies want(value); its last value. Nothing here scrapes /metrics."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        value = registry.get_sample_value(name, labels)
+        if (value is not None and want(value)) or loop.time() > end:
+            return value
+        await asyncio.sleep(0.1)
+
+
+async def test_pool_gauges_are_sampled_without_a_scrape_against_the_pools_maximum(db_dsn, master_key, tmp_path):
+    async with start_service(db_dsn, master_key, tmp_path, db_pool_size=7) as svc:
+        registry, pool = svc.app[METRICS].registry, svc.app[POOL]
+        held = [await pool.acquire() for _ in range(3)]
+        try:
+            in_use = await _sampled(registry, "telemetry_db_pool_connections", {"state": "in_use"}, lambda v: v >= 3)
+            assert in_use is not None and in_use >= 3
+        finally:
+            for conn in held:
+                await pool.release(conn)
+        assert registry.get_sample_value("telemetry_db_pool_connections", {"state": "max"}) == 7
+        assert await _sampled(registry, "telemetry_db_pool_connections", {"state": "in_use"}, lambda v: v < 3) < 3
+
+
+async def test_queue_fill_ratio_can_reach_the_alert_threshold_on_one_worker(db_dsn, master_key, tmp_path, db):
+    """With the database holding every write, the heartbeat queue fills: its fill ratio (what
+    TelemetryIngestQueueDepthHigh compares with 0.5) reaches 1, which a record count over the
+    queue's own size never could."""
+    async with start_service(db_dsn, master_key, tmp_path, queue_size=4, batch_max_rows=1, db_timeout=10) as svc:
+        install_id, token = await svc.enroll()
+        registry = svc.app[METRICS].registry
+        assert await _sampled(registry, "telemetry_queue_fill_ratio", {"writer": "heartbeat"}, lambda v: True) == 0
+        tx = db.transaction()
+        await tx.start()
+        await db.execute("SELECT 1 FROM installations WHERE install_id = $1 FOR UPDATE", install_id)
+        sent = [asyncio.create_task(svc.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id)))
+                for _ in range(6)]  # two taken by the flushers (batches of one), four queued
+        try:
+            fill = await _sampled(registry, "telemetry_queue_fill_ratio", {"writer": "heartbeat"}, lambda v: v >= 1.0)
+        finally:
+            await tx.rollback()
+        statuses = [(await t)[0] for t in sent]
+        assert fill == 1.0, fill
+        assert statuses == [200] * 6
+
+
+async def test_method_not_allowed_is_a_problem_with_allow(service):
+    status, body, headers = await service.request("PUT", "/v1/heartbeats", json={})
+    assert status == 405 and body["type"].endswith("/method-not-allowed")
+    assert headers["Allow"] == "POST"

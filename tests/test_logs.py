@@ -63,6 +63,22 @@ async def test_one_json_line_per_request_with_route_status_latency_and_request_i
     assert len(set(generated)) == 3 and all(len(r) == 16 for r in generated)
 
 
+async def test_access_line_names_the_token_id_never_the_token(service, db):
+    install_id, token = await service.enroll()
+    token_id = await db.fetchval("SELECT token_id FROM tokens WHERE install_id = $1 AND role = 'installation'", install_id)
+    with captured_log("json") as out, captured_log("text") as text:
+        assert (await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id)))[0] == 200
+        assert (await service.request("GET", "/v1/admin/stats", token=token))[0] == 403  # known token, wrong role
+        assert (await service.request("POST", "/v1/heartbeats", token="tii_nonsense", json={}))[0] == 401
+        assert (await service.request("GET", "/healthz"))[0] == 200
+    lines = access_lines(out.getvalue())
+    assert [line.get("token_id") for line in lines] == [token_id, token_id, None, None]
+    assert token_id.startswith("tid_")
+    assert f"token_id={token_id}" in text.getvalue()
+    for output in (out.getvalue(), text.getvalue()):
+        assert token not in output and token[4:] not in output
+
+
 @pytest.mark.parametrize(
     "given, kept",
     [

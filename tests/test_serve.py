@@ -208,13 +208,32 @@ async def test_refuses_database_without_synchronous_commit(external_env, db_dsn,
         ({"TELEMETRY_TRUSTED_PROXIES": "10.0.0.0/33"}, "TELEMETRY_TRUSTED_PROXIES"),
         ({"TELEMETRY_SWEEP_INTERVAL": "-1"}, "TELEMETRY_SWEEP_INTERVAL"),
         ({"TELEMETRY_MASTER_KEY": "c2hvcnQ="}, "TELEMETRY_MASTER_KEY"),
+        ({"TELEMETRY_DSN": "notadsn"}, "TELEMETRY_DSN"),
+        ({"TELEMETRY_DSN": "postgresql://u:pw@localhost:99999/db"}, "TELEMETRY_DSN"),
+        ({"TELEMETRY_DSN": "postgresql://localhost/db?sslmode=bogus"}, "TELEMETRY_DSN"),  # refused by asyncpg itself
+        ({"TELEMETRY_HOST": "256.1.1.1"}, "TELEMETRY_HOST"),
+        ({"TELEMETRY_HOST": "192.0.2.1"}, "TELEMETRY_HOST"),  # well formed, but not an address of this machine: bind fails
+        ({"TELEMETRY_DATA_DIR": "/proc/version"}, "TELEMETRY_DATA_DIR"),  # a file: no metrics directory under it
     ],
 )
 def test_bad_setting_stops_with_one_line_naming_it(external_env, env, name):
-    proc = run_cli("serve", env={**external_env, **env}, check=False, timeout=60)
+    port = [] if "TELEMETRY_PORT" in env else ["--port", str(free_port())]  # a flag would win over the variable
+    proc = run_cli("serve", *port, env={**external_env, **env}, check=False, timeout=60)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and name in lines[0], proc.stderr
+    assert "pw" not in proc.stderr  # a DSN is never echoed: it may hold a password
+
+
+def test_port_in_use_stops_with_one_line(external_env):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = run_cli("serve", "--port", str(port), env=external_env, check=False, timeout=60)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "TELEMETRY_PORT" in lines[0] and "in use" in lines[0], proc.stderr
 
 
 def test_bad_flag_names_the_flag(external_env):

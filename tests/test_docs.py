@@ -1,0 +1,76 @@
+"""The README's reference lists against the code, so they cannot drift: problem slugs and the settings table."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from ingest import errors
+from ingest.settings import Settings, describe, env_name
+from tests.support import ROOT
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _problem_classes() -> list[type[errors.Problem]]:
+    out, todo = [], list(errors.Problem.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        out.append(cls)
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+def _used_outside_errors_module(name: str) -> bool:
+    pattern = re.compile(rf"\b{name}\b")
+    return any(pattern.search(p.read_text(encoding="utf-8")) for p in (ROOT / "ingest").glob("*.py") if p.name != "errors.py")
+
+
+def test_readme_problem_slugs_are_exactly_those_the_code_can_answer():
+    m = re.search(r"\*\*Problem types\*\* are `[^`]+<slug>` with slugs\s+(.*?)\.\n", README, re.S)
+    assert m, "the problem-type list was not found in README.md"
+    documented = re.findall(r"`([a-z-]+)`", m.group(1))
+    assert len(documented) == len(set(documented))
+    classes = _problem_classes()
+    unused = [cls.__name__ for cls in classes if not _used_outside_errors_module(cls.__name__)]
+    assert not unused, f"problem classes nothing raises: {unused}"
+    assert set(documented) == {cls.slug for cls in classes}
+    assert "`http-<status>`" in m.group(1)  # the errors middleware's fallback for any other HTTPException
+
+
+def _settings_rows() -> list[tuple[list[str], list[str]]]:
+    """(variables, default cells) of each row of the README's settings table."""
+    section = README.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].startswith("`TELEMETRY_"):
+            names = re.findall(r"`(TELEMETRY_[A-Z0-9_]+)`", cells[0])
+            rows.append((names, [c.strip() for c in cells[1].split(" / ")]))
+    return rows
+
+
+def test_readme_settings_table_lists_every_setting_and_only_those():
+    documented = [name for names, _ in _settings_rows() for name in names]
+    assert len(documented) == len(set(documented)), "a setting is listed twice"
+    fields = {env_name(f.name) for f in dataclasses.fields(Settings)}
+    assert {v for v, _, _ in describe()} == fields
+    assert not fields - set(documented), f"settings missing from the README table: {sorted(fields - set(documented))}"
+    assert not set(documented) - fields, f"README lists settings the code lacks: {sorted(set(documented) - fields)}"
+
+
+def test_readme_settings_defaults_are_the_codes():
+    """Each default the table gives as a literal (`60`) is, read by the setting's own parser, the dataclass default."""
+    by_var = {env_name(f.name): f for f in dataclasses.fields(Settings)}
+    checked = 0
+    for names, defaults in _settings_rows():
+        if len(names) != len(defaults):
+            continue
+        for name, cell in zip(names, defaults):
+            literal = re.fullmatch(r"`([^`]+)`(?: \([^)]*\))?", cell)
+            f = by_var.get(name)
+            if literal is None or f is None:
+                continue  # described in words ("number of CPUs", "16 MiB"), or a setting the other test reports
+            assert f.metadata["parse"](literal.group(1)) == f.default, (name, cell, f.default)
+            checked += 1
+    assert checked >= 15
