@@ -469,7 +469,7 @@ async def test_every_route_family_answers_503_within_db_timeout_when_the_databas
     assert all(took < 4.0 for *_, took, _ in answers), answers
 
 
-async def test_token_lookup_data_key_and_commit_share_one_deadline(db_dsn, master_key, tmp_path, db):
+async def test_token_lookup_data_key_and_commit_share_one_deadline(db_dsn, ks_dsn, master_key, tmp_path, db):
     """Three waits of 0.6 x db_timeout each (the token lookup, the data-key load, the commit) add up to more
     than db_timeout: the heartbeat is 503 and nothing is stored, where each wait with its own timeout
     would have let it through."""
@@ -480,7 +480,7 @@ async def test_token_lookup_data_key_and_commit_share_one_deadline(db_dsn, maste
         install_id, token = await svc.enroll()  # neither the token nor the data key is cached yet
         from storage.pool import connect
 
-        holders = [await connect(db_dsn) for _ in range(3)]
+        holders = [await connect(db_dsn), await connect(ks_dsn), await connect(db_dsn)]  # the data keys are in the key store
         try:
             txs = [h.transaction() for h in holders]
             for tx in txs:

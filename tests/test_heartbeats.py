@@ -359,14 +359,14 @@ async def test_ops_endpoints_and_metrics_hold_no_identifiers(service):
         assert secret not in text
 
 
-async def test_encrypt_duration_measures_sealing_not_the_data_key_load(db_dsn, master_key, tmp_path, db):
+async def test_encrypt_duration_measures_sealing_not_the_data_key_load(db_dsn, master_key, tmp_path, ks):
     """The first heartbeat with an e-mail loads the data key; a lock makes that load wait 1 s. The
     seal itself takes microseconds, and that is all telemetry_encrypt_duration_seconds may show."""
     async with start_service(db_dsn, master_key, tmp_path, db_timeout=10) as svc:
         install_id, token = await svc.enroll()
-        tx = db.transaction()
+        tx = ks.transaction()
         await tx.start()
-        await db.execute("LOCK TABLE data_keys IN ACCESS EXCLUSIVE MODE")
+        await ks.execute("LOCK TABLE data_keys IN ACCESS EXCLUSIVE MODE")
         sent = asyncio.create_task(svc.request("POST", "/v1/heartbeats", token=token,
                                                json=heartbeat_body(install_id, email="ops@example.com")))
         await asyncio.sleep(1.0)
