@@ -101,12 +101,15 @@ class Heartbeats:
             kept.get("web_server_type"),
             email_ct,
             anonymise(client_ip(request, settings.trusted_proxies)),
+            principal.token_id,
         )
         outcome = await app[HEARTBEAT_WRITER].submit(row, decoded)
         if outcome == installations.RESTRICTED:
             raise RestrictedProblem("processing of this installation is restricted; nothing was stored")
         if outcome == installations.GONE:
             raise Unauthorized("this installation no longer exists")
+        if outcome == installations.REVOKED:
+            raise Unauthorized("this token was revoked; nothing was stored")
         return json_response({"stored": True, "dropped_fields": dropped})
 
 

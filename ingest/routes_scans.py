@@ -33,7 +33,7 @@ from ingest.scans_read import scan_context
 from storage import agents as agent_store
 from storage import scans as scan_store
 from storage.errors import NotFound
-from storage.installations import GONE, RESTRICTED
+from storage.installations import GONE, RESTRICTED, REVOKED
 from storage.policy import AGENT_REGISTRATION, SCAN, SCAN_SETTINGS
 
 SMALL_BODY = 64 * 1024  # agent registration and settings bodies
@@ -156,13 +156,15 @@ class Scans:
         del raw, prepare
         row = scan_store.ScanRow(
             install_id, principal.agent_id, sealed.scan_id, dt.datetime.now(dt.timezone.utc), key.key_id,
-            sealed.content_mac, size_wire, sealed.size_decoded, sealed.size_plain, sealed.ciphertext,
+            sealed.content_mac, size_wire, sealed.size_decoded, sealed.size_plain, sealed.ciphertext, principal.token_id,
         )
         outcome = await app[SCAN_WRITER].submit(row, len(sealed.ciphertext))
         if outcome.status == RESTRICTED:
             raise RestrictedProblem("processing of this installation is restricted; nothing was stored")
         if outcome.status == GONE:
             raise Unauthorized("this installation no longer exists")
+        if outcome.status == REVOKED:
+            raise Unauthorized("this token was revoked; nothing was stored")
         body = {"scan_id": str(sealed.scan_id), "expires_at": rfc3339(outcome.expires_at), "dropped_fields": sealed.dropped}
         if outcome.status == scan_store.STORED:
             self.received.inc()

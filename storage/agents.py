@@ -23,6 +23,9 @@ async def create(conn, install_id: uuid.UUID, agent_id: uuid.UUID, name: str, *,
 async def revoke(conn, install_id: uuid.UUID, agent_id: uuid.UUID) -> None:
     """Mark the installation's agent revoked and revoke its tokens; NotFound if it has no such active agent."""
     async with conn.transaction():
+        # The installation row first, as the batch writers lock it: a batch that commits after this
+        # revocation waits for it and then sees the token revoked (storage.tokens.revoked_tokens).
+        await conn.execute("SELECT 1 FROM installations WHERE install_id = $1 FOR NO KEY UPDATE", install_id)
         found = await conn.fetchval(
             "UPDATE agents SET revoked_at = now() WHERE install_id = $1 AND agent_id = $2 AND revoked_at IS NULL "
             "RETURNING true",

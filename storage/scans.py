@@ -14,9 +14,10 @@ from typing import NamedTuple
 
 import asyncpg
 
-from storage.installations import GONE, RESTRICTED
+from storage.installations import GONE, RESTRICTED, REVOKED
+from storage.tokens import revoked_tokens
 
-# Outcomes of a scan in a batch, besides RESTRICTED and GONE (from storage.installations).
+# Outcomes of a scan in a batch, besides RESTRICTED, GONE and REVOKED (from storage.installations).
 STORED, EXISTS = "stored", "exists"
 
 _COLUMNS = (
@@ -38,6 +39,7 @@ class ScanRow(NamedTuple):
     size_decoded: int
     size_plain: int
     ciphertext: bytes
+    token_id: str | None = None  # the agent token it came with: refused if revoked before the batch commits
 
 
 class ScanOutcome(NamedTuple):
@@ -86,7 +88,9 @@ async def write_scans(conn, rows: Sequence[ScanRow]) -> list[ScanOutcome]:
                 ids,
             )
         }
-        candidates = [r for r in rows if (s := state.get(r.install_id)) is not None and not s["erasing"] and not s["restricted"]]
+        revoked = await revoked_tokens(conn, [r.token_id for r in rows])
+        candidates = [r for r in rows if (s := state.get(r.install_id)) is not None and not s["erasing"] and not s["restricted"]
+                      and r.token_id not in revoked]
         existing: dict[tuple[uuid.UUID, uuid.UUID], ScanOutcome] = {}
         if candidates:
             keys = sorted({(r.install_id, r.scan_id) for r in candidates})
@@ -113,6 +117,9 @@ async def write_scans(conn, rows: Sequence[ScanRow]) -> list[ScanOutcome]:
                 continue
             if s["restricted"]:
                 outcomes.append(ScanOutcome(RESTRICTED))
+                continue
+            if r.token_id in revoked:
+                outcomes.append(ScanOutcome(REVOKED))
                 continue
             key = (r.install_id, r.scan_id)
             found = existing.get(key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -34,8 +35,28 @@ async def find_active(conn, token_hash: bytes) -> TokenRow | None:
     return TokenRow(**dict(r)) if r else None
 
 
+async def revoked_tokens(conn, token_ids: Sequence[str | None]) -> set[str]:
+    """Which of these token ids are revoked (or gone), in one statement: a batch writer calls it after locking
+    the installation rows, so a revocation that committed before the batch's lock is seen."""
+    wanted = sorted({t for t in token_ids if t is not None})
+    if not wanted:
+        return set()
+    live = {r["token_id"] for r in await conn.fetch(
+        "SELECT token_id FROM tokens WHERE token_id = ANY($1::text[]) AND revoked_at IS NULL", wanted)}
+    return set(wanted) - live
+
+
 async def revoke(conn, *, token_id: str | None = None, token_hash: bytes | None = None) -> str | None:
-    """Revoke one token by id or hash; returns its id, or None if no such active token."""
+    """Revoke one token by id or hash; returns its id, or None if no such active token.
+
+    Inside a transaction, the token's installation row is locked first, as the batch writers lock it:
+    a batch committing after this revocation is sure to see it (and refuses the token's records).
+    """
+    await conn.execute(
+        "SELECT 1 FROM installations i JOIN tokens t ON t.install_id = i.install_id "
+        "WHERE (t.token_id = $1 OR t.token_hash = $2) AND t.revoked_at IS NULL FOR NO KEY UPDATE OF i",
+        token_id, token_hash,
+    )
     return await conn.fetchval(
         "UPDATE tokens SET revoked_at = now(), revoke_seq = nextval('token_revocations') "
         "WHERE (token_id = $1 OR token_hash = $2) AND revoked_at IS NULL RETURNING token_id",
