@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ingest.settings import Settings, SettingsError, describe
+from ingest.settings import Settings, SettingsError, describe, env_name, secret_fields
 
 log = logging.getLogger("ingest.cli")
 
@@ -169,6 +169,14 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
     from storage.tokens import revoke
 
     given = args.token.strip()
+    if given == "-":
+        # The token itself comes on standard input: never in `ps` or shell history.
+        given = sys.stdin.readline().strip()
+        if role_of(given) is None:
+            raise CliError("tokens revoke -: standard input must hold the token itself (tie_..., tii_..., tia_..., tiadm_...)")
+    elif role_of(given) is not None:
+        raise CliError("tokens revoke: a token on the command line shows in `ps` and shell history; "
+                       "give its id (tid_...), or `-` and the token on standard input")
     by_hash = hash_token(given) if role_of(given) else None
 
     async def work(conn, resolved):
@@ -276,6 +284,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
+class _SecretFlag(argparse.Action):
+    """A secret setting given as a flag: an error naming the variable to use instead (the value is not echoed)."""
+
+    def __init__(self, option_strings, dest, env: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs="?", **kwargs)
+        self.env = env
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string}: secrets are never taken from the command line; set {self.env} in the environment")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="telemetry-ingest", description="Secure telemetry ingestion service.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -283,7 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the service", formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog="settings (environment variable, default, meaning):\n" + "\n".join(f"  {v} [{d}] {h}" for v, d, h in describe()))
     for f in dataclasses.fields(Settings):
-        serve.add_argument("--" + f.name.replace("_", "-"), dest="opt_" + f.name, metavar="VALUE", help=f.metadata["help"])
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in secret_fields():
+            # Not offered, and refused when given: the value would show in `ps` and shell history.
+            serve.add_argument(flag, action=_SecretFlag, help=argparse.SUPPRESS, env=env_name(f.name))
+        else:
+            serve.add_argument(flag, dest="opt_" + f.name, metavar="VALUE", help=f.metadata["help"])
     serve.set_defaults(func=cmd_serve)
 
     secret = sub.add_parser("enroll-secret", help="enrollment secrets").add_subparsers(dest="action", required=True)
@@ -293,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_parser("create", help="create an admin token (printed on the last line)").set_defaults(func=_create_token("admin", "admin_token.create"))
 
     tokens = sub.add_parser("tokens", help="tokens").add_subparsers(dest="action", required=True)
-    revoke = tokens.add_parser("revoke", help="revoke a token, given the token itself or its id")
-    revoke.add_argument("token")
+    revoke = tokens.add_parser("revoke", help="revoke a token, given its id, or `-` and the token itself on standard input")
+    revoke.add_argument("token", metavar="ID_OR_DASH", help="the token's id (tid_...), or - to read the token from standard input")
     revoke.set_defaults(func=cmd_tokens_revoke)
 
     keys = sub.add_parser("keys", help="key-encryption keys").add_subparsers(dest="action", required=True)

@@ -63,18 +63,20 @@ def _nonempty(v: str) -> str:
     return v
 
 
-def _setting(default: Any, parse: Callable[[str], Any], help: str) -> Any:
-    return field(default=default, metadata={"parse": parse, "help": help})
+def _setting(default: Any, parse: Callable[[str], Any], help: str, *, secret: bool = False) -> Any:
+    # secret: read from the environment only, never a flag (a command line shows in `ps` and shell history),
+    # and never echoed in an error message.
+    return field(default=default, metadata={"parse": parse, "help": help, "secret": secret})
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything configurable. Field `x_y` is read from TELEMETRY_X_Y and `serve --x-y`."""
+    """Everything configurable. Field `x_y` is read from TELEMETRY_X_Y and `serve --x-y` (secret fields: the environment only)."""
 
     # The contract's settings.
-    dsn: str | None = _setting(None, _nonempty, "PostgreSQL to use (unset: embedded PostgreSQL in the data directory)")
+    dsn: str | None = _setting(None, _nonempty, "PostgreSQL to use (unset: embedded PostgreSQL in the data directory)", secret=True)
     data_dir: Path = _setting(Path("./telemetry-data"), Path, "embedded database and generated key file")
-    master_key: str | None = _setting(None, _nonempty, "key-encryption keys, comma-separated base64; first is primary")
+    master_key: str | None = _setting(None, _nonempty, "key-encryption keys, comma-separated base64; first is primary", secret=True)
     host: str = _setting("127.0.0.1", _host, "listen address")
     port: int = _setting(8080, _int(0, 65535), "listen port")
     workers: int = _setting(os.cpu_count() or 1, _int(1, 256), "worker processes sharing the port")
@@ -114,6 +116,8 @@ class Settings:
             raw = env.get(var)
             source = var
             if overrides and overrides.get(f.name) is not None:
+                if f.metadata.get("secret"):
+                    raise SettingsError(f"--{f.name.replace('_', '-')}: a secret setting is read from {var} only, never a flag")
                 raw, source = overrides[f.name], "--" + f.name.replace("_", "-")
             if raw is None or raw == "":
                 continue
@@ -133,9 +137,14 @@ def env_name(field_name: str) -> str:
     return "TELEMETRY_" + field_name.upper()
 
 
+def secret_fields() -> frozenset[str]:
+    """Names of the settings that are secrets: environment only, never shown."""
+    return frozenset(f.name for f in dataclasses.fields(Settings) if f.metadata.get("secret"))
+
+
 def _shown(name: str, raw: str) -> str:
     # Never echo secrets into a log or terminal.
-    return "(hidden)" if name in {"dsn", "master_key"} else repr(raw)
+    return "(hidden)" if name in secret_fields() else repr(raw)
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -52,3 +52,34 @@ async def test_a_deleted_agent_cannot_store_a_scan_even_on_a_worker_that_still_c
         status, problem, _ = await b.request("POST", "/v1/heartbeats", token=token2, json=heartbeat_body(install_id))
         assert status == 401, problem
         assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", install_id) == 1
+
+
+# ------------------------------------------------------------------ 7. secrets never on the command line
+
+
+def test_serve_offers_no_secret_flag_and_refuses_one(tmp_path):
+    env = {"TELEMETRY_DATA_DIR": str(tmp_path / "none")}
+    shown = run_cli("serve", "--help", env=env).stdout
+    assert "--port" in shown  # the ordinary flags are there...
+    for flag in ("--dsn", "--master-key", "--keystore-dsn"):
+        assert flag not in shown  # ...the secret ones are not
+    for flag, var in (("--dsn", "TELEMETRY_DSN"), ("--master-key", "TELEMETRY_MASTER_KEY")):
+        proc = run_cli("serve", flag, "s3cret-value", env=env, check=False)
+        assert proc.returncode == 2
+        assert var in proc.stderr and "s3cret-value" not in proc.stderr
+        assert not (tmp_path / "none").exists()  # refused before anything started
+
+
+async def test_tokens_revoke_takes_an_id_or_the_token_on_standard_input_never_as_an_argument(service, db):
+    install_id, token = await service.enroll()
+    refused = service.cli("tokens", "revoke", token, check=False)
+    assert refused.returncode == 1
+    assert len(refused.stderr.strip().splitlines()) == 1 and "`-`" in refused.stderr and token not in refused.stderr
+    assert await db.fetchval("SELECT count(*) FROM tokens WHERE revoked_at IS NOT NULL") == 0
+    out = service.cli("tokens", "revoke", "-", input=token + "\n").stdout
+    token_id = await db.fetchval("SELECT token_id FROM tokens WHERE install_id = $1", install_id)
+    assert out.strip() == f"revoked {token_id}"
+    assert await db.fetchval("SELECT revoked_at IS NOT NULL FROM tokens WHERE token_id = $1", token_id)
+    status, _, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id))
+    assert status == 401  # at once: the batch checks the token (point 4), whatever the cache holds
+    assert service.cli("tokens", "revoke", "-", input="not-a-token\n", check=False).returncode == 1
