@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime as dt
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
@@ -136,8 +138,11 @@ async def _prepare(resolved: Resolved) -> None:
         await conn.close()
 
 
-def create_token(role: str, action: str) -> tuple[str, str]:
-    """Create a token of role in the database, audited as action; returns (token_id, token)."""
+def create_token(role: str, action: str, *, max_uses: int | None = None, expires_in=None) -> tuple[str, str]:
+    """Create a token of role in the database, audited as action; returns (token_id, token).
+
+    max_uses and expires_in (a timedelta) limit an enrollment secret; the expiry is counted by the database's clock.
+    """
     from crypto.tokens import new_token
     from storage.audit import record
     from storage.tokens import insert_token
@@ -146,21 +151,74 @@ def create_token(role: str, action: str) -> tuple[str, str]:
 
     async def work(conn, resolved):
         async with conn.transaction():
-            await insert_token(conn, token_id, token_hash, role)
-            await record(conn, "cli", action, detail={"token_id": token_id})
+            expires_at = None if expires_in is None else await conn.fetchval("SELECT now() + $1::interval", expires_in)
+            await insert_token(conn, token_id, token_hash, role, max_uses=max_uses, expires_at=expires_at)
+            detail = {"token_id": token_id}
+            if max_uses is not None:
+                detail["max_uses"] = max_uses
+            if expires_at is not None:
+                detail["expires_at"] = expires_at.isoformat()
+            await record(conn, "cli", action, detail=detail)
+            return expires_at
 
-    _with_db(load_settings(), work)
+    expires_at = _with_db(load_settings(), work)
+    if max_uses is not None or expires_at is not None:
+        uses = "unlimited" if max_uses is None else str(max_uses)
+        print(f"uses: {uses}; expires: {'never' if expires_at is None else expires_at.isoformat()}")
     return token_id, token
 
 
 def _create_token(role: str, action: str):
     def run(args: argparse.Namespace) -> int:
-        token_id, token = create_token(role, action)
+        limits = {"max_uses": getattr(args, "max_uses", None), "expires_in": getattr(args, "expires_in", None)}
+        token_id, token = create_token(role, action, **limits)
         print(f"token id: {token_id}")
         print(token)
         return 0
 
     return run
+
+
+_DURATION = re.compile(r"([1-9][0-9]{0,6})([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(value: str) -> dt.timedelta:
+    """A DURATION such as 30m, 12h or 7d (also s), at most 3650 days."""
+    m = _DURATION.fullmatch(value.strip())
+    if not m or int(m.group(1)) * _UNIT_SECONDS[m.group(2)] > 3650 * 86400:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a duration such as 30m, 12h or 7d (at most 3650d)")
+    return dt.timedelta(seconds=int(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return int(value)
+
+
+def cmd_tokens_list(args: argparse.Namespace) -> int:
+    """Print every token's id, role, binding, uses and dates; never a token or its hash."""
+    from storage.tokens import token_list
+
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        return v.isoformat(timespec="seconds") if isinstance(v, dt.datetime) else str(v)
+
+    columns = ("token_id", "role", "install_id", "agent_id", "uses", "max_uses", "expires_at", "created_at", "revoked_at")
+
+    async def work(conn, resolved):
+        print("\t".join(columns))
+        n = 0
+        async with conn.transaction():
+            async for r in token_list(conn):
+                print("\t".join(cell(r[c]) for c in columns))
+                n += 1
+        return n
+
+    _with_db(load_settings(), work)
+    return 0
 
 
 def cmd_tokens_revoke(args: argparse.Namespace) -> int:
@@ -311,7 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     secret = sub.add_parser("enroll-secret", help="enrollment secrets").add_subparsers(dest="action", required=True)
-    secret.add_parser("create", help="create an enrollment secret (printed on the last line)").set_defaults(func=_create_token("enroll", "enroll_secret.create"))
+    create_secret = secret.add_parser("create", help="create an enrollment secret (printed on the last line)")
+    create_secret.add_argument("--max-uses", type=_positive, metavar="N", help="enrollments it may make (default: unlimited)")
+    create_secret.add_argument("--expires-in", type=duration, metavar="DURATION", help="refused after this long: 30m, 12h, 7d (default: never)")
+    create_secret.set_defaults(func=_create_token("enroll", "enroll_secret.create"))
 
     admin = sub.add_parser("admin-token", help="admin tokens").add_subparsers(dest="action", required=True)
     admin.add_parser("create", help="create an admin token (printed on the last line)").set_defaults(func=_create_token("admin", "admin_token.create"))
@@ -320,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = tokens.add_parser("revoke", help="revoke a token, given its id, or `-` and the token itself on standard input")
     revoke.add_argument("token", metavar="ID_OR_DASH", help="the token's id (tid_...), or - to read the token from standard input")
     revoke.set_defaults(func=cmd_tokens_revoke)
+    tokens.add_parser("list", help="every token's id, role, installation, agent, uses, expiry, creation and revocation "
+                      "(tab-separated; never a token or its hash)").set_defaults(func=cmd_tokens_list)
 
     keys = sub.add_parser("keys", help="key-encryption keys").add_subparsers(dest="action", required=True)
     keys.add_parser("generate", help="print a new key in the TELEMETRY_MASTER_KEY format").set_defaults(func=cmd_keys_generate)

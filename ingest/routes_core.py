@@ -18,6 +18,7 @@ from ingest.filter import Allowlist
 from ingest.keys import AUTH, DATA_KEYS, HEARTBEAT_WRITER, KEYRING, METRICS, POOL, SETTINGS
 from ingest.net import anonymise, client_ip
 from storage import installations
+from storage import tokens as token_store
 from storage.errors import AlreadyExists
 from storage.policy import ENROLLMENT, INSTALLATION
 
@@ -36,17 +37,22 @@ def json_response(body: dict, status: int = 200) -> web.Response:
 async def enroll(request: web.Request) -> web.Response:
     """POST /v1/enroll: an enrollment secret buys an installation token for a new install_id."""
     app = request.app
-    await app[AUTH].authenticate(request, "enroll")
+    principal = await app[AUTH].authenticate(request, "enroll")
     doc, _, _ = await read_json(request, limit=64 * 1024, decoded_limit=64 * 1024)
     kept, _ = _ENROLL.filter_document(doc)  # nothing else in this body is stored, so extras are ignored
     install_id = uuid.UUID(kept["install_id"])
     token_id, token, token_hash = new_token("installation")
     kek_id, wrapped = app[KEYRING].wrap(new_key_bytes(), wrap_context(install_id, 1))
     try:
-        async with app[POOL].acquire() as conn:
+        async with app[POOL].acquire() as conn, conn.transaction():
+            # The secret's use is counted in the enrollment's transaction (installations.enroll nests in it):
+            # a 409 or a failure does not use it up, and concurrent enrollments cannot pass max_uses.
+            if not await token_store.use_enrollment(conn, principal.token_id):
+                raise Unauthorized("this enrollment secret is used up or expired")
             await installations.enroll(conn, install_id, kek_id=kek_id, wrapped_key=wrapped, token_id=token_id, token_hash=token_hash)
     except AlreadyExists:
         raise Conflict("this install_id is already enrolled") from None
+    app[AUTH].created(token_hash)
     return json_response({"install_id": str(install_id), "token": token}, status=201)
 
 

@@ -25,14 +25,14 @@ from crypto.envelope import DataKey
 from crypto.tokens import new_token
 from ingest.batching import GroupCommitWriter
 from ingest.body import check_content_type, content_encoding, inflate, parse_object, read_json, read_raw
-from ingest.errors import Conflict, Forbidden, Invalid, NotFoundProblem, RestrictedProblem, Unauthorized
+from ingest.errors import Conflict, Forbidden, Invalid, NotFoundProblem, QuotaExceeded, RestrictedProblem, Unauthorized
 from ingest.filter import Allowlist
 from ingest.keys import AUTH, DATA_KEYS, METRICS, POOL, SCAN_PREPARE, SCAN_WRITER, SETTINGS
 from ingest.routes_core import json_response
 from ingest.scans_read import scan_context
 from storage import agents as agent_store
 from storage import scans as scan_store
-from storage.errors import NotFound
+from storage.errors import NotFound, QuotaReached
 from storage.installations import GONE, RESTRICTED, REVOKED
 from storage.policy import AGENT_REGISTRATION, SCAN, SCAN_SETTINGS
 
@@ -48,6 +48,11 @@ OFFLOAD_WIRE_BYTES = 256 * 1024
 OFFLOAD_COMPRESSED_BYTES = 32 * 1024
 # Threads per worker process preparing large scans: also bounds the memory of parsed documents.
 PREPARE_THREADS = 2
+
+# Retry-After of a quota's 429: an hour. Retrying sooner cannot help (an agent must be deleted, or
+# stored scans expire, which the usage counts by day); longer than the reference client's
+# max_retry_after (300 s), so it stops and keeps the record spooled instead of retrying.
+QUOTA_RETRY_AFTER = 3600
 
 _AGENT = Allowlist(AGENT_REGISTRATION)
 _SETTINGS = Allowlist(SCAN_SETTINGS)
@@ -70,11 +75,18 @@ async def create_agent(request: web.Request) -> web.Response:
     kept, _ = _AGENT.filter_document(doc)  # nothing else of this body is stored, so extras are ignored
     agent_id = uuid.uuid4()
     token_id, token, token_hash = new_token("agent")
+    limit = app[SETTINGS].agents_per_installation
     try:
         async with app[POOL].acquire() as conn:
-            await agent_store.create(conn, principal.install_id, agent_id, kept["name"], token_id=token_id, token_hash=token_hash)
+            await agent_store.create(conn, principal.install_id, agent_id, kept["name"], token_id=token_id, token_hash=token_hash,
+                                     max_agents=limit)
     except NotFound:
         raise Unauthorized("this installation no longer exists") from None
+    except QuotaReached:
+        raise QuotaExceeded("agents_per_installation", limit,
+                            f"quota agents_per_installation ({limit}) reached: delete an agent first",
+                            retry_after=QUOTA_RETRY_AFTER) from None
+    app[AUTH].created(token_hash)
     return json_response({"agent_id": str(agent_id), "token": token}, status=201)
 
 
@@ -165,6 +177,11 @@ class Scans:
             raise Unauthorized("this installation no longer exists")
         if outcome.status == REVOKED:
             raise Unauthorized("this token was revoked; nothing was stored")
+        if outcome.status == scan_store.OVER_QUOTA:
+            limit = s.scan_bytes_per_installation
+            raise QuotaExceeded("scan_bytes_per_installation", limit,
+                                f"quota scan_bytes_per_installation ({limit} sealed bytes of unexpired scans) reached; nothing was stored",
+                                retry_after=QUOTA_RETRY_AFTER)
         body = {"scan_id": str(sealed.scan_id), "expires_at": rfc3339(outcome.expires_at), "dropped_fields": sealed.dropped}
         if outcome.status == scan_store.STORED:
             self.received.inc()
@@ -230,7 +247,7 @@ async def scan_writer_ctx(app: web.Application):
     app[SCAN_PREPARE] = executor
     batch_bytes = min(s.batch_max_bytes, SCAN_BATCH_BYTES)
     writer: GroupCommitWriter[scan_store.ScanRow] = GroupCommitWriter(
-        "scan", app[POOL], scan_store.write_scans, app[METRICS],
+        "scan", app[POOL], functools.partial(scan_store.write_scans, max_bytes=s.scan_bytes_per_installation), app[METRICS],
         max_queue=s.queue_size, max_rows=s.batch_max_rows, max_bytes=batch_bytes,
         max_queue_bytes=SCAN_QUEUE_BYTES, retry_after=s.retry_after, timeout=s.db_timeout,
     )

@@ -8,6 +8,7 @@ expire; quotas answer 429 naming the quota; no secret is taken from the command 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 import uuid
 
@@ -83,3 +84,107 @@ async def test_tokens_revoke_takes_an_id_or_the_token_on_standard_input_never_as
     status, _, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id))
     assert status == 401  # at once: the batch checks the token (point 4), whatever the cache holds
     assert service.cli("tokens", "revoke", "-", input="not-a-token\n", check=False).returncode == 1
+
+
+# ------------------------------------------------------------------ 5. unknown tokens are cheap; a rate limit before authentication
+
+
+async def _transactions(server, database: str) -> int:
+    """Committed plus rolled-back transactions of a database, once the statistics have settled (read from
+    another database, so reading them adds none)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(server)
+    try:
+        last, stable_since = None, time.monotonic()
+        while True:
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+            now = await conn.fetchval("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1", database)
+            if now != last:
+                last, stable_since = now, time.monotonic()
+            elif time.monotonic() - stable_since > 0.5:
+                return now
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+
+
+async def test_200_requests_with_one_unknown_token_cost_under_60_transactions(pg_server_dsn, db_dsn, master_key, tmp_path):
+    """The service's whole life (start, 200 requests with a well-formed unknown token, stop) is counted, against
+    the same life without the requests; the statistics are complete once its connections have closed."""
+    from urllib.parse import urlsplit
+
+    database = urlsplit(db_dsn).path.lstrip("/")
+    unknown = "tii_" + "A" * 43
+
+    async def life(requests: int) -> int:
+        before = await _transactions(pg_server_dsn, database)
+        async with start_service(db_dsn, master_key, tmp_path) as svc:
+            started = time.monotonic()
+            for _ in range(requests):
+                status, problem, _ = await svc.request("POST", "/v1/heartbeats", token=unknown, json={"install_id": str(uuid.uuid4())})
+                assert status == 401 and problem["status"] == 401
+            await asyncio.sleep(max(0.0, 1.5 - (time.monotonic() - started)))  # both lives last as long
+        return await _transactions(pg_server_dsn, database) - before
+
+    await life(0)  # the first start does one-off work (the first sweep makes partitions): not counted
+    quiet = await life(0)
+    busy = await life(200)
+    print(f"transactions: {quiet} without requests, {busy} with 200 requests of one unknown token")
+    assert busy - quiet < 60, (quiet, busy)
+
+
+async def test_a_token_created_after_it_was_refused_is_not_hidden_by_the_negative_cache(service, db):
+    """A token presented before it exists is refused (and remembered as unknown); once it is created (here by
+    another process, straight into the database), the follower drops the memory within a poll."""
+    from crypto.tokens import new_token
+    from storage.tokens import insert_token
+
+    install_id, _ = await service.enroll()
+    token_id, token, token_hash = new_token("installation")
+    assert (await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id)))[0] == 401
+    assert (await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id)))[0] == 401
+    await insert_token(db, token_id, token_hash, "installation", install_id)
+    await asyncio.sleep(0.6)  # two follower polls (0.25 s), well inside the negative entries' 2 s
+    status, body, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id))
+    assert status == 200, body
+    # And one made by the service itself is usable at once: enroll, then straight to a heartbeat.
+    install2, token2 = await service.enroll()
+    assert (await service.request("POST", "/v1/heartbeats", token=token2, json=heartbeat_body(install2)))[0] == 200
+
+
+async def test_a_sender_over_the_address_prefix_rate_is_refused_before_authentication(db_dsn, master_key, tmp_path, db):
+    """Per /24 (IPv4) or /48 (IPv6), before the token is looked at; other prefixes are not affected."""
+    async with start_service(db_dsn, master_key, tmp_path, trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),),
+                             address_rate_limit=0.01, address_rate_burst=5) as svc:
+        install_id, token = await svc.enroll()  # from loopback: exempt
+        hostile = {"X-Forwarded-For": "203.0.113.7"}
+        statuses = []
+        for i in range(8):
+            status, problem, headers = await svc.request("POST", "/v1/heartbeats", token="tii_" + "B" * 43,
+                                                         json={}, headers={**hostile, "X-Forwarded-For": f"203.0.113.{i}"})
+            statuses.append(status)
+        assert statuses == [401] * 5 + [429] * 3
+        assert problem["status"] == 429 and problem["type"].endswith("/rate-limited")
+        assert int(headers["Retry-After"]) >= 1
+        # Even a valid token from that prefix waits: the limit comes before authentication.
+        status, _, _ = await svc.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id), headers=hostile)
+        assert status == 429
+        assert await db.fetchval("SELECT count(*) FROM heartbeats") == 0
+        # Another prefix, and loopback, are served.
+        assert (await svc.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id),
+                                  headers={"X-Forwarded-For": "198.51.100.9"}))[0] == 200
+        assert (await svc.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id)))[0] == 200
+
+
+async def test_the_authorization_header_is_checked_before_the_body_is_read(service):
+    """A request announcing a 900 MiB body with an unknown or malformed token is answered 401 without the body
+    ever being sent."""
+    port = int(service.url.rsplit(":", 1)[1])
+    for auth in ("Bearer tia_" + "C" * 43, "Bearer nonsense", "Basic dXNlcjpwYXNz"):
+        request = (f"POST /v1/scans HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {900 << 20}\r\n\r\n").encode()
+        started = time.monotonic()
+        status, _, body = await raw_http(port, request, timeout=10)
+        assert status == 401, (auth, status, body[:200])
+        assert time.monotonic() - started < 5
