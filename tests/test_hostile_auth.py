@@ -188,3 +188,113 @@ async def test_the_authorization_header_is_checked_before_the_body_is_read(servi
         status, _, body = await raw_http(port, request, timeout=10)
         assert status == 401, (auth, status, body[:200])
         assert time.monotonic() - started < 5
+
+
+# ------------------------------------------------------------------ 6. enrollment under control; quotas
+
+
+def _secret(service, *args: str) -> str:
+    return service.cli("enroll-secret", "create", *args).stdout.strip().splitlines()[-1]
+
+
+async def _enroll(service, secret: str):
+    return await service.request("POST", "/v1/enroll", token=secret, json={"install_id": str(uuid.uuid4())})
+
+
+async def test_an_enrollment_secret_is_refused_once_used_up_even_by_concurrent_enrollments(service, db):
+    secret = _secret(service, "--max-uses", "3")
+    answers = await asyncio.gather(*(_enroll(service, secret) for _ in range(12)))
+    statuses = sorted(a[0] for a in answers)
+    assert statuses == [201] * 3 + [401] * 9, statuses
+    assert all(a[1]["status"] == 401 for a in answers if a[0] == 401)
+    assert await db.fetchval("SELECT count(*) FROM installations") == 3
+    assert await db.fetchval("SELECT uses FROM tokens WHERE role = 'enroll'") == 3
+    assert (await _enroll(service, secret))[0] == 401  # and later too
+    # A 409 (install_id already enrolled) does not use the secret up.
+    two = _secret(service, "--max-uses", "1")
+    taken = uuid.UUID((await db.fetchrow("SELECT install_id FROM installations LIMIT 1"))["install_id"].hex)
+    status, _, _ = await service.request("POST", "/v1/enroll", token=two, json={"install_id": str(taken)})
+    assert status == 409
+    assert (await _enroll(service, two))[0] == 201
+
+
+async def test_an_enrollment_secret_is_refused_once_expired(service, db):
+    secret = _secret(service, "--expires-in", "2s")
+    assert (await _enroll(service, secret))[0] == 201
+    expires = await db.fetchval("SELECT expires_at - created_at FROM tokens WHERE role = 'enroll'")
+    assert expires.total_seconds() == pytest.approx(2, abs=0.5)
+    await asyncio.sleep(2.2)
+    status, problem, _ = await _enroll(service, secret)
+    assert status == 401 and problem["status"] == 401
+    assert await db.fetchval("SELECT count(*) FROM installations") == 1
+    # Durations are checked: no unit, a unit we do not know, zero.
+    for bad in ("10", "5w", "0m", "-1h"):
+        proc = service.cli("enroll-secret", "create", f"--expires-in={bad}", check=False)
+        assert proc.returncode == 2 and "duration" in proc.stderr, bad
+    for good, seconds in (("30m", 1800), ("12h", 43200), ("7d", 604800)):
+        service.cli("enroll-secret", "create", "--expires-in", good)
+        got = await db.fetchval("SELECT extract(epoch FROM expires_at - created_at) FROM tokens ORDER BY created_at DESC LIMIT 1")
+        assert float(got) == pytest.approx(seconds, abs=5)
+
+
+async def test_tokens_list_shows_ids_roles_uses_and_dates_never_a_secret(service, db):
+    secret = _secret(service, "--max-uses", "5", "--expires-in", "7d")
+    install_id, token = await service.enroll(secret=secret)
+    _, agent_token = await agent_of(service, token)
+    out = service.cli("tokens", "list").stdout
+    lines = [line.split("\t") for line in out.strip().splitlines()]
+    assert lines[0] == ["token_id", "role", "install_id", "agent_id", "uses", "max_uses", "expires_at", "created_at", "revoked_at"]
+    rows = {r[1]: r for r in lines[1:]}
+    assert set(rows) == {"enroll", "installation", "agent"}
+    assert rows["enroll"][4:6] == ["1", "5"] and rows["enroll"][6] != "-"
+    assert rows["installation"][2] == str(install_id)
+    ids = {r["token_id"] for r in await db.fetch("SELECT token_id FROM tokens")}
+    assert {r[0] for r in lines[1:]} == ids
+    hashes = [bytes(r["token_hash"]).hex() for r in await db.fetch("SELECT token_hash FROM tokens")]
+    for never in (secret, token, agent_token, *hashes):
+        assert never not in out
+
+
+async def test_quotas_answer_429_naming_the_quota(db_dsn, master_key, tmp_path, db):
+    async with start_service(db_dsn, master_key, tmp_path, agents_per_installation=2, scan_bytes_per_installation=1 << 20) as svc:
+        install_id, token = await svc.enroll()
+        first, _ = await agent_of(svc, token, "one")
+        _, agent = await agent_of(svc, token, "two")
+        status, problem, headers = await svc.request("POST", "/v1/agents", token=token, json={"name": "three"})
+        assert status == 429, problem
+        assert problem["quota"] == "agents_per_installation" and problem["limit"] == 2
+        assert "agents_per_installation" in problem["detail"] and problem["type"].endswith("/quota-exceeded")
+        assert int(headers["Retry-After"]) == 3600
+        assert await db.fetchval("SELECT count(*) FROM agents") == 2
+        # A deleted agent frees its place.
+        assert (await svc.request("DELETE", f"/v1/agents/{first}", token=token))[0] == 204
+        await agent_of(svc, token, "three")
+
+        # Scans of random hex (about 300 KiB sealed each, whatever the compression): the quota is reached by the fourth.
+        import os
+
+        def big() -> dict:
+            return scan_body(asset={"name": "WS-1", "serial_number": os.urandom(150).hex()},
+                             software=[{"name": os.urandom(512).hex()} for _ in range(600)])
+
+        stored, first_body = [], None
+        for _ in range(6):
+            body = big()
+            first_body = first_body or body
+            status, answer, headers = await svc.request("POST", "/v1/scans", token=agent, json=body)
+            stored.append(status)
+            if status == 429:
+                assert answer["quota"] == "scan_bytes_per_installation" and answer["limit"] == 1 << 20
+                assert int(headers["Retry-After"]) == 3600
+        sizes = [r[0] for r in await db.fetch("SELECT octet_length(ciphertext) FROM scans ORDER BY received_at")]
+        assert all(250_000 < n < 1 << 20 for n in sizes), sizes
+        assert stored == [201] * len(sizes) + [429] * (6 - len(sizes)) and 2 <= len(sizes) <= 4, (stored, sizes)
+        used = sum(sizes)
+        assert used <= 1 << 20 < used + min(sizes)
+        # A replay of a stored scan is still answered 200: it stores nothing new.
+        assert (await svc.request("POST", "/v1/scans", token=agent, json=first_body))[0] == 200
+        assert await db.fetchval("SELECT sum(bytes) FROM scan_usage WHERE install_id = $1", install_id) == used
+        # Another installation has its own quota.
+        _, token2 = await svc.enroll()
+        _, agent2 = await agent_of(svc, token2)
+        assert (await svc.request("POST", "/v1/scans", token=agent2, json=big()))[0] == 201
