@@ -114,7 +114,10 @@ async def write_scans(conn, rows: Sequence[ScanRow], *, max_bytes: int | None = 
                 existing[(r["install_id"], r["scan_id"])] = ScanOutcome(EXISTS, r["expires_at"], r["key_id"], bytes(r["content_mac"]))
         usage: dict[uuid.UUID, int] = {}
         if candidates and max_bytes is not None:
+            # Days already past count no more: their rows are deleted here (same snapshot, disjoint rows).
             usage = dict(await conn.fetch(
+                "WITH past AS (DELETE FROM scan_usage WHERE install_id = ANY($1::uuid[]) "
+                "AND expires_on < (now() AT TIME ZONE 'UTC')::date) "
                 "SELECT install_id, sum(bytes)::bigint FROM scan_usage WHERE install_id = ANY($1::uuid[]) "
                 "AND expires_on >= (now() AT TIME ZONE 'UTC')::date GROUP BY install_id",
                 sorted({r.install_id for r in candidates}),

@@ -298,3 +298,11 @@ async def test_quotas_answer_429_naming_the_quota(db_dsn, master_key, tmp_path, 
         _, token2 = await svc.enroll()
         _, agent2 = await agent_of(svc, token2)
         assert (await svc.request("POST", "/v1/scans", token=agent2, json=big()))[0] == 201
+        # Usage of days already past is deleted by the next batch of that installation.
+        await db.execute("INSERT INTO scan_usage VALUES ($1, '2000-01-01', 5)", install_id)
+        assert (await svc.request("POST", "/v1/scans", token=agent, json=first_body))[0] == 200
+        assert await db.fetchval("SELECT count(*) FROM scan_usage WHERE expires_on < current_date - 1") == 0
+        # The new columns and table are declared: `audit` finds nothing outside the layout, secrets' limits included.
+        svc.cli("enroll-secret", "create", "--max-uses", "2", "--expires-in", "1d")
+        proc = svc.cli("audit", check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
