@@ -177,10 +177,10 @@ async def test_no_secret_in_the_standard_error_of_serve(db_dsn, master_key, tmp_
                         raw = await r.read()
                         return r.status, (orjson.loads(raw) if raw and r.content_type.endswith("json") else raw), r.headers
 
-                def cli(self, *args):
+                def cli(self, *args, input=None):
                     from tests.support import run_cli
 
-                    return run_cli(*args, env=env)
+                    return run_cli(*args, env=env, input=input)
 
                 def create_secret(self, kind="enroll-secret"):
                     return self.cli(kind, "create").stdout.strip().splitlines()[-1]
