@@ -130,6 +130,12 @@ class Authenticator:
             self._hash_by_id.pop(p.token_id, None)
         return principal
 
+    def forget_id(self, token_id: str) -> None:
+        """Drop a token from the cache (it was found used up or expired): its next use asks the database."""
+        digest = self._hash_by_id.pop(token_id, None)
+        if digest is not None:
+            self._cache.pop(digest, None)
+
     def created(self, token_hash: bytes) -> None:
         """A token was just created by this worker: it must not be answered from the negative cache."""
         self._unknown.pop(token_hash, None)

@@ -48,6 +48,7 @@ async def enroll(request: web.Request) -> web.Response:
             # The secret's use is counted in the enrollment's transaction (installations.enroll nests in it):
             # a 409 or a failure does not use it up, and concurrent enrollments cannot pass max_uses.
             if not await token_store.use_enrollment(conn, principal.token_id):
+                app[AUTH].forget_id(principal.token_id)  # then refused without this transaction (negative cache)
                 raise Unauthorized("this enrollment secret is used up or expired")
             await installations.enroll(conn, install_id, kek_id=kek_id, wrapped_key=wrapped, token_id=token_id, token_hash=token_hash)
     except AlreadyExists:
