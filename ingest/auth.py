@@ -38,7 +38,7 @@ CACHE_TTL = 60.0  # belt and braces: even a missed revocation expires from the c
 # order; re-reading a short overlap makes sure a late-committing revocation is not skipped.
 _OVERLAP = 100
 NEGATIVE_TTL = 2.0  # seconds an unknown token is answered 401 from memory
-NEGATIVE_MAX = 10_000  # unknown tokens remembered at most (least recently seen forgotten first)
+NEGATIVE_MAX = 10_000  # unknown tokens remembered at most (the oldest entry forgotten first)
 
 
 @dataclass(frozen=True, slots=True)
