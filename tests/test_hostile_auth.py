@@ -55,6 +55,37 @@ async def test_a_deleted_agent_cannot_store_a_scan_even_on_a_worker_that_still_c
         assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", install_id) == 1
 
 
+async def _waiting_for_locks(db, n: int) -> None:
+    """Until n other backends wait for a lock (within 10 s)."""
+    deadline = time.monotonic() + 10
+    while await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()") < n:
+        assert time.monotonic() < deadline, ("nobody is waiting", n, await db.fetch("SELECT wait_event_type, wait_event, left(query, 60) FROM pg_stat_activity WHERE datname = current_database()"))
+        await asyncio.sleep(0.02)
+
+
+async def test_a_scan_queued_before_the_delete_answered_but_committed_after_it_is_refused(db_dsn, master_key, tmp_path, db):
+    """The race made certain: the installation row is held, so the revocation and then the scan's batch both
+    wait; the revocation commits first (204), the batch then sees it: 401 and nothing stored."""
+    async with start_service(db_dsn, master_key, tmp_path / "a", db_timeout=20) as a, \
+            start_service(db_dsn, master_key, tmp_path / "b", db_timeout=20) as b:
+        install_id, token = await a.enroll()
+        for trial in range(3):
+            agent_id, agent_token = await agent_of(a, token, f"agent-{trial}")
+            assert (await b.request("POST", "/v1/scans", token=agent_token, json=scan_body()))[0] == 201  # B caches it
+            tx = db.transaction()
+            await tx.start()
+            await db.execute("SELECT 1 FROM installations WHERE install_id = $1 FOR UPDATE", install_id)
+            delete = asyncio.create_task(a.request("DELETE", f"/v1/agents/{agent_id}", token=token))
+            await _waiting_for_locks(db, 1)
+            scan = asyncio.create_task(b.request("POST", "/v1/scans", token=agent_token, json=scan_body()))
+            await _waiting_for_locks(db, 2)
+            await tx.commit()
+            assert (await delete)[0] == 204
+            status, problem, _ = await scan
+            assert status == 401, (trial, status, problem)
+            assert await scans_of(db, agent_id) == 1, trial
+
+
 # ------------------------------------------------------------------ 7. secrets never on the command line
 
 
