@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime as dt
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
-from ingest.settings import Settings, SettingsError, describe
+from ingest.settings import Settings, SettingsError, describe, env_name, secret_fields
 
 log = logging.getLogger("ingest.cli")
 
@@ -167,8 +169,11 @@ async def _prepare(resolved: Resolved) -> None:
         await ks.close()
 
 
-def create_token(role: str, action: str) -> tuple[str, str]:
-    """Create a token of role in the database, audited as action; returns (token_id, token)."""
+def create_token(role: str, action: str, *, max_uses: int | None = None, expires_in=None) -> tuple[str, str]:
+    """Create a token of role in the database, audited as action; returns (token_id, token).
+
+    max_uses and expires_in (a timedelta) limit an enrollment secret; the expiry is counted by the database's clock.
+    """
     from crypto.tokens import new_token
     from storage.audit import record
     from storage.tokens import insert_token
@@ -177,21 +182,74 @@ def create_token(role: str, action: str) -> tuple[str, str]:
 
     async def work(conn, resolved):
         async with conn.transaction():
-            await insert_token(conn, token_id, token_hash, role)
-            await record(conn, "cli", action, detail={"token_id": token_id})
+            expires_at = None if expires_in is None else await conn.fetchval("SELECT now() + $1::interval", expires_in)
+            await insert_token(conn, token_id, token_hash, role, max_uses=max_uses, expires_at=expires_at)
+            detail = {"token_id": token_id}
+            if max_uses is not None:
+                detail["max_uses"] = max_uses
+            if expires_at is not None:
+                detail["expires_at"] = expires_at.isoformat()
+            await record(conn, "cli", action, detail=detail)
+            return expires_at
 
-    _with_db(load_settings(), work)
+    expires_at = _with_db(load_settings(), work)
+    if max_uses is not None or expires_at is not None:
+        uses = "unlimited" if max_uses is None else str(max_uses)
+        print(f"uses: {uses}; expires: {'never' if expires_at is None else expires_at.isoformat()}")
     return token_id, token
 
 
 def _create_token(role: str, action: str):
     def run(args: argparse.Namespace) -> int:
-        token_id, token = create_token(role, action)
+        limits = {"max_uses": getattr(args, "max_uses", None), "expires_in": getattr(args, "expires_in", None)}
+        token_id, token = create_token(role, action, **limits)
         print(f"token id: {token_id}")
         print(token)
         return 0
 
     return run
+
+
+_DURATION = re.compile(r"([1-9][0-9]{0,6})([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(value: str) -> dt.timedelta:
+    """A DURATION such as 30m, 12h or 7d (also s), at most 3650 days."""
+    m = _DURATION.fullmatch(value.strip())
+    if not m or int(m.group(1)) * _UNIT_SECONDS[m.group(2)] > 3650 * 86400:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a duration such as 30m, 12h or 7d (at most 3650d)")
+    return dt.timedelta(seconds=int(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return int(value)
+
+
+def cmd_tokens_list(args: argparse.Namespace) -> int:
+    """Print every token's id, role, binding, uses and dates; never a token or its hash."""
+    from storage.tokens import token_list
+
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        return v.isoformat(timespec="seconds") if isinstance(v, dt.datetime) else str(v)
+
+    columns = ("token_id", "role", "install_id", "agent_id", "uses", "max_uses", "expires_at", "created_at", "revoked_at")
+
+    async def work(conn, resolved):
+        print("\t".join(columns))
+        n = 0
+        async with conn.transaction():
+            async for r in token_list(conn):
+                print("\t".join(cell(r[c]) for c in columns))
+                n += 1
+        return n
+
+    _with_db(load_settings(), work)
+    return 0
 
 
 def cmd_tokens_revoke(args: argparse.Namespace) -> int:
@@ -200,6 +258,14 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
     from storage.tokens import revoke
 
     given = args.token.strip()
+    if given == "-":
+        # The token itself comes on standard input: never in `ps` or shell history.
+        given = sys.stdin.readline().strip()
+        if role_of(given) is None:
+            raise CliError("tokens revoke -: standard input must hold the token itself (tie_..., tii_..., tia_..., tiadm_...)")
+    elif role_of(given) is not None:
+        raise CliError("tokens revoke: a token on the command line shows in `ps` and shell history; "
+                       "give its id (tid_...), or `-` and the token on standard input")
     by_hash = hash_token(given) if role_of(given) else None
 
     async def work(conn, resolved):
@@ -307,6 +373,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
+class _SecretFlag(argparse.Action):
+    """A secret setting given as a flag: an error naming the variable to use instead (the value is not echoed)."""
+
+    def __init__(self, option_strings, dest, env: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs="?", **kwargs)
+        self.env = env
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string}: secrets are never taken from the command line; set {self.env} in the environment")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="telemetry-ingest", description="Secure telemetry ingestion service.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -314,19 +391,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the service", formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog="settings (environment variable, default, meaning):\n" + "\n".join(f"  {v} [{d}] {h}" for v, d, h in describe()))
     for f in dataclasses.fields(Settings):
-        serve.add_argument("--" + f.name.replace("_", "-"), dest="opt_" + f.name, metavar="VALUE", help=f.metadata["help"])
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in secret_fields():
+            # Not offered, and refused when given: the value would show in `ps` and shell history.
+            serve.add_argument(flag, action=_SecretFlag, help=argparse.SUPPRESS, env=env_name(f.name))
+        else:
+            serve.add_argument(flag, dest="opt_" + f.name, metavar="VALUE", help=f.metadata["help"])
     serve.set_defaults(func=cmd_serve)
 
     secret = sub.add_parser("enroll-secret", help="enrollment secrets").add_subparsers(dest="action", required=True)
-    secret.add_parser("create", help="create an enrollment secret (printed on the last line)").set_defaults(func=_create_token("enroll", "enroll_secret.create"))
+    create_secret = secret.add_parser("create", help="create an enrollment secret (printed on the last line)")
+    create_secret.add_argument("--max-uses", type=_positive, metavar="N", help="enrollments it may make (default: unlimited)")
+    create_secret.add_argument("--expires-in", type=duration, metavar="DURATION", help="refused after this long: 30m, 12h, 7d (default: never)")
+    create_secret.set_defaults(func=_create_token("enroll", "enroll_secret.create"))
 
     admin = sub.add_parser("admin-token", help="admin tokens").add_subparsers(dest="action", required=True)
     admin.add_parser("create", help="create an admin token (printed on the last line)").set_defaults(func=_create_token("admin", "admin_token.create"))
 
     tokens = sub.add_parser("tokens", help="tokens").add_subparsers(dest="action", required=True)
-    revoke = tokens.add_parser("revoke", help="revoke a token, given the token itself or its id")
-    revoke.add_argument("token")
+    revoke = tokens.add_parser("revoke", help="revoke a token, given its id, or `-` and the token itself on standard input")
+    revoke.add_argument("token", metavar="ID_OR_DASH", help="the token's id (tid_...), or - to read the token from standard input")
     revoke.set_defaults(func=cmd_tokens_revoke)
+    tokens.add_parser("list", help="every token's id, role, installation, agent, uses, expiry, creation and revocation "
+                      "(tab-separated; never a token or its hash)").set_defaults(func=cmd_tokens_list)
 
     keys = sub.add_parser("keys", help="key-encryption keys").add_subparsers(dest="action", required=True)
     keys.add_parser("generate", help="print a new key in the TELEMETRY_MASTER_KEY format").set_defaults(func=cmd_keys_generate)

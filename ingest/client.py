@@ -19,9 +19,13 @@ Spool: with `spool_dir`, each heartbeat or scan is first written to
 `<spool_dir>/<time_ns, 20 digits>-<8 hex>.json` as `{"v": 1, "kind": ..., "body": ...}`
 (mode 0600, written to a dot-prefixed temporary name, fsynced, renamed, directory
 fsynced), then `flush_spool()` sends every record in name order and deletes each only
-after a 2xx. A 4xx other than 401, 408 and 429 moves the record to `rejected/` with its
-answer beside it (`<name>.answer.json`): resending cannot help, and an operator can
-move it back. A 401 (or a redirect) stops the flush and keeps the records: the token
+after a 2xx. A 4xx other than 401, 408 and 429 deletes the record and keeps only the
+service's answer in `rejected/<name>.answer.json` (its kind, status, problem document and
+request id; never the body): resending cannot help, and a refused body may hold exactly
+what the policy forbids keeping (an undeclared field, an e-mail in a plaintext field), so
+it must not outlive the refusal. The answer tells an operator what was refused and why
+(the request id finds it in the service's log). Bodies that an older client left in
+`rejected/` are deleted at the next flush. A 401 (or a redirect) stops the flush and keeps the records: the token
 or URL is wrong, not the data. An unreachable service stops the flush; the rest waits for the next one,
 in this process or after a restart. Delivery is at least once: a record whose answer
 was lost is sent again, which for a scan is harmless (same scan_id and content: 200,
@@ -69,11 +73,12 @@ class Rejected(ClientError):
     """The service answered with a final error (4xx other than 408 and 429, or a 3xx): resending it cannot help."""
 
     def __init__(self, answer: "Answer", path: Path | None = None) -> None:
+        # path: for a spooled record, the answer file kept in rejected/ (the record itself is deleted)
         body = answer.body if isinstance(answer.body, dict) else {}
         super().__init__(f"{answer.status} {body.get('title', '')}: {body.get('detail', '')}".strip(": "))
         self.answer = answer
         self.status = answer.status
-        self.path = path  # where the spooled record now lies, if it was spooled
+        self.path = path
 
 
 class Unreachable(ClientError):
@@ -271,13 +276,14 @@ class TelemetryClient:
                     report.busy = True
                     report.remaining = len(self.pending())
                     return report
+                await asyncio.to_thread(_purge_rejected_bodies, self.spool_dir / REJECTED_DIR)
                 queue = self.pending()
                 for i, path in enumerate(queue):
                     try:
                         kind, body = _read_record(path)
                     except ValueError as exc:
                         answer = Answer(0, {"title": "unreadable spool record", "detail": str(exc)})
-                        await asyncio.to_thread(_set_aside, path, answer)
+                        await asyncio.to_thread(_set_aside, path, answer, "unknown")
                         report.rejected.append((path.name, answer))
                         continue
                     try:
@@ -288,7 +294,7 @@ class TelemetryClient:
                             report.stopped_by = exc
                             report.remaining = len(queue) - i
                             break
-                        await asyncio.to_thread(_set_aside, path, exc.answer)
+                        await asyncio.to_thread(_set_aside, path, exc.answer, kind)
                         report.rejected.append((path.name, exc.answer))
                         continue
                     except Unreachable as exc:
@@ -311,7 +317,7 @@ class TelemetryClient:
                 return answer
         for name, answer in report.rejected:
             if name == path.name:
-                raise Rejected(answer, path.parent / REJECTED_DIR / path.name)
+                raise Rejected(answer, _answer_path(path))
         reason = "another flush of this spool is running" if report.busy else str(report.stopped_by)
         raise Spooled(f"not delivered yet ({reason}); kept in the spool", path)
 
@@ -401,19 +407,38 @@ def _remove(path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def _set_aside(path: Path, answer: Answer) -> None:
-    """Move a record the service refused for good into rejected/, with the answer beside it."""
-    target = path.parent / REJECTED_DIR
-    note = orjson.dumps({"status": answer.status, "answer": answer.body, "request_id": answer.request_id}, default=str)
-    fd = os.open(target / (path.stem + ".answer.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+ANSWER_SUFFIX = ".answer.json"
+
+
+def _answer_path(record: Path) -> Path:
+    """Where the answer to a refused spooled record is kept."""
+    return record.parent / REJECTED_DIR / (record.stem + ANSWER_SUFFIX)
+
+
+def _set_aside(path: Path, answer: Answer, kind: str) -> None:
+    """Keep only the answer to a record the service refused for good (in rejected/), and delete the record."""
+    target = _answer_path(path)
+    note = orjson.dumps({"kind": kind, "status": answer.status, "answer": answer.body, "request_id": answer.request_id,
+                         "refused_at": int(time.time())}, default=str)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, note)
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.rename(path, target / path.name)
-    _fsync_dir(target)
-    _fsync_dir(path.parent)
+    _fsync_dir(target.parent)
+    _remove(path)
+
+
+def _purge_rejected_bodies(rejected: Path) -> None:
+    """Delete refused record bodies that an older client moved into rejected/ (only answers are kept there)."""
+    removed = False
+    for p in rejected.glob("*.json"):
+        if not p.name.endswith(ANSWER_SUFFIX):
+            p.unlink(missing_ok=True)
+            removed = True
+    if removed:
+        _fsync_dir(rejected)
 
 
 class _DirLock:
@@ -456,6 +481,10 @@ async def send_once(url: str, token: str, kind: str, body: dict[str, Any] | None
                 "delivered": len(report.delivered), "rejected": len(report.rejected), "remaining": report.remaining,
                 "stopped_by": str(report.stopped_by) if report.stopped_by else None, "busy": report.busy,
             }
+            # 1 when anything was refused (set aside, or a 401 that stopped the flush), even if nothing
+            # remains spooled; 75 when records wait for a service that was not reached; 0 otherwise.
+            if report.rejected or isinstance(report.stopped_by, Rejected):
+                return 1, summary
             return (0 if report.remaining == 0 else 75), summary
         try:
             answer = await (client.heartbeat(body) if kind == "heartbeat" else client.upload_scan(body))

@@ -10,6 +10,7 @@ class Problem(Exception):
     slug = "internal"
     title = "Internal error"
     reason: str | None = None  # label of telemetry_rejected_total, if this is a rejection
+    extra: dict | None = None  # extension members of the problem document (RFC 9457 section 3.2)
 
     def __init__(self, detail: str = "", *, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail or self.title)
@@ -66,6 +67,20 @@ class Invalid(Problem):
 
 class RateLimited(Problem):
     status, slug, title, reason = 429, "rate-limited", "Too many requests for this token", "rate_limit"
+
+
+class AddressRateLimited(RateLimited):
+    title = "Too many requests from this address range"
+
+
+class QuotaExceeded(Problem):
+    """An installation is at one of its quotas; the problem document names it (member `quota`)."""
+
+    status, slug, title, reason = 429, "quota-exceeded", "An installation quota is reached", "quota"
+
+    def __init__(self, quota: str, limit: int, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+        self.extra = {"quota": quota, "limit": limit}
 
 
 class Unavailable(Problem):

@@ -29,6 +29,8 @@ PROBLEM_TYPE_BASE = "https://telemetry-ingest.dev/problems/"
 def problem_response(p: Problem) -> web.Response:
     """Render a problem document."""
     body = {"type": PROBLEM_TYPE_BASE + p.slug, "title": p.title, "status": p.status, "detail": p.detail}
+    if p.extra:
+        body.update({k: v for k, v in p.extra.items() if k not in body})
     return web.Response(body=orjson.dumps(body), status=p.status, content_type="application/problem+json", headers=p.headers)
 
 

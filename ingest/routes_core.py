@@ -19,6 +19,7 @@ from ingest.filter import Allowlist
 from ingest.keys import AUTH, DATA_KEYS, HEARTBEAT_WRITER, KEYRING, KEYSTORE_POOL, METRICS, SETTINGS
 from ingest.net import anonymise, client_ip
 from storage import installations, keystore
+from storage import tokens as token_store
 from storage.errors import AlreadyExists
 from storage.policy import ENROLLMENT, INSTALLATION
 
@@ -37,7 +38,7 @@ def json_response(body: dict, status: int = 200) -> web.Response:
 async def enroll(request: web.Request) -> web.Response:
     """POST /v1/enroll: an enrollment secret buys an installation token for a new install_id."""
     app = request.app
-    await app[AUTH].authenticate(request, "enroll")
+    principal = await app[AUTH].authenticate(request, "enroll")
     with deadline.not_counted():
         doc, _, _ = await read_json(request, limit=64 * 1024, decoded_limit=64 * 1024)
     kept, _ = _ENROLL.filter_document(doc)  # nothing else in this body is stored, so extras are ignored
@@ -50,10 +51,16 @@ async def enroll(request: web.Request) -> web.Response:
             await keystore.add_first_key(ks, install_id, kek_id, wrapped)
 
     try:
-        async with deadline.connection(app) as conn:
+        async with deadline.connection(app) as conn, conn.transaction():
+            # The secret's use is counted in the enrollment's transaction (installations.enroll nests in it):
+            # a 409 or a failure does not use it up, and concurrent enrollments cannot pass max_uses.
+            if not await token_store.use_enrollment(conn, principal.token_id):
+                app[AUTH].forget_id(principal.token_id)  # then refused without this transaction (negative cache)
+                raise Unauthorized("this enrollment secret is used up or expired")
             await installations.enroll(conn, install_id, token_id=token_id, token_hash=token_hash, store_key=store_key)
     except AlreadyExists:
         raise Conflict("this install_id is already enrolled") from None
+    app[AUTH].created(token_hash)
     return json_response({"install_id": str(install_id), "token": token}, status=201)
 
 
@@ -109,12 +116,15 @@ class Heartbeats:
             kept.get("web_server_type"),
             email_ct,
             anonymise(client_ip(request, settings.trusted_proxies)),
+            principal.token_id,
         )
         outcome = await app[HEARTBEAT_WRITER].submit(row, decoded)
         if outcome == installations.RESTRICTED:
             raise RestrictedProblem("processing of this installation is restricted; nothing was stored")
         if outcome == installations.GONE:
             raise Unauthorized("this installation no longer exists")
+        if outcome == installations.REVOKED:
+            raise Unauthorized("this token was revoked; nothing was stored")
         return json_response({"stored": True, "dropped_fields": dropped})
 
 

@@ -27,15 +27,15 @@ from crypto.tokens import new_token
 from ingest import deadline
 from ingest.batching import GroupCommitWriter
 from ingest.body import check_content_type, content_encoding, inflate, parse_object, read_json, read_raw
-from ingest.errors import Conflict, Forbidden, Invalid, NotFoundProblem, RestrictedProblem, Unauthorized
+from ingest.errors import Conflict, Forbidden, Invalid, NotFoundProblem, QuotaExceeded, RestrictedProblem, Unauthorized
 from ingest.filter import Allowlist
 from ingest.keys import AUTH, DATA_KEYS, METRICS, POOL, SCAN_PREPARE, SCAN_RETENTION, SCAN_WRITER, SETTINGS
 from ingest.routes_core import json_response
 from ingest.scans_read import scan_context
 from storage import agents as agent_store
 from storage import scans as scan_store
-from storage.errors import NotFound
-from storage.installations import GONE, RESTRICTED
+from storage.errors import NotFound, QuotaReached
+from storage.installations import GONE, RESTRICTED, REVOKED
 from storage.policy import AGENT_REGISTRATION, SCAN, SCAN_SETTINGS
 
 SMALL_BODY = 64 * 1024  # agent registration and settings bodies
@@ -56,6 +56,11 @@ PREPARE_THREADS = 2
 # shortened retention seals under a later epoch's key, which outlives the scan a little longer,
 # and a lengthened one lets the scan expire with the earlier epoch's key).
 RETENTION_TTL = 10.0
+
+# Retry-After of a quota's 429: an hour. Retrying sooner cannot help (an agent must be deleted, or
+# stored scans expire, which the usage counts by day); longer than the reference client's
+# max_retry_after (300 s), so it stops and keeps the record spooled instead of retrying.
+QUOTA_RETRY_AFTER = 3600
 
 _AGENT = Allowlist(AGENT_REGISTRATION)
 _SETTINGS = Allowlist(SCAN_SETTINGS)
@@ -79,11 +84,18 @@ async def create_agent(request: web.Request) -> web.Response:
     kept, _ = _AGENT.filter_document(doc)  # nothing else of this body is stored, so extras are ignored
     agent_id = uuid.uuid4()
     token_id, token, token_hash = new_token("agent")
+    limit = app[SETTINGS].agents_per_installation
     try:
         async with deadline.connection(app) as conn:
-            await agent_store.create(conn, principal.install_id, agent_id, kept["name"], token_id=token_id, token_hash=token_hash)
+            await agent_store.create(conn, principal.install_id, agent_id, kept["name"], token_id=token_id, token_hash=token_hash,
+                                     max_agents=limit)
     except NotFound:
         raise Unauthorized("this installation no longer exists") from None
+    except QuotaReached:
+        raise QuotaExceeded("agents_per_installation", limit,
+                            f"quota agents_per_installation ({limit}) reached: delete an agent first",
+                            retry_after=QUOTA_RETRY_AFTER) from None
+    app[AUTH].created(token_hash)
     return json_response({"agent_id": str(agent_id), "token": token}, status=201)
 
 
@@ -200,13 +212,20 @@ class Scans:
         del raw, prepare
         row = scan_store.ScanRow(
             install_id, principal.agent_id, sealed.scan_id, received_at, key.key_id, epoch_end(key.key_id),
-            sealed.content_mac, size_wire, sealed.size_decoded, sealed.size_plain, sealed.ciphertext,
+            sealed.content_mac, size_wire, sealed.size_decoded, sealed.size_plain, sealed.ciphertext, principal.token_id,
         )
         outcome = await app[SCAN_WRITER].submit(row, len(sealed.ciphertext))
         if outcome.status == RESTRICTED:
             raise RestrictedProblem("processing of this installation is restricted; nothing was stored")
         if outcome.status == GONE:
             raise Unauthorized("this installation no longer exists")
+        if outcome.status == REVOKED:
+            raise Unauthorized("this token was revoked; nothing was stored")
+        if outcome.status == scan_store.OVER_QUOTA:
+            limit = s.scan_bytes_per_installation
+            raise QuotaExceeded("scan_bytes_per_installation", limit,
+                                f"quota scan_bytes_per_installation ({limit} sealed bytes of unexpired scans) reached; nothing was stored",
+                                retry_after=QUOTA_RETRY_AFTER)
         body = {"scan_id": str(sealed.scan_id), "expires_at": rfc3339(outcome.expires_at), "dropped_fields": sealed.dropped}
         if outcome.status == scan_store.STORED:
             self.received.inc()
@@ -272,7 +291,7 @@ async def scan_writer_ctx(app: web.Application):
     app[SCAN_PREPARE] = executor
     batch_bytes = min(s.batch_max_bytes, SCAN_BATCH_BYTES)
     writer: GroupCommitWriter[scan_store.ScanRow] = GroupCommitWriter(
-        "scan", app[POOL], scan_store.write_scans, app[METRICS],
+        "scan", app[POOL], functools.partial(scan_store.write_scans, max_bytes=s.scan_bytes_per_installation), app[METRICS],
         max_queue=s.queue_size, max_rows=s.batch_max_rows, max_bytes=batch_bytes,
         max_queue_bytes=SCAN_QUEUE_BYTES, retry_after=s.retry_after, timeout=s.db_timeout,
     )

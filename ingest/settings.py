@@ -91,18 +91,20 @@ def _nonempty(v: str) -> str:
     return v
 
 
-def _setting(default: Any, parse: Callable[[str], Any], help: str) -> Any:
-    return field(default=default, metadata={"parse": parse, "help": help})
+def _setting(default: Any, parse: Callable[[str], Any], help: str, *, secret: bool = False) -> Any:
+    # secret: read from the environment only, never a flag (a command line shows in `ps` and shell history),
+    # and never echoed in an error message.
+    return field(default=default, metadata={"parse": parse, "help": help, "secret": secret})
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything configurable. Field `x_y` is read from TELEMETRY_X_Y and `serve --x-y`."""
+    """Everything configurable. Field `x_y` is read from TELEMETRY_X_Y and `serve --x-y` (secret fields: the environment only)."""
 
     # The contract's settings.
-    dsn: str | None = _setting(None, _dsn, "PostgreSQL to use, a postgresql:// URI (unset: embedded PostgreSQL in the data directory)")
+    dsn: str | None = _setting(None, _dsn, "PostgreSQL to use, a postgresql:// URI (unset: embedded PostgreSQL in the data directory)", secret=True)
     data_dir: Path = _setting(Path("./telemetry-data"), Path, "embedded database and generated key file")
-    master_key: str | None = _setting(None, _nonempty, "key-encryption keys, comma-separated base64; first is primary")
+    master_key: str | None = _setting(None, _nonempty, "key-encryption keys, comma-separated base64; first is primary", secret=True)
     host: str = _setting("127.0.0.1", _host, "listen address")
     port: int = _setting(8080, _int(0, 65535), "listen port")
     workers: int = _setting(os.cpu_count() or 1, _int(1, 256), "worker processes sharing the port")
@@ -128,6 +130,10 @@ class Settings:
     db_statement_cache: int = _setting(100, _int(0, 100_000), "prepared statements cached per connection (0 for PgBouncer transaction mode)")
     rate_limit: float = _setting(0.0, _float(0, 1e9), "requests per second per token on each node, shared out over its workers (0: off)")
     rate_burst: int = _setting(100, _int(1, 1_000_000), "burst size of the per-token rate limit on each node, shared out over its workers")
+    address_rate_limit: float = _setting(500.0, _float(0, 1e9), "requests per second per client address prefix (IPv4 /24, IPv6 /48) to authenticated routes, counted before authentication, per node; loopback exempt (0: off)")
+    address_rate_burst: int = _setting(1000, _int(1, 10_000_000), "burst size of the per-address-prefix rate limit")
+    agents_per_installation: int = _setting(1000, _int(1, 100_000_000), "agents (not deleted) an installation may have; more is 429 naming the quota")
+    scan_bytes_per_installation: int = _setting(10 << 30, _int(1 << 20, 1 << 50), "sealed scan bytes an installation may hold unexpired; more is 429 naming the quota")
     read_timeout: float = _setting(30.0, _float(0.1, 3600), "seconds a client may take to send its request")
     db_timeout: float = _setting(1.5, _float(0.1, 3600), "seconds a request may wait for the database, all its waits together, from its arrival (body reception not counted; plus 1 s per 10 MB committed) before 503")
     retry_after: int = _setting(1, _int(1, 3600), "seconds suggested in Retry-After when overloaded")
@@ -143,6 +149,8 @@ class Settings:
             raw = env.get(var)
             source = var
             if overrides and overrides.get(f.name) is not None:
+                if f.metadata.get("secret"):
+                    raise SettingsError(f"--{f.name.replace('_', '-')}: a secret setting is read from {var} only, never a flag")
                 raw, source = overrides[f.name], "--" + f.name.replace("_", "-")
             if raw is None or raw == "":
                 continue
@@ -162,9 +170,14 @@ def env_name(field_name: str) -> str:
     return "TELEMETRY_" + field_name.upper()
 
 
+def secret_fields() -> frozenset[str]:
+    """Names of the settings that are secrets: environment only, never shown."""
+    return frozenset(f.name for f in dataclasses.fields(Settings) if f.metadata.get("secret"))
+
+
 def _shown(name: str, raw: str) -> str:
     # Never echo secrets into a log or terminal.
-    return "(hidden)" if name in {"dsn", "master_key", "keystore_dsn"} else repr(raw)
+    return "(hidden)" if name in secret_fields() else repr(raw)
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -23,3 +23,12 @@ class NotFound(StorageError):
 
 class Restricted(StorageError):
     """Processing of this installation is restricted."""
+
+
+class QuotaReached(StorageError):
+    """An installation is at one of its quotas (named by `quota`, e.g. agents_per_installation)."""
+
+    def __init__(self, quota: str, limit: int) -> None:
+        super().__init__(f"{quota} ({limit}) reached")
+        self.quota = quota
+        self.limit = limit

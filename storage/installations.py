@@ -11,7 +11,7 @@ from typing import NamedTuple
 import asyncpg
 
 from storage.errors import AlreadyExists
-from storage.tokens import insert_token
+from storage.tokens import insert_token, revoked_tokens
 
 
 class HeartbeatRow(NamedTuple):
@@ -26,10 +26,12 @@ class HeartbeatRow(NamedTuple):
     web_server_type: str | None
     email_ct: bytes | None
     ip_prefix: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+    token_id: str | None = None  # the token it came with: refused if revoked before the batch commits
 
 
-# Outcome of each heartbeat in a batch.
-STORED, RESTRICTED, GONE = "stored", "restricted", "gone"
+# Outcome of each heartbeat in a batch (REVOKED: its token was revoked before the commit).
+STORED, RESTRICTED, GONE, REVOKED = "stored", "restricted", "gone", "revoked"
+_STORED_COLUMNS = 9  # HeartbeatRow fields written to installations (all but token_id)
 
 _HISTORY_COLUMNS = ("install_id", "received_at", "license_type", "version", "asset_count", "db_server_type", "web_server_type", "ip_prefix")
 
@@ -62,12 +64,15 @@ async def write_heartbeats(conn, rows: Sequence[HeartbeatRow]) -> list[str]:
                 ids,
             )
         }
+        revoked = await revoked_tokens(conn, [r.token_id for r in rows])
         outcomes = []
         accepted: list[HeartbeatRow] = []
         for r in rows:
             s = state.get(r.install_id)
             if s is None or s["erasing"]:
                 outcomes.append(GONE)
+            elif r.token_id in revoked:
+                outcomes.append(REVOKED)
             elif s["restricted"]:
                 outcomes.append(RESTRICTED)
             else:
@@ -89,7 +94,7 @@ async def write_heartbeats(conn, rows: Sequence[HeartbeatRow]) -> list[str]:
                 AS u(install_id, received_at, license_type, version, asset_count, db_server_type, web_server_type, email_ct, ip_prefix)
             WHERE i.install_id = u.install_id
             """,
-            *(list(col) for col in zip(*cur)),
+            *(list(col) for col in zip(*(r[:_STORED_COLUMNS] for r in cur))),
         )
         await conn.copy_records_to_table(
             "heartbeats",

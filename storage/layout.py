@@ -67,7 +67,7 @@ class Table:
 # table names. Never a secret or personal data (`audit` also looks for those in every value).
 AUDIT_DETAIL_KEYS = frozenset({
     # tokens and restriction
-    "token_id", "role", "restricted",
+    "token_id", "role", "restricted", "max_uses", "expires_at",
     # erasure
     "resumed", "rows", "tokens_revoked", "keys_destroyed", "reason",
     # sweeps
@@ -98,7 +98,10 @@ TABLES: dict[str, Table] = {
         policy=tuple(f.name for f in AGENT_REGISTRATION.fields),
         bookkeeping=("install_id", "agent_id", "created_at", "revoked_at"),
     ),
-    "tokens": Table(bookkeeping=("token_id", "token_hash", "role", "install_id", "agent_id", "created_at", "revoked_at", "revoke_seq")),
+    "tokens": Table(bookkeeping=("token_id", "token_hash", "role", "install_id", "agent_id", "created_at", "revoked_at", "revoke_seq",
+                                 "max_uses", "uses", "expires_at")),
+    # Sealed scan bytes per installation and UTC day of expiry, for the scan-bytes quota (migration 0006).
+    "scan_usage": Table(bookkeeping=("install_id", "expires_on", "bytes")),
     "audit_log": Table(
         bookkeeping=("id", "at", "actor", "action", "install_id", "detail"),
         json_keys=(("detail", AUDIT_DETAIL_KEYS),),

@@ -14,10 +14,12 @@ from typing import NamedTuple
 
 import asyncpg
 
-from storage.installations import GONE, RESTRICTED
+from storage.installations import GONE, RESTRICTED, REVOKED
+from storage.tokens import revoked_tokens
 
-# Outcomes of a scan in a batch, besides RESTRICTED and GONE (from storage.installations).
-STORED, EXISTS = "stored", "exists"
+# Outcomes of a scan in a batch, besides RESTRICTED, GONE and REVOKED (from storage.installations);
+# OVER_QUOTA: storing it would take its installation past its stored scan bytes.
+STORED, EXISTS, OVER_QUOTA = "stored", "exists", "over_quota"
 
 _COLUMNS = (
     "install_id", "agent_id", "scan_id", "received_at", "expires_at", "key_id", "content_mac",
@@ -41,6 +43,7 @@ class ScanRow(NamedTuple):
     size_decoded: int
     size_plain: int
     ciphertext: bytes
+    token_id: str | None = None  # the agent token it came with: refused if revoked before the batch commits
 
 
 class ScanOutcome(NamedTuple):
@@ -70,12 +73,15 @@ def lock_key(install_id: uuid.UUID, scan_id: uuid.UUID) -> int:
     return int.from_bytes(hashlib.blake2b(install_id.bytes + scan_id.bytes, digest_size=8, person=b"ti-scan-lock").digest(), "big", signed=True)
 
 
-async def write_scans(conn, rows: Sequence[ScanRow]) -> list[ScanOutcome]:
+async def write_scans(conn, rows: Sequence[ScanRow], *, max_bytes: int | None = None) -> list[ScanOutcome]:
     """Store a batch in one transaction; one outcome per row, in order.
 
     A scan_id already stored (unexpired) for the installation, or earlier in this batch,
     is not stored again: its outcome is EXISTS with the stored scan's key id, content MAC
-    and expiry, for the caller to tell a replay from a conflict.
+    and expiry, for the caller to tell a replay from a conflict. A scan whose token was
+    revoked before this commit is REVOKED; one that would take its installation's unexpired
+    sealed bytes past max_bytes is OVER_QUOTA (batches of one installation committing at
+    the same moment may each pass, so the quota can be exceeded by about one batch each).
     """
     ids = sorted({r.install_id for r in rows})
     async with conn.transaction():
@@ -89,7 +95,9 @@ async def write_scans(conn, rows: Sequence[ScanRow]) -> list[ScanOutcome]:
                 ids,
             )
         }
-        candidates = [r for r in rows if (s := state.get(r.install_id)) is not None and not s["erasing"] and not s["restricted"]]
+        revoked = await revoked_tokens(conn, [r.token_id for r in rows])
+        candidates = [r for r in rows if (s := state.get(r.install_id)) is not None and not s["erasing"] and not s["restricted"]
+                      and r.token_id not in revoked]
         existing: dict[tuple[uuid.UUID, uuid.UUID], ScanOutcome] = {}
         if candidates:
             keys = sorted({(r.install_id, r.scan_id) for r in candidates})
@@ -107,6 +115,17 @@ async def write_scans(conn, rows: Sequence[ScanRow]) -> list[ScanOutcome]:
                 [k[0] for k in keys], [k[1] for k in keys],
             ):
                 existing[(r["install_id"], r["scan_id"])] = ScanOutcome(EXISTS, r["expires_at"], r["key_id"], bytes(r["content_mac"]))
+        usage: dict[uuid.UUID, int] = {}
+        if candidates and max_bytes is not None:
+            # Days already past count no more: their rows are deleted here (same snapshot, disjoint rows).
+            usage = dict(await conn.fetch(
+                "WITH past AS (DELETE FROM scan_usage WHERE install_id = ANY($1::uuid[]) "
+                "AND expires_on < (now() AT TIME ZONE 'UTC')::date) "
+                "SELECT install_id, sum(bytes)::bigint FROM scan_usage WHERE install_id = ANY($1::uuid[]) "
+                "AND expires_on >= (now() AT TIME ZONE 'UTC')::date GROUP BY install_id",
+                sorted({r.install_id for r in candidates}),
+            ))
+        added: dict[tuple[uuid.UUID, dt.date], int] = {}
         outcomes: list[ScanOutcome] = []
         records = []
         for r in rows:
@@ -117,20 +136,37 @@ async def write_scans(conn, rows: Sequence[ScanRow]) -> list[ScanOutcome]:
             if s["restricted"]:
                 outcomes.append(ScanOutcome(RESTRICTED))
                 continue
+            if r.token_id in revoked:
+                outcomes.append(ScanOutcome(REVOKED))
+                continue
             key = (r.install_id, r.scan_id)
             found = existing.get(key)
             if found is not None:
                 outcomes.append(found)
                 continue
+            size = len(r.ciphertext)
+            if max_bytes is not None and usage.get(r.install_id, 0) + size > max_bytes:
+                outcomes.append(ScanOutcome(OVER_QUOTA))
+                continue
+            usage[r.install_id] = usage.get(r.install_id, 0) + size
             # The key was chosen for the retention the handler knew; if it has since grown, the scan
             # still expires with its key (a shorter one only makes the key outlive it).
             expires_at = min(r.received_at + dt.timedelta(hours=s["scan_retention_hours"]), r.key_expires_at)
+            day = (r.install_id, expires_at.astimezone(dt.timezone.utc).date())
+            added[day] = added.get(day, 0) + size
             existing[key] = ScanOutcome(EXISTS, expires_at, r.key_id, r.content_mac)  # a repeat later in this batch
             outcomes.append(ScanOutcome(STORED, expires_at))
             records.append((r.install_id, r.agent_id, r.scan_id, r.received_at, expires_at, r.key_id, r.content_mac,
                             r.size_wire, r.size_decoded, r.size_plain, r.ciphertext))
         if records:
             await conn.copy_records_to_table("scans", records=records, columns=_COLUMNS)
+            days = sorted(added)  # one order for every batch: concurrent upserts cannot deadlock
+            await conn.execute(
+                "INSERT INTO scan_usage AS u (install_id, expires_on, bytes) "
+                "SELECT * FROM unnest($1::uuid[], $2::date[], $3::bigint[]) "
+                "ON CONFLICT (install_id, expires_on) DO UPDATE SET bytes = u.bytes + excluded.bytes",
+                [d[0] for d in days], [d[1] for d in days], [added[d] for d in days],
+            )
     return outcomes
 
 

@@ -51,9 +51,9 @@ class Service:
                 body = raw.decode(errors="replace")
             return resp.status, body, resp.headers
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        """Run the real `telemetry-ingest` CLI against this service's database."""
-        return run_cli(*args, env=self.env, check=check)
+    def cli(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+        """Run the real `telemetry-ingest` CLI against this service's database (input: its standard input)."""
+        return run_cli(*args, env=self.env, check=check, input=input)
 
     def create_secret(self, kind: str = "enroll-secret") -> str:
         """Create an enrollment secret (or admin token) with the CLI; the secret is the last stdout line."""
@@ -69,10 +69,12 @@ class Service:
         return install_id, body["token"]
 
 
-def run_cli(*args: str, env: dict[str, str], check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str], check: bool = True, timeout: float = 120,
+            input: str | None = None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
     full_env.update(env)
-    proc = subprocess.run([sys.executable, "-m", "ingest", *args], env=full_env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "ingest", *args], env=full_env, capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, input=input if input is not None else "")
     if check and proc.returncode != 0:
         raise AssertionError(f"telemetry-ingest {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
     return proc

@@ -232,9 +232,13 @@ async def test_4xx_is_final_never_retried_and_set_aside(server, db, tmp_path):
         answer = await client.heartbeat(heartbeat_body(install_id, asset_count=5))
         assert answer.status == 200 and client.pending() == []
     rejected = spool / REJECTED_DIR
-    assert sorted(p.name for p in rejected.glob("*.json") if not p.name.endswith(".answer.json")) == [invalid.name, foreign.name]
-    assert orjson.loads((rejected / (invalid.stem + ".answer.json")).read_bytes())["status"] == 422
+    # Only the answers are kept: the refused bodies are gone (they may hold what the policy forbids keeping).
+    assert sorted(p.name for p in rejected.iterdir()) == sorted([invalid.stem + ".answer.json", foreign.stem + ".answer.json"])
+    assert not invalid.exists() and not foreign.exists()
+    kept = orjson.loads((rejected / (invalid.stem + ".answer.json")).read_bytes())
+    assert kept["status"] == 422 and kept["kind"] == "heartbeat" and kept["answer"]["status"] == 422
     assert orjson.loads((rejected / (foreign.stem + ".answer.json")).read_bytes())["status"] == 403
+    assert b"enterprise" not in b"".join(p.read_bytes() for p in rejected.iterdir())  # nothing of the body
 
     # A token the service does not know is this client's fault, not the record's: kept, not set aside.
     async with TelemetryClient(server.url, "tii_" + "x" * 43, spool, sleep=sleep) as client:
@@ -405,3 +409,30 @@ async def test_demo_against_the_embedded_default(own_data_dir):
             log.seek(0)
             server_log = log.read()
         assert code == 0, server_log
+
+
+async def test_a_refused_record_keeps_only_its_answer_and_flush_exits_1(server, db, tmp_path):
+    """Issue 12 point 8 and issue 17 row 15: the body of a refused record is deleted (an e-mail in a
+    plaintext field, an undeclared field), its answer kept; `send flush` exits 1 though nothing remains."""
+    install_id, token = await (await server.start()).enroll()
+    spool = tmp_path / "spool"
+    (spool / REJECTED_DIR).mkdir(parents=True)
+    legacy = spool / REJECTED_DIR / "00000000000000000001-abcdef01.json"  # a body an older client set aside
+    legacy.write_bytes(orjson.dumps({"v": 1, "kind": "heartbeat", "body": {"email": "old@corp.example"}}))
+    async with TelemetryClient(server.url, token, spool) as client:
+        refused = client.spool("heartbeat", heartbeat_body(install_id, asset_count=-1, email="alice@corp.example",
+                                                             hostname="WS-SECRET"))
+    rc, out, err = await run_command("send", "flush", "--url", server.url, "--token", token, "--spool", str(spool), env={})
+    assert rc == 1, (out, err)
+    summary = orjson.loads(out)
+    assert summary["rejected"] == 1 and summary["remaining"] == 0
+    files = list((spool / REJECTED_DIR).iterdir())
+    assert [p.name for p in files] == [refused.stem + ".answer.json"]
+    text = files[0].read_bytes()
+    assert b"alice@corp.example" not in text and b"WS-SECRET" not in text and b"old@corp.example" not in text
+    assert orjson.loads(text)["status"] == 422
+    assert not refused.exists() and not legacy.exists()
+    assert await heartbeat_counts(db, install_id) == []
+    # A flush with nothing refused and nothing left still exits 0.
+    rc, out, _ = await run_command("send", "flush", "--url", server.url, "--token", token, "--spool", str(spool), env={})
+    assert rc == 0 and orjson.loads(out)["rejected"] == 0

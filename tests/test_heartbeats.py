@@ -258,7 +258,7 @@ async def test_email_is_encrypted_at_rest(service, db, master_key, ks):
 async def test_revoked_token_is_refused(service):
     install_id, token = await service.enroll()
     assert (await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id)))[0] == 200
-    out = service.cli("tokens", "revoke", token).stdout
+    out = service.cli("tokens", "revoke", "-", input=token + "\n").stdout
     assert "revoked tid_" in out
     # the follower polls every 0.25 s; run one poll now instead of sleeping
     from ingest.keys import AUTH
@@ -266,7 +266,7 @@ async def test_revoked_token_is_refused(service):
     await service.app[AUTH].poll_revocations()
     status, body, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id))
     assert status == 401
-    assert service.cli("tokens", "revoke", token, check=False).returncode == 1
+    assert service.cli("tokens", "revoke", "-", input=token, check=False).returncode == 1
 
 
 async def test_revoke_by_id(service, db):

@@ -109,7 +109,7 @@ async def world(service, db) -> World:
     _, agent_a = await agent_of(service, inst_a, "a")
     _, agent_b = await agent_of(service, inst_b, "b")
     _, revoked = await agent_of(service, inst_a, "revoked")
-    service.cli("tokens", "revoke", revoked)
+    service.cli("tokens", "revoke", "-", input=revoked + "\n")
     erased_id, erased = await service.enroll()
     admin = service.create_secret("admin-token")
     status, _, _ = await service.request("DELETE", f"/v1/admin/installations/{erased_id}", token=admin)

@@ -126,7 +126,7 @@ async def workload(svc, port: int, s: Secrets) -> list[uuid.UUID]:
     assert (await svc.request("PUT", f"/v1/admin/installations/{b}/restriction", token=admin, json={"restricted": True}))[0] == 200
     assert (await svc.request("POST", "/v1/heartbeats", token=token_b, json=heartbeat_body(b, email=s.email())))[0] == 403
     assert (await svc.request("GET", "/v1/admin/stats", token=admin))[0] == 200
-    svc.cli("tokens", "revoke", agent_b)
+    svc.cli("tokens", "revoke", "-", input=agent_b + "\n")
     await asyncio.sleep(0.5)
     assert (await svc.request("POST", "/v1/scans", token=agent_b, json=scan_body(marker=s.marker())))[0] == 401
     assert (await svc.request("GET", "/metrics"))[0] == 200
@@ -177,10 +177,10 @@ async def test_no_secret_in_the_standard_error_of_serve(db_dsn, master_key, tmp_
                         raw = await r.read()
                         return r.status, (orjson.loads(raw) if raw and r.content_type.endswith("json") else raw), r.headers
 
-                def cli(self, *args):
+                def cli(self, *args, input=None):
                     from tests.support import run_cli
 
-                    return run_cli(*args, env=env)
+                    return run_cli(*args, env=env, input=input)
 
                 def create_secret(self, kind="enroll-secret"):
                     return self.cli(kind, "create").stdout.strip().splitlines()[-1]

@@ -137,7 +137,7 @@ async def test_workers_share_port_and_metrics_and_are_replaced(external_env, db)
         assert len(server.workers()) == 2 and pids[0] not in server.workers()
         await server.wait_ready()
         # revocation reaches every worker: poll generously, this is not a timing assertion
-        run_cli("tokens", "revoke", token, env=external_env)
+        run_cli("tokens", "revoke", "-", env=external_env, input=token + "\n")
         deadline = time.monotonic() + 10
         statuses = []
         while time.monotonic() < deadline:

@@ -20,6 +20,7 @@ SELECT create_distributed_table('agents',        'install_id', colocate_with => 
 -- Partitioned by day on received_at; Citus distributes the parent and every partition.
 SELECT create_distributed_table('heartbeats',    'install_id', colocate_with => 'installations');
 SELECT create_distributed_table('scans',         'install_id', colocate_with => 'installations');
+SELECT create_distributed_table('scan_usage',    'install_id', colocate_with => 'installations');
 
 -- Tokens are looked up by hash, not by installation, and are few: replicate them to every node.
 SELECT create_reference_table('tokens');
