@@ -40,22 +40,15 @@ NewKey = Callable[[uuid.UUID, int], tuple[str, bytes]]
 
 
 def default_dsn(data_dsn: str, *, embedded: bool) -> str:
-    """The key store's DSN when TELEMETRY_KEYSTORE_DSN is unset: the data server, database
-    `<name>_keys` (embedded mode: `telemetry_keys`)."""
-    if "://" not in data_dsn:  # key=value form
-        parts = dict(p.split("=", 1) for p in data_dsn.split() if "=" in p)
-        name = "telemetry" if embedded else parts.get("dbname") or parts.get("user") or "postgres"
-        parts["dbname"] = name + "_keys"
-        return " ".join(f"{k}={v}" for k, v in parts.items())
+    """The key store's DSN (a postgresql:// URI, as the settings require) when TELEMETRY_KEYSTORE_DSN
+    is unset: the data server, database `<name>_keys` (embedded mode: `telemetry_keys`)."""
     split = urlsplit(data_dsn)
     name = "telemetry" if embedded else split.path.lstrip("/") or split.username or "postgres"
     return urlunsplit(split._replace(path="/" + name + "_keys"))
 
 
 def database_name(dsn: str) -> str | None:
-    """The database a DSN names, if it names one."""
-    if "://" not in dsn:
-        return dict(p.split("=", 1) for p in dsn.split() if "=" in p).get("dbname")
+    """The database a postgresql:// URI names, if it names one."""
     return urlsplit(dsn).path.lstrip("/") or None
 
 
