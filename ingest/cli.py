@@ -96,6 +96,9 @@ async def _connect(resolved: Resolved):
             await ensure_keystore_database(conn, settings.keystore_dsn)
         try:
             ks = await connect(settings.keystore_dsn)
+        except asyncpg.InvalidCatalogNameError:
+            raise CliError("TELEMETRY_KEYSTORE_DSN: the key store's database does not exist (create it, or leave "
+                           "TELEMETRY_KEYSTORE_DSN unset for the default, which is created when missing)") from None
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
             raise CliError(f"TELEMETRY_KEYSTORE_DSN: cannot connect to the key store: {type(exc).__name__}") from None
         try:

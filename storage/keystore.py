@@ -153,8 +153,9 @@ async def destroy_expired(conn, now: dt.datetime, *, limit: int = 5000) -> int:
 
 
 async def vacuum(conn) -> None:
-    """Remove deleted keys from the live tables now (not at autovacuum's leisure)."""
-    await conn.execute("VACUUM data_keys, erasures")
+    """Remove deleted keys from the live tables now (not at autovacuum's leisure); a table another
+    vacuum holds is left for the next call."""
+    await conn.execute("VACUUM (SKIP_LOCKED) data_keys, erasures")
 
 
 async def count_expired(conn, now: dt.datetime) -> int:
