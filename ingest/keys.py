@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from ingest.auth import Authenticator
     from ingest.batching import GroupCommitWriter
     from ingest.metrics import Metrics
+    from ingest.restrictions import Restrictions
     from ingest.settings import Settings
+    from ingest.slots import PrepareSlots
     from ingest.sweeper_ctx import Sweeper
 
 SETTINGS = web.AppKey("settings", "Settings")
@@ -26,4 +28,6 @@ AUTH = web.AppKey("auth", "Authenticator")
 HEARTBEAT_WRITER = web.AppKey("heartbeat_writer", "GroupCommitWriter")
 SCAN_WRITER = web.AppKey("scan_writer", "GroupCommitWriter")
 SCAN_PREPARE = web.AppKey("scan_prepare", ThreadPoolExecutor)
+SCAN_SLOTS = web.AppKey("scan_slots", "PrepareSlots")
+RESTRICTIONS = web.AppKey("restrictions", "Restrictions")
 SWEEPER = web.AppKey("sweeper", "Sweeper")

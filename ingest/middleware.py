@@ -51,8 +51,9 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         return problem_response(p)
     except web.HTTPNotFound:
         return problem_response(NotFoundProblem("no such resource"))
-    except web.HTTPMethodNotAllowed:
-        return problem_response(MethodNotAllowed("method not allowed on this resource"))
+    except web.HTTPMethodNotAllowed as exc:
+        allow = ", ".join(sorted(exc.allowed_methods))
+        return problem_response(MethodNotAllowed("method not allowed on this resource", headers={"Allow": allow}))
     except web.HTTPRequestEntityTooLarge:
         request.app[METRICS].reject("size")
         return problem_response(TooLarge("body over the limit"))

@@ -15,7 +15,7 @@ from crypto.tokens import new_token
 from ingest.body import read_json
 from ingest.errors import Conflict, Forbidden, Invalid, RestrictedProblem, Unauthorized
 from ingest.filter import Allowlist
-from ingest.keys import AUTH, DATA_KEYS, HEARTBEAT_WRITER, KEYRING, METRICS, POOL, SETTINGS
+from ingest.keys import AUTH, DATA_KEYS, HEARTBEAT_WRITER, KEYRING, METRICS, POOL, RESTRICTIONS, SETTINGS
 from ingest.net import anonymise, client_ip
 from storage import installations
 from storage.errors import AlreadyExists
@@ -56,7 +56,7 @@ class Heartbeats:
     def __init__(self, app: web.Application) -> None:
         self.app = app
         self.settings = app[SETTINGS]
-        self.filter = Allowlist(INSTALLATION.root, max_depth=self.settings.json_max_depth)
+        self.filter = Allowlist(INSTALLATION.root)
         # PostgreSQL text cannot hold U+0000: refuse it here (422), not as a failed batch (503 for all in it).
         self.plain_strings = [f.name for f in INSTALLATION.fields if f.kind == "string" and f.storage == "plaintext"]
         metrics = app[METRICS]
@@ -68,6 +68,7 @@ class Heartbeats:
     async def handle(self, request: web.Request) -> web.Response:
         app, settings = self.app, self.settings
         principal = await app[AUTH].authenticate(request, "installation")
+        app[RESTRICTIONS].check(principal.install_id)  # early; the writer checks again, locked
         limit = settings.heartbeat_max_bytes
         doc, wire, decoded = await read_json(request, limit=limit, decoded_limit=limit)
         self.wire_bytes.inc(wire)
