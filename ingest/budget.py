@@ -31,8 +31,8 @@ Strings are excluded without visiting them one by one in Python:
    exactly a string whose contents held none of those bytes: replaced by a marker `0`.
    The few strings left (those that held structural bytes) are replaced by a regex.
 
-A chunk is cut after a run of backslashes, never inside one, and a string still open at a
-chunk's end is carried to the next. For text that is not valid JSON the count may be wrong
+A chunk is cut after a run of backslashes, never inside one; a string still open at a
+chunk's end, and a `{` that ends it, are carried to the next. For text that is not valid JSON the count may be wrong
 after the first syntax error, but the parser stops there too: what it would build lies in
 the valid prefix, which is counted right. Either way such a body gets a 4xx.
 
@@ -66,6 +66,7 @@ class JsonBudget:
         self.values = 1
         self._inside = False  # a string is open at the end of what was fed
         self._tail = b""  # a run of backslashes at the end of the last piece, not yet paired
+        self._open_brace = False  # what was fed ends with a "{" (whitespace aside)
         self._brackets: list[bytes] = []
 
     def feed(self, piece: bytes | bytearray | memoryview) -> None:
@@ -97,6 +98,10 @@ class JsonBudget:
                 t = t[:opened] + b"0"
                 self._inside = True
         self.values += t.count(b",") + t.count(b"{") + t.count(b"[") - t.count(b"{}")
+        if self._open_brace and t.startswith(b"}"):
+            self.values -= 1  # an empty object cut between two chunks
+        if t:
+            self._open_brace = t.endswith(b"{")
         if self.values > self.max_values:
             raise TooLarge(f"body holds more than {self.max_values} JSON values")
         brackets = t.translate(_BRACKETS, b",:0")
