@@ -368,3 +368,23 @@ def test_counter_is_exact_without_empty_arrays_or_cuts():
     for text in (b'{}', b'{"a":1}', b'{"x":[{},{}]}', b'{"a":"b,c:[{","d":["\\"",1,2]}', b'{"a\\\\":"\\\\\\"{"}',
                  b'{ "a" : [ 1 , { "b" : null } ] , "c" : "]]]" }'):
         assert check_budget(text, 10**9, 32) == _values(json.loads(text)), text
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(st.binary(max_size=300) | st.text(alphabet='{}[],:"\\ 0a\n', max_size=300).map(str.encode),
+       st.sampled_from(["identity", "gzip", "zstd"]), st.integers(1, 50), st.integers(2, 8))
+def test_decode_takes_any_bytes_and_answers_only_400_or_413(data, encoding, max_values, max_depth):
+    """Whatever the bytes (raw, or compressed whole), counting them never fails otherwise than as a 400 or a 413."""
+    from ingest.body import decode, parse_object
+
+    packed = {"identity": data, "gzip": gzip.compress(data), "zstd": zstandard.ZstdCompressor().compress(data)}[encoding]
+    try:
+        out = decode(packed, encoding, 1000, max_values=max_values, max_depth=max_depth)
+    except (BadRequest, TooLarge):
+        return
+    assert out == data
+    try:
+        doc = parse_object(out)
+    except BadRequest:
+        return
+    assert _values(doc) <= max_values and _depth(doc) <= max_depth
