@@ -28,7 +28,7 @@ from .core import BENCH_SCHEMA, REGISTRY, Benchmark, Context, Result, Unavailabl
 from .procs import REPO_ROOT
 
 # Importing these fills the registry, in this order (the order of the table).
-MODULES = ("benchmarks.ceilings", "benchmarks.e2e", "benchmarks.retention_bench")
+MODULES = ("benchmarks.ceilings", "benchmarks.e2e", "benchmarks.retention_bench", "benchmarks.bounded_bench")
 
 
 def load_registry() -> dict[str, Benchmark]:

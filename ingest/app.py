@@ -16,6 +16,7 @@ from ingest.background import background
 from ingest.keys import DATA_KEYS, HEARTBEAT_WRITER, KEYRING, KEYSTORE_POOL, METRICS, POOL, SCAN_WRITER, SETTINGS
 from ingest.metrics import SAMPLE_INTERVAL, Metrics
 from ingest.middleware import errors_middleware, metrics_middleware
+from ingest.restrictions import restrictions_ctx
 from ingest.settings import Settings
 from ingest.sweeper_ctx import sweeper_ctx
 from storage import installations, keystore
@@ -115,7 +116,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[metrics_middleware, errors_middleware], handler_args=handler_args)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app.cleanup_ctx.extend([storage_ctx, keys_ctx, auth_ctx, writers_ctx, sweeper_ctx])
+    app.cleanup_ctx.extend([storage_ctx, keys_ctx, auth_ctx, restrictions_ctx, writers_ctx, sweeper_ctx])
     routes_ops.setup(app)
     openapi.setup(app)
     routes_core.setup(app)

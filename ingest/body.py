@@ -12,6 +12,7 @@ import orjson
 import zstandard
 from aiohttp import web
 
+from ingest.budget import JsonBudget
 from ingest.errors import BadRequest, RequestTimeout, TooLarge, UnsupportedMedia
 from ingest.keys import SETTINGS
 
@@ -59,16 +60,24 @@ async def read_raw(request: web.Request, limit: int, timeout: float | None = Non
 ZSTD_MAX_WINDOW = 1 << 23
 
 
-def inflate(data: bytes, encoding: str, limit: int) -> bytes:
+def inflate(data: bytes, encoding: str, limit: int, budget: JsonBudget | None = None) -> bytes:
     """Decompress, stopping with 413 once the output passes limit (never inflating a bomb whole).
+
+    A gzip body must be exactly one member with nothing after it, a zstd body exactly one
+    complete frame; anything else is 400 naming the encoding (a proxy that reads further
+    members or frames would see another body than this service).
 
     Output is taken a chunk at a time into a list, joined once at the end: a growing buffer
     would be copied on the way (two copies alive at each step), a list never is, so refusing a
-    bomb costs about limit bytes at most.
+    bomb costs about limit bytes at most. Each chunk is counted by budget (if given) as it comes,
+    so a body of too many JSON values is refused after about that many values' worth of
+    output, however far it would inflate.
     """
     if encoding == "identity":
         if len(data) > limit:
             raise TooLarge(f"body is larger than {limit} bytes")
+        if budget is not None:
+            budget.feed(data)
         return data
     chunks: list[bytes] = []
     size = 0
@@ -78,35 +87,51 @@ def inflate(data: bytes, encoding: str, limit: int) -> bytes:
             pending = data
             while pending:
                 chunk = d.decompress(pending, min(_CHUNK * 4, limit + 1 - size))
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > limit:
-                    raise TooLarge(f"body inflates past {limit} bytes")
+                size = _take(chunks, chunk, size, limit, budget)
                 pending = d.unconsumed_tail
                 if d.eof:
                     break
-            chunk = d.flush(limit + 1 - size)
-            chunks.append(chunk)
-            size += len(chunk)
+            if not d.eof:
+                size = _take(chunks, d.flush(limit + 1 - size), size, limit, budget)
             if not d.eof:
                 raise BadRequest("truncated gzip body")
-        else:
-            if zstandard.get_frame_parameters(data).window_size > ZSTD_MAX_WINDOW:
-                raise TooLarge(f"zstd window over {ZSTD_MAX_WINDOW} bytes")
-            decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
-            reader = decompressor.stream_reader(io.BytesIO(data), read_across_frames=True)
-            while chunk := reader.read(_CHUNK * 4):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > limit:
-                    raise TooLarge(f"body inflates past {limit} bytes")
-        if size > limit:
-            raise TooLarge(f"body inflates past {limit} bytes")
-        return b"".join(chunks)
+            if d.unused_data:
+                raise BadRequest("a gzip body must be exactly one gzip member with nothing after it")
+            return b"".join(chunks)
+        if zstandard.get_frame_parameters(data).window_size > ZSTD_MAX_WINDOW:
+            raise TooLarge(f"zstd window over {ZSTD_MAX_WINDOW} bytes")
+        decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+        # First pass: the first frame, within limit and budget, a chunk at a time.
+        reader = decompressor.stream_reader(io.BytesIO(data), read_across_frames=False)
+        while chunk := reader.read(_CHUNK * 4):
+            size = _take(None, chunk, size, limit, budget)  # measured and counted, not kept
+        # Second pass, now that its output is known to be small enough to take at once: whether
+        # that frame is complete and alone (the streaming reader says neither).
+        whole = decompressor.decompressobj()
+        out = whole.decompress(data)
+        if not whole.eof:
+            raise BadRequest("truncated zstd body")
+        if whole.unused_data:
+            raise BadRequest("a zstd body must be exactly one zstd frame with nothing after it")
+        if len(out) != size:  # pragma: no cover - the same frame decoded twice
+            raise BadRequest("body is not valid zstd")
+        return out
     except (zlib.error, zstandard.ZstdError):
         raise BadRequest(f"body is not valid {encoding}") from None
     finally:
         chunks.clear()  # a refused body's output goes now, not whenever its traceback does
+
+
+def _take(chunks: list[bytes] | None, chunk: bytes, size: int, limit: int, budget: JsonBudget | None) -> int:
+    """Append one chunk of output (413 once past limit; counted by budget); the new size."""
+    size += len(chunk)
+    if size > limit:
+        raise TooLarge(f"body inflates past {limit} bytes")
+    if budget is not None:
+        budget.feed(chunk)
+    if chunks is not None:
+        chunks.append(chunk)
+    return size
 
 
 def parse_object(data: bytes | bytearray) -> dict[str, Any]:
@@ -171,10 +196,20 @@ def has_duplicate_keys(data: bytes | bytearray, doc: Any) -> bool:
     return False
 
 
+def decode(raw: bytes, encoding: str, limit: int, *, max_values: int, max_depth: int) -> bytes:
+    """Inflate within limit, counting JSON values and depth on the way (413 / 400 past them), ready to parse."""
+    budget = JsonBudget(max_values, max_depth)
+    data = inflate(raw, encoding, limit, budget)
+    budget.finish()
+    return data
+
+
 async def read_json(request: web.Request, *, limit: int, decoded_limit: int) -> tuple[dict[str, Any], int, int]:
-    """Check type and encoding, read within limits, inflate within limits, parse; returns (doc, wire bytes, decoded bytes)."""
+    """Check type and encoding, read within limits, inflate within limits and the value budget, parse;
+    returns (doc, wire bytes, decoded bytes)."""
     check_content_type(request)
     encoding = content_encoding(request)
-    raw = await read_raw(request, limit, request.app[SETTINGS].read_timeout)
-    data = inflate(raw, encoding, decoded_limit)
+    settings = request.app[SETTINGS]
+    raw = await read_raw(request, limit, settings.read_timeout)
+    data = decode(raw, encoding, decoded_limit, max_values=settings.json_max_values, max_depth=settings.json_max_depth)
     return parse_object(data), len(raw), len(data)

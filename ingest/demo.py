@@ -22,7 +22,7 @@ def demo_heartbeat(install_id: uuid.UUID) -> dict[str, Any]:
     return {
         "install_id": str(install_id),
         "license_type": "enterprise",
-        "version": "10.4.2.1",
+        "version": "10.4.2.2031",  # four numbers all <= 255 would be a dotted quad: refused (CONTRACT 3)
         "asset_count": 1342,
         "db_server_type": "Microsoft SQL Server 2019",
         "web_server_type": "IIS 10.0",

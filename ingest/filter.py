@@ -14,7 +14,16 @@ finds a null or an error do the items concerned go through the per-item path,
 which gives the exact result and message. Kept items are the parsed dicts
 themselves, not copies. Every pass is linear in the list's size.
 
-A null for an optional field is accepted and left out (stored as absent).
+A null for an optional field is accepted and left out (stored as absent). A number
+with a zero fraction (`120.0`) is an integer, as in JSON Schema, and kept as one.
+
+An undeclared key is dropped without its value being looked at: the body's size,
+value count and depth were bounded before it was parsed (`ingest.budget`), so a
+dropped subtree costs nothing here.
+
+Plaintext is for categories, not people: in a category that is not sealed whole, a
+string field stored in plaintext refuses a value holding something shaped like an
+e-mail address, an IPv4 or IPv6 address or a MAC address (`looks_personal`).
 """
 
 from __future__ import annotations
@@ -28,31 +37,88 @@ from itertools import chain, compress, count
 from operator import not_
 from typing import Any
 
-from ingest.errors import BadRequest, Invalid
+from ingest.errors import Invalid
 from storage.policy import Field
 
 # check(value, path, dropped) -> value to keep
 Check = Callable[[Any, str, dict], Any]
 
-_EMAIL = re.compile(r"^[^@\s\x00-\x1f]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+_EMAIL = re.compile(r"[^@\s\x00-\x1f]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+")
+
+# Shapes of personal data, each a whole word of a plaintext value: an e-mail address
+# (anything@host.domain), a dotted-quad IPv4 address (optionally with a port or prefix length), an
+# IPv6 address in any of its spellings (RFC 4291 2.2, also with an embedded IPv4 or a zone), a MAC
+# address (six hex pairs joined by ':' or '-', or Cisco's three dotted quads). A word is delimited
+# by the start or end of the value, whitespace or brackets, quotes, commas and semicolons. Written
+# in the subset of regex syntax Python and ECMA-262 share, because /openapi.json states the same
+# rule with this very pattern (as "not": {"pattern": ...}, a search), so schema and service agree.
+_SEP = "\\t\\n\\x0b\\x0c\\r ()\\[\\]<>{},;'\"`"
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = f"{_OCTET}(?:\\.{_OCTET}){{3}}"
+_H = "[0-9A-Fa-f]{1,4}"
+_IPV6 = "|".join((
+    f"(?:{_H}:){{7}}{_H}", f"(?:{_H}:){{1,7}}:", f"(?:{_H}:){{1,6}}:{_H}", f"(?:{_H}:){{1,5}}(?::{_H}){{1,2}}",
+    f"(?:{_H}:){{1,4}}(?::{_H}){{1,3}}", f"(?:{_H}:){{1,3}}(?::{_H}){{1,4}}", f"(?:{_H}:){{1,2}}(?::{_H}){{1,5}}",
+    f"{_H}:(?::{_H}){{1,6}}", f":(?:(?::{_H}){{1,7}}|:)", f"(?:{_H}:){{6}}{_IPV4}", f"::(?:[Ff]{{4}}(?::0{{1,4}})?:)?{_IPV4}",
+    f"(?:{_H}:){{1,5}}:{_IPV4}",
+))
+_SHAPES = "|".join((
+    f"[^@{_SEP}]+@[^@.{_SEP}]+(?:\\.[^@.{_SEP}]+)+",
+    f"{_IPV4}(?:[:/][0-9]{{1,5}})?",
+    f"(?:{_IPV6})(?:%[0-9A-Za-z._-]+)?(?:/[0-9]{{1,3}})?",
+    "[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}", "[0-9A-Fa-f]{2}(?:-[0-9A-Fa-f]{2}){5}",
+    "[0-9A-Fa-f]{4}\\.[0-9A-Fa-f]{4}\\.[0-9A-Fa-f]{4}",
+))
+PERSONAL_PATTERN = f"(?:^|[{_SEP}])(?:{_SHAPES})(?:$|[{_SEP}])"
+_PERSONAL = re.compile(PERSONAL_PATTERN)
+# Every shape holds one of these: a value without any skips the regex (most license types, names).
+_PERSONAL_HINTS = ("@", ":", ".", "-")
+_RFC3339 = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt]([0-9]{2}:[0-9]{2}:)([0-9]{2})(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})")
+
+
+def looks_personal(value: str) -> bool:
+    """Whether a word of value is shaped like an e-mail address, an IPv4 or IPv6 address or a MAC address."""
+    return any(h in value for h in _PERSONAL_HINTS) and _PERSONAL.search(value) is not None
+
+
+def _rfc3339(v: str) -> bool:
+    """Whether v is an RFC 3339 date-time (section 5.6: full-date "T" full-time, an offset required)."""
+    m = _RFC3339.fullmatch(v)
+    if m is None:
+        return False
+    # fromisoformat checks the ranges (month, day of month, hour, offset); a leap second (60) is
+    # RFC 3339 but not a datetime, so it is checked as 59; fractions past microseconds are cut.
+    date, hour_minute, sec, frac, offset = m.groups()
+    text = date + "T" + hour_minute + ("59" if sec == "60" else sec) + (frac or "")[:7] + offset.upper()
+    try:
+        dt.datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _type_error(path: str, what: str) -> Invalid:
     return Invalid(f"{path}: {what}")
 
 
-def _compile_scalar(f: Field) -> Check:
+def _compile_scalar(f: Field, plaintext: bool) -> Check:
     kind, max_len = f.kind, f.max_length
     if kind == "string":
         pattern = re.compile(f.pattern) if f.pattern else None
+        no_people = plaintext and f.storage == "plaintext"
 
         def check(v, path, dropped):
             if type(v) is not str:
                 raise _type_error(path, "must be a string")
             if max_len is not None and len(v) > max_len:
                 raise _type_error(path, f"must be at most {max_len} characters")
-            if pattern is not None and not pattern.match(v):
+            if pattern is not None and not pattern.fullmatch(v):
                 raise _type_error(path, "has characters outside the allowed set")
+            if no_people and "\x00" in v:  # PostgreSQL text cannot hold it: 422 here, not a failed batch
+                raise _type_error(path, "must not contain U+0000")
+            if no_people and looks_personal(v):
+                raise _type_error(path, "looks like an e-mail address, IP address or MAC address; "
+                                        "this field is stored in plaintext and holds categories, not people")
             return v
 
     elif kind == "integer":
@@ -60,7 +126,9 @@ def _compile_scalar(f: Field) -> Check:
 
         def check(v, path, dropped):
             if type(v) is not int:
-                raise _type_error(path, "must be an integer")
+                if type(v) is not float or not v.is_integer():  # is_integer: finite, zero fraction
+                    raise _type_error(path, "must be an integer")
+                v = int(v)
             if (lo is not None and v < lo) or (hi is not None and v > hi):
                 raise _type_error(path, f"must be between {lo} and {hi}")
             return v
@@ -92,20 +160,14 @@ def _compile_scalar(f: Field) -> Check:
     elif kind == "time":
 
         def check(v, path, dropped):
-            if type(v) is not str or not 10 <= len(v) <= 40 or "T" not in v.upper():
-                raise _type_error(path, "must be an RFC 3339 date-time")
-            try:
-                t = dt.datetime.fromisoformat(v)
-            except ValueError:
-                raise _type_error(path, "must be an RFC 3339 date-time") from None
-            if t.tzinfo is None:
-                raise _type_error(path, "must carry a time zone offset")
+            if type(v) is not str or len(v) > 40 or not _rfc3339(v):
+                raise _type_error(path, "must be an RFC 3339 date-time with an offset (2026-12-01T10:00:00Z)")
             return v
 
     elif kind == "email":
 
         def check(v, path, dropped):
-            if type(v) is not str or len(v) > (max_len or 254) or not _EMAIL.match(v):
+            if type(v) is not str or len(v) > (max_len or 254) or not _EMAIL.fullmatch(v):
                 raise _type_error(path, "must be an e-mail address")
             return v
 
@@ -114,15 +176,15 @@ def _compile_scalar(f: Field) -> Check:
     return check
 
 
-def _compile(f: Field, max_depth: int, depth: int, fast: bool = True) -> Check:
+def _compile(f: Field, plaintext: bool, fast: bool = True) -> Check:
     if f.kind == "object":
-        return _compile_object(f, max_depth, depth, fast)
+        return _compile_object(f, plaintext, fast)
     if f.kind == "list":
-        item = _compile(f.items, max_depth, depth + 1, fast)
+        item = _compile(f.items, plaintext, fast)
         max_items = f.max_items
-        flat = _flat_strings(f.items) if fast else None
+        flat = _flat_strings(f.items, plaintext) if fast else None
         if flat is not None:
-            return _compile_flat_list(f, item, *flat, max_depth, depth + 2)
+            return _compile_flat_list(f, item, *flat)
 
         def check_list(v, path, dropped):
             if type(v) is not list:
@@ -133,14 +195,15 @@ def _compile(f: Field, max_depth: int, depth: int, fast: bool = True) -> Check:
             return [item(x, item_path, dropped) for x in v]
 
         return check_list
-    return _compile_scalar(f)
+    return _compile_scalar(f, plaintext)
 
 
-def _flat_strings(f: Field) -> tuple[frozenset[str], int | None] | None:
-    """(names, max_length) if f is an object of optional, pattern-free strings of one length bound; else None."""
+def _flat_strings(f: Field, plaintext: bool) -> tuple[frozenset[str], int | None] | None:
+    """(names, max_length) if f is an object of optional, pattern-free strings of one length bound, none of them
+    checked for personal shapes; else None."""
     if f.kind != "object" or not f.fields:
         return None
-    if any(c.kind != "string" or c.pattern or c.required for c in f.fields):
+    if any(c.kind != "string" or c.pattern or c.required or (plaintext and c.storage == "plaintext") for c in f.fields):
         return None
     bounds = {c.max_length for c in f.fields}
     if len(bounds) != 1:
@@ -152,7 +215,7 @@ _JUST_STR = frozenset((str,))
 _JUST_DICT = frozenset((dict,))
 
 
-def _compile_flat_list(f: Field, item: Check, names: frozenset[str], max_len: int | None, max_depth: int, value_depth: int) -> Check:
+def _compile_flat_list(f: Field, item: Check, names: frozenset[str], max_len: int | None) -> Check:
     """The whole-list fast path for a list of flat string objects; falls back to `item` per item."""
     max_items = f.max_items
     values_of = dict.values
@@ -178,7 +241,6 @@ def _compile_flat_list(f: Field, item: Check, names: frozenset[str], max_len: in
                     if k in names:
                         kept[k] = val
                     else:
-                        _check_depth(val, value_depth, max_depth)
                         extra[k] = None
                 items[i] = kept
             for k in extra:
@@ -199,11 +261,10 @@ def _compile_flat_list(f: Field, item: Check, names: frozenset[str], max_len: in
     return check_flat_list
 
 
-def _compile_object(f: Field, max_depth: int, depth: int, fast: bool = True) -> Check:
-    children = {c.name: _compile(c, max_depth, depth + 1, fast) for c in f.fields}
+def _compile_object(f: Field, plaintext: bool, fast: bool = True) -> Check:
+    children = {c.name: _compile(c, plaintext, fast) for c in f.fields}
     required = tuple(c.name for c in f.fields if c.required)
     optional_null = {c.name for c in f.fields if not c.required}
-    child_depth = depth + 1
 
     def check_object(v, path, dropped):
         if type(v) is not dict:
@@ -213,8 +274,7 @@ def _compile_object(f: Field, max_depth: int, depth: int, fast: bool = True) -> 
         for key, value in v.items():
             check = children.get(key)
             if check is None:
-                _check_depth(value, child_depth, max_depth)
-                dropped[prefix + key] = None
+                dropped[prefix + key] = None  # not walked: see the module docstring
             elif value is None and key in optional_null:
                 continue  # null for an optional field: stored as absent
             else:
@@ -227,30 +287,16 @@ def _compile_object(f: Field, max_depth: int, depth: int, fast: bool = True) -> 
     return check_object
 
 
-def _check_depth(value: Any, depth: int, max_depth: int) -> None:
-    """400 if a dropped value nests deeper than allowed (it is not stored, but it is not accepted either)."""
-    if type(value) not in (dict, list):
-        return
-    stack = [(value, depth + 1)]
-    while stack:
-        v, d = stack.pop()
-        if d > max_depth:
-            raise BadRequest(f"JSON nesting deeper than {max_depth}")
-        children = v.values() if type(v) is dict else v
-        for c in children:
-            if type(c) in (dict, list):
-                stack.append((c, d + 1))
-
-
 class Allowlist:
     """A compiled filter for one category's root field."""
 
-    def __init__(self, root: Field, *, max_depth: int = 32, fast: bool = True) -> None:
+    def __init__(self, root: Field, *, fast: bool = True) -> None:
         # fast=False compiles without the whole-list fast path: the reference the tests compare it to.
-        self._check = _compile_object(root, max_depth, 1, fast)
+        # A root stored encrypted is sealed whole: none of its strings is plaintext.
+        self._check = _compile_object(root, root.storage != "encrypted", fast)
 
     def filter_document(self, doc: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        """(kept document, dropped dotted paths in first-seen order); Invalid or BadRequest on bad input."""
+        """(kept document, dropped dotted paths in first-seen order); Invalid on bad input."""
         dropped: dict[str, None] = {}
         kept = self._check(doc, "", dropped)
         return kept, list(dropped)

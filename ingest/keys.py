@@ -14,8 +14,10 @@ if TYPE_CHECKING:
     from ingest.auth import Authenticator
     from ingest.batching import GroupCommitWriter
     from ingest.metrics import Metrics
+    from ingest.restrictions import Restrictions
     from ingest.routes_scans import Retentions
     from ingest.settings import Settings
+    from ingest.slots import PrepareSlots
     from ingest.sweeper_ctx import Sweeper
 
 SETTINGS = web.AppKey("settings", "Settings")
@@ -29,6 +31,8 @@ HEARTBEAT_WRITER = web.AppKey("heartbeat_writer", "GroupCommitWriter")
 SCAN_WRITER = web.AppKey("scan_writer", "GroupCommitWriter")
 SCAN_PREPARE = web.AppKey("scan_prepare", ThreadPoolExecutor)
 SCAN_RETENTION = web.AppKey("scan_retention", "Retentions")
+SCAN_SLOTS = web.AppKey("scan_slots", "PrepareSlots")
+RESTRICTIONS = web.AppKey("restrictions", "Restrictions")
 SWEEPER = web.AppKey("sweeper", "Sweeper")
 
 # Per request: the id (never the token) of the token that authenticated it, for the access line.

@@ -6,21 +6,36 @@ from typing import Any
 
 from aiohttp import web
 
-from storage.policy import ENROLLMENT, INSTALLATION, MAX_SCAN_RETENTION_HOURS, SCAN, Field
+from ingest.filter import PERSONAL_PATTERN
+from storage.policy import AGENT_REGISTRATION, ENROLLMENT, INSTALLATION, MAX_SCAN_RETENTION_HOURS, SCAN, Field
+
+# What a plaintext string of a category not sealed whole may not hold (ingest.filter): U+0000, or a
+# word shaped like an e-mail address, an IP address or a MAC address.
+_NOT_PERSONAL = {"not": {"pattern": "\\x00|" + PERSONAL_PATTERN}}
 
 PROBLEM = {"$ref": "#/components/schemas/Problem"}
 
 
-def field_schema(f: Field) -> dict[str, Any]:
-    """JSON Schema of one declared field (undeclared keys are allowed: they are dropped, not refused)."""
+def field_schema(f: Field, plaintext: bool | None = None) -> dict[str, Any]:
+    """JSON Schema of one declared field (undeclared keys are allowed: they are dropped, not refused).
+
+    Called on a category's root (plaintext unset: taken from it, as the filter does); an object
+    inside it that is optional may be null (stored as absent), as any optional field may.
+    """
+    top = plaintext is None
+    if top:
+        plaintext = f.storage != "encrypted"
     if f.kind == "object":
-        schema: dict[str, Any] = {"type": "object", "properties": {c.name: field_schema(c) for c in f.fields}}
+        schema: dict[str, Any] = {"type": "object", "properties": {c.name: field_schema(c, plaintext) for c in f.fields}}
         required = [c.name for c in f.fields if c.required]
         if required:
             schema["required"] = required
-        return schema
+        return schema if top else _nullable(schema, f)
     if f.kind == "list":
-        schema = {"type": "array", "items": field_schema(f.items)}
+        items = field_schema(f.items, plaintext)
+        if f.items.kind == "object" and not f.items.required:
+            items = items["anyOf"][0]  # a list's items are never null
+        schema = {"type": "array", "items": items}
         if f.max_items is not None:
             schema["maxItems"] = f.max_items
         return _nullable(schema, f)
@@ -41,6 +56,8 @@ def field_schema(f: Field) -> dict[str, Any]:
         schema["maximum"] = f.maximum
     if f.pattern is not None:
         schema["pattern"] = f.pattern
+    if f.kind == "string" and plaintext and f.storage == "plaintext":
+        schema.update(_NOT_PERSONAL)
     return _nullable(schema, f)
 
 
@@ -105,7 +122,7 @@ def build() -> dict[str, Any]:
         }},
         "/v1/agents": {"post": {
             "summary": "Create an agent (installation token)", "security": [{"bearer": []}],
-            "requestBody": _body({"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}),
+            "requestBody": _body(field_schema(AGENT_REGISTRATION)),
             "responses": _responses({"201": _json({"type": "object", "required": ["agent_id", "token"], "properties": {
                 "agent_id": {"type": "string", "format": "uuid"}, "token": {"type": "string"}}}, "Created")}, *_BODY_FAILURES),
         }},

@@ -16,7 +16,7 @@ from aiohttp import web
 from ingest import deadline, rights
 from ingest.body import read_json
 from ingest.errors import Invalid, NotFoundProblem
-from ingest.keys import AUTH, DATA_KEYS, KEYRING, KEYSTORE_POOL, POOL, SETTINGS
+from ingest.keys import AUTH, DATA_KEYS, KEYRING, KEYSTORE_POOL, POOL, RESTRICTIONS, SETTINGS
 from ingest.routes_core import json_response
 from storage import admin
 from storage.pool import acquire_until
@@ -106,6 +106,9 @@ async def restriction(request: web.Request) -> web.Response:
         found = await admin.set_restricted(conn, install_id, restricted, principal.token_id)
     if not found:
         raise NotFoundProblem("no such installation")
+    # This worker's early check follows at once; the others within POLL_INTERVAL (the writers check
+    # the row itself meanwhile, so nothing is stored either way).
+    await app[RESTRICTIONS].poll()
     return json_response({"install_id": str(install_id), "restricted": restricted})
 
 

@@ -1,9 +1,12 @@
 """Agents, an installation's scan settings, and scan uploads (CONTRACT.md sections 2, 4 and 5).
 
-A scan upload: authenticate the agent, read the body within the wire limit, then
-inflate (within the decoded limit), parse, filter by the policy, serialise
-canonically, hash with the installation's key and seal; group-commit; answer
-after the commit. The sealed row holds nothing else of the document in the clear.
+A scan upload: authenticate the agent, refuse it if its installation is restricted
+(from the cached restriction set, before reading the body), read the body within the
+wire limit, then on a worker thread, holding one of a few prepare slots: inflate
+(within the decoded limit, counting JSON values and depth as it inflates), parse,
+filter by the policy, serialise canonically, hash with the installation's key and
+seal; group-commit (the writer checks restriction again, locked); answer after the
+commit. The sealed row holds nothing else of the document in the clear.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from crypto.envelope import DataKey
 from crypto.tokens import new_token
 from ingest import deadline
 from ingest.batching import GroupCommitWriter
-from ingest.body import check_content_type, content_encoding, inflate, parse_object, read_json, read_raw
+from ingest.body import check_content_type, content_encoding, decode, parse_object, read_json, read_raw
 from ingest.errors import Conflict, Forbidden, Invalid, NotFoundProblem, QuotaExceeded, RestrictedProblem, Unauthorized
 from ingest.filter import Allowlist
-from ingest.keys import AUTH, DATA_KEYS, METRICS, POOL, SCAN_PREPARE, SCAN_RETENTION, SCAN_WRITER, SETTINGS
+from ingest.keys import AUTH, DATA_KEYS, METRICS, POOL, RESTRICTIONS, SCAN_PREPARE, SCAN_RETENTION, SCAN_SLOTS, SCAN_WRITER, SETTINGS
+from ingest.slots import PrepareSlots
 from ingest.routes_core import json_response
 from ingest.scans_read import scan_context
 from storage import agents as agent_store
@@ -41,15 +45,14 @@ from storage.policy import AGENT_REGISTRATION, SCAN, SCAN_SETTINGS
 SMALL_BODY = 64 * 1024  # agent registration and settings bodies
 SCAN_BATCH_BYTES = 2 << 20  # sealed bytes per scan batch (at most batch_max_bytes): short transactions
 SCAN_QUEUE_BYTES = 64 << 20  # sealed bytes waiting for commit per worker before 503
-# Bodies at least this large (as sent) are inflated, parsed, filtered and sealed on a worker thread,
-# so the event loop keeps answering heartbeats meanwhile; smaller ones are cheaper inline. Measured
-# in-process with two clients streaming 5 MB scans: heartbeat latency p50 444 -> 129 ms, p99
-# 1340 -> 638 ms (parsing holds the GIL, so the loop still waits for its turn; separate workers
-# are the real isolation).
-OFFLOAD_WIRE_BYTES = 256 * 1024
-OFFLOAD_COMPRESSED_BYTES = 32 * 1024
-# Threads per worker process preparing large scans: also bounds the memory of parsed documents.
+# Every scan is inflated, parsed, filtered and sealed on a worker thread, so the event loop keeps
+# answering heartbeats meanwhile, whatever a body's size on the wire says about its size decoded.
+# Threads per worker process preparing scans: also bounds the memory of parsed documents. A scan
+# waits up to PREPARE_WAIT seconds for one of them (503 after), and one token holds at most
+# PREPARE_PER_TOKEN of them at once.
 PREPARE_THREADS = 2
+PREPARE_PER_TOKEN = 1
+PREPARE_WAIT = 2.0
 
 # How long a worker trusts its copy of an installation's scan retention. It picks the epoch key a
 # scan is sealed under; a change made on another worker is seen within this long (until then a
@@ -180,7 +183,7 @@ class Scans:
     def __init__(self, app: web.Application) -> None:
         self.app = app
         self.settings = s = app[SETTINGS]
-        self.filter = Allowlist(SCAN.root, max_depth=s.json_max_depth)
+        self.filter = Allowlist(SCAN.root)
         metrics = app[METRICS]
         self.wire_bytes = metrics.request_bytes.labels("/v1/scans", "wire")
         self.decoded_bytes = metrics.request_bytes.labels("/v1/scans", "decoded")
@@ -191,24 +194,23 @@ class Scans:
     async def handle(self, request: web.Request) -> web.Response:
         app, s = self.app, self.settings
         principal = await app[AUTH].authenticate(request, "agent")
+        install_id = principal.install_id
+        app[RESTRICTIONS].check(install_id)  # before the body is read, let alone inflated
         check_content_type(request)
         encoding = content_encoding(request)
         with deadline.not_counted():  # the client's time, not the database's
             raw = await read_raw(request, s.scan_max_bytes, s.read_timeout)
         size_wire = len(raw)
         self.wire_bytes.inc(size_wire)
-        install_id = principal.install_id
         received_at = dt.datetime.now(dt.timezone.utc)
         hours = await app[SCAN_RETENTION].hours(install_id)
         # Sealed under the key of the retention epoch it will expire in: that key is destroyed
         # when the epoch ends, and with it this scan in every copy of the data database.
         key = await app[DATA_KEYS].for_expiry(install_id, received_at + dt.timedelta(hours=hours))
         prepare = functools.partial(self.prepare, raw, encoding, install_id, key)
-        with deadline.not_counted():  # CPU time, not the database's
-            if size_wire >= OFFLOAD_WIRE_BYTES or (encoding != "identity" and size_wire >= OFFLOAD_COMPRESSED_BYTES):
+        with deadline.not_counted():  # waiting for a slot and CPU time, not the database's
+            async with app[SCAN_SLOTS].hold(principal.token_id):
                 sealed = await asyncio.get_running_loop().run_in_executor(app[SCAN_PREPARE], prepare)
-            else:
-                sealed = prepare()
         del raw, prepare
         row = scan_store.ScanRow(
             install_id, principal.agent_id, sealed.scan_id, received_at, key.key_id, epoch_end(key.key_id),
@@ -236,7 +238,8 @@ class Scans:
 
     def prepare(self, raw: bytes, encoding: str, install_id: uuid.UUID, key: DataKey) -> Sealed:
         """Inflate, parse, filter, serialise, hash and seal (CPU only: may run on a worker thread)."""
-        data = inflate(raw, encoding, self.settings.scan_max_decoded_bytes)
+        s = self.settings
+        data = decode(raw, encoding, s.scan_max_decoded_bytes, max_values=s.json_max_values, max_depth=s.json_max_depth)
         size_decoded = len(data)
         self.decoded_bytes.inc(size_decoded)
         doc = parse_object(data)
@@ -244,7 +247,7 @@ class Scans:
         _check_claimed_installation(doc, install_id)
         kept, dropped = self.filter.filter_document(doc)
         if dropped:
-            if self.settings.unknown_fields == "reject":
+            if s.unknown_fields == "reject":
                 raise Invalid(f"undeclared fields: {', '.join(dropped)}")
             self.dropped.inc(len(dropped))
         scan_id = uuid.UUID(kept["scan_id"])
@@ -284,11 +287,12 @@ def _check_claimed_installation(doc: dict[str, Any], install_id: uuid.UUID) -> N
 
 
 async def scan_writer_ctx(app: web.Application):
-    """cleanup_ctx: the threads that prepare large scans, and the scan group-commit writer, apart from the
-    heartbeats' so large scans never queue before them."""
+    """cleanup_ctx: the threads that prepare scans (and the slots that bound how many wait for them), and the
+    scan group-commit writer, apart from the heartbeats' so large scans never queue before them."""
     s = app[SETTINGS]
     executor = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="scan-prepare")
     app[SCAN_PREPARE] = executor
+    app[SCAN_SLOTS] = PrepareSlots(PREPARE_THREADS, PREPARE_PER_TOKEN, PREPARE_WAIT, s.retry_after)
     batch_bytes = min(s.batch_max_bytes, SCAN_BATCH_BYTES)
     writer: GroupCommitWriter[scan_store.ScanRow] = GroupCommitWriter(
         "scan", app[POOL], functools.partial(scan_store.write_scans, max_bytes=s.scan_bytes_per_installation), app[METRICS],

@@ -9,8 +9,12 @@ import asyncio
 import gzip
 import ipaddress
 import json
+import os
 import string
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import orjson
 import pytest
@@ -306,3 +310,43 @@ def test_client_ip_without_transport_or_with_odd_peers():
     assert client_ip(req, TRUSTED) == ipaddress.ip_address("10.0.0.9")  # the walk stops at the malformed hop
     assert anonymise(None) is None
     assert str(anonymise(ipaddress.ip_address("2001:db8::77"))) == "2001:db8::/48"
+
+
+def _schemathesis_cli(url: str, token: str, paths: str, *, phases: str, max_examples: int) -> subprocess.CompletedProcess:
+    """`schemathesis run` with every check, on the operations whose path matches paths, as the given token."""
+    exe = Path(sys.executable).with_name("schemathesis")
+    argv = [str(exe), "run", url + "/openapi.json", "--checks", "all", "--phases", phases,
+            "--include-path-regex", paths, "--header", f"Authorization: Bearer {token}",
+            "--max-examples", str(max_examples), "--generation-deterministic", "--seed", "12",
+            "--request-timeout", "30", "--workers", "1", "--no-color", "--output-truncate", "false"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"})
+
+
+@pytest.mark.slow
+async def test_schemathesis_every_check_in_its_coverage_and_stateful_phases(db_dsn, master_key, tmp_path):
+    """The CLI as an operator would run it: examples, coverage (boundary values, integral numbers, wrong methods)
+    and stateful phases, every check, for each role's operations."""
+    async with start_service(db_dsn, master_key, tmp_path) as svc:
+        install_id, token = await svc.enroll()
+        _, agent_token = await agent_of(svc, token)
+        roles = [
+            (svc.create_secret(), r"^/v1/enroll$"),
+            (token, r"^/v1/(heartbeats|installation/settings|agents)"),
+            (agent_token, r"^/v1/scans$"),
+            (svc.create_secret("admin-token"), r"^/v1/admin/"),
+            ("none", r"^/(healthz|readyz|metrics|openapi\.json)$"),
+        ]
+        failures, outputs = [], {}
+        for tok, paths in roles:
+            proc = await asyncio.to_thread(_schemathesis_cli, svc.url, tok, paths, phases="examples,coverage,stateful", max_examples=10)
+            outputs[paths] = proc.stdout
+            if proc.returncode != 0:
+                failures.append(f"{paths}: exit {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}")
+        assert not failures, "\n\n".join(failures)
+        # The phases ran (they were not skipped for want of something to do).
+        for paths, out in outputs.items():
+            assert "✅ Coverage" in out, (paths, out[-3000:])
+        installation = outputs[roles[1][1]]
+        assert "✅ Stateful" in installation and "1 covered" in installation, installation[-3000:]
+        metrics = (await svc.request("GET", "/metrics"))[1]
+        assert 'status="500"' not in metrics

@@ -143,9 +143,14 @@ async def test_json_nested_a_million_deep(target):
     deep = nested(1_000_000)  # 2 MB
     await target.expect(413, "/v1/heartbeats", deep)  # over the heartbeat limit as it stands
     await target.expect(413, "/v1/heartbeats", gzip.compress(deep), {"Content-Encoding": "gzip"})
-    await target.expect(400, "/v1/scans", deep)  # within the scan limit: not acceptable JSON
+    # Within the scan's size limit, but 1,000,002 values: over TELEMETRY_JSON_MAX_VALUES.
+    await target.expect(413, "/v1/scans", deep)
+    await target.expect(413, "/v1/scans", zstandard.ZstdCompressor().compress(deep), {"Content-Encoding": "zstd"})
+    # Within both: too deep, not acceptable JSON.
+    deep = nested(900_000)
+    await target.expect(400, "/v1/scans", deep)
     await target.expect(400, "/v1/scans", zstandard.ZstdCompressor().compress(deep), {"Content-Encoding": "zstd"})
-    objects = b'{"custom": ' + b'{"a":' * 1_000_000 + b"1" + b"}" * 1_000_000 + b"}"
+    objects = b'{"custom": ' + b'{"a":' * 900_000 + b"1" + b"}" * 900_000 + b"}"
     await target.expect(400, "/v1/scans", objects)
     # Deeper than the policy allows, in every range of the parsers: 33, past orjson's writer (254),
     # past the interpreter's recursion limit, past orjson's reader (1024).
@@ -162,10 +167,19 @@ async def test_numbers_with_5000_digits(target):
     for value in (digits, "-" + digits, "1" + "0" * 4999, "1e5000", "-1e5000"):
         text = target.heartbeat()[:-1] + b', "asset_count": ' + value.encode() + b"}"
         await target.expect(400, "/v1/heartbeats", text.replace(b'"asset_count":120,', b""))
-    # Read as floats: finite ones are not integers (422), the rest are not acceptable JSON numbers (400).
-    for value, expected in (("0." + digits, 422), ("1." + "5" * 5000, 422), ("1e-5000", 422), (digits[:400] + ".5", 400)):
+    # Read as floats: finite ones with a fraction are not integers (422), the rest are not acceptable JSON numbers (400).
+    for value, expected in (("1." + "5" * 5000, 422), ("0.5", 422), ("1e-300", 422), (digits[:400] + ".5", 400)):
         text = target.heartbeat().replace(b'"asset_count":120', b'"asset_count":' + value.encode())
         await target.expect(expected, "/v1/heartbeats", text)
+    # Numbers are read as IEEE 754 doubles (as most JSON Schema validators read them): a decimal that
+    # rounds to a whole double is that integer.
+    for value, stored in (("0." + digits, 1), ("1e-5000", 0), ("4215.0", 4215), ("4.215e3", 4215)):
+        text = target.heartbeat().replace(b'"asset_count":120', b'"asset_count":' + value.encode())
+        status, body, _ = await target.send("/v1/heartbeats", text)
+        assert status == 200, body
+        async with target.service.app[POOL].acquire() as conn:
+            assert await conn.fetchval("SELECT asset_count FROM installations WHERE install_id = $1", target.install_id) == stored
+            await conn.execute("DELETE FROM heartbeats")  # "nothing hostile stored" stays a plain count
     scan = orjson.dumps(scan_body()).replace(b'"cores":8', b'"cores":' + digits.encode())
     await target.expect(400, "/v1/scans", scan)
     scan = orjson.dumps(scan_body()).replace(b'"size_gb":512', b'"size_gb":' + ("1" + "0" * 400).encode())

@@ -561,7 +561,7 @@ async def test_retention_setting_is_validated_and_per_installation(service, db):
     install_b, token_b, _, agent_b = await installation_with_agent(service)
     assert (await upload(service, agent_b, scan_body()))[0] == 201
     for bad in ({}, {"scan_retention_hours": 0}, {"scan_retention_hours": 721}, {"scan_retention_hours": "24"},
-                {"scan_retention_hours": 24.0}, {"scan_retention_hours": None}, {"scan_retention_hours": True}):
+                {"scan_retention_hours": 24.5}, {"scan_retention_hours": None}, {"scan_retention_hours": True}):
         status, body, h = await service.request("PUT", "/v1/installation/settings", token=token_a, json=bad)
         assert status == 422 and is_problem(body, h, 422), bad
     assert (await service.request("PUT", "/v1/installation/settings", token=token_a, json={"scan_retention_hours": 24}))[0] == 200

@@ -1,0 +1,131 @@
+"""The value budget: how many JSON values a body holds and how deep it nests, counted before it is parsed.
+
+Parsing builds one Python object per value (an empty `{}` costs about 64 bytes and
+0.2 us), so a small body of many tiny values is where a parse is expensive. The budget is
+counted on the bytes, chunk by chunk as they are inflated, so a body over it is refused
+after reading about `max_values` values' worth of text, never parsed and never inflated
+whole. Every step is a C-speed bytes method (translate, replace, count) over one chunk;
+no Python code runs per byte or per value.
+
+Why the count is sound. Outside strings, every value except the root is preceded by a
+`,`, `[` or `:`; counting containers instead of colons gives the exact identity, for any
+valid JSON text,
+
+    values = 1 + commas + non-empty containers            (all outside strings)
+
+(an array of n > 0 items holds n - 1 commas, an object of n members n - 1 commas and n
+values; an empty container holds nothing.) The scanner computes
+
+    counted = 1 + commas + objects + arrays - empty objects   (outside strings)
+
+so values <= counted <= values + empty arrays. (An empty object is seen exactly, since a
+non-empty one always holds a key; `[1]` and `[]` look alike once scalars are deleted, so
+every array is taken as non-empty: an overcount, on the safe side.)
+
+Strings are excluded without visiting them one by one in Python:
+
+1. Escapes: the `\\\\` pairs, then the `\\"` pairs, are deleted (left to right, as a parser
+   reads them); afterwards every `"` left opens or closes a string.
+2. translate deletes every byte but `" { } [ ] , :` (whitespace, scalars, string contents).
+3. Two strings are always separated by a `,` or `:` (outside strings), so `""` is now
+   exactly a string whose contents held none of those bytes: replaced by a marker `0`.
+   The few strings left (those that held structural bytes) are replaced by a regex.
+
+A chunk is cut after a run of backslashes, never inside one; a string still open at a
+chunk's end, and a `{` that ends it, are carried to the next. For text that is not valid JSON the count may be wrong
+after the first syntax error, but the parser stops there too: what it would build lies in
+the valid prefix, which is counted right. Either way such a body gets a 4xx.
+
+Depth: the bytes `{[` and `}]` outside strings, kept (both mapped to one pair, the parser
+checks that they match), are peeled: each pass deletes every adjacent `{}`, which is one
+level of nesting; a document nests deeper than `max_depth` when `max_depth` passes leave
+brackets behind. The brackets kept are at most twice the values counted, so this costs at
+most (max_depth + 1) passes over 2 * max_values bytes.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ingest.errors import BadRequest, TooLarge
+
+CHUNK = 1 << 20
+
+_KEEP = b'"{}[],:'
+_DELETE_ALL_BUT_STRUCTURE = bytes(b for b in range(256) if b not in _KEEP)
+_STRING = re.compile(rb'"[^"]*"')
+_BRACKETS = bytes.maketrans(b"[]", b"{}")
+
+
+class JsonBudget:
+    """Counts the values and depth of a JSON text fed in pieces; TooLarge past max_values, BadRequest past max_depth."""
+
+    def __init__(self, max_values: int, max_depth: int) -> None:
+        self.max_values = max_values
+        self.max_depth = max_depth
+        self.values = 1
+        self._inside = False  # a string is open at the end of what was fed
+        self._tail = b""  # a run of backslashes at the end of the last piece, not yet paired
+        self._open_brace = False  # what was fed ends with a "{" (whitespace aside)
+        self._brackets: list[bytes] = []
+
+    def feed(self, piece: bytes | bytearray | memoryview) -> None:
+        """Count one more piece of the text (any size; large ones are taken CHUNK bytes at a time)."""
+        view = memoryview(piece)
+        for start in range(0, len(view), CHUNK):
+            self._feed(bytes(view[start : start + CHUNK]))
+
+    def _feed(self, chunk: bytes) -> None:
+        if self._tail:
+            chunk, self._tail = self._tail + chunk, b""
+        if chunk.endswith(b"\\"):
+            kept = chunk.rstrip(b"\\")
+            chunk, self._tail = kept, chunk[len(kept) :]
+        if b"\\" in chunk:
+            chunk = chunk.replace(b"\\\\", b"").replace(b'\\"', b"")
+        t = chunk.translate(None, _DELETE_ALL_BUT_STRUCTURE)
+        if self._inside:
+            end = t.find(b'"')
+            if end < 0:
+                return  # the whole chunk is inside one string
+            t = b"0" + t[end + 1 :]
+            self._inside = False
+        t = t.replace(b'""', b"0")
+        if b'"' in t:
+            t = _STRING.sub(b"0", t)
+            opened = t.find(b'"')
+            if opened >= 0:  # a string open at the chunk's end: its start is all that is left of one
+                t = t[:opened] + b"0"
+                self._inside = True
+        self.values += t.count(b",") + t.count(b"{") + t.count(b"[") - t.count(b"{}")
+        if self._open_brace and t.startswith(b"}"):
+            self.values -= 1  # an empty object cut between two chunks
+        if t:
+            self._open_brace = t.endswith(b"{")
+        if self.values > self.max_values:
+            raise TooLarge(f"body holds more than {self.max_values} JSON values")
+        brackets = t.translate(_BRACKETS, b",:0")
+        if brackets:
+            self._brackets.append(brackets)
+
+    def finish(self) -> None:
+        """Check the depth of everything fed (BadRequest if deeper than max_depth)."""
+        nest = b"".join(self._brackets)
+        self._brackets.clear()
+        for _ in range(self.max_depth):
+            if not nest:
+                return
+            peeled = nest.replace(b"{}", b"")
+            if len(peeled) == len(nest):
+                return  # unbalanced: not JSON, the parser refuses it
+            nest = peeled
+        if nest and b"{}" in nest:
+            raise BadRequest(f"JSON nesting deeper than {self.max_depth}")
+
+
+def check_budget(data: bytes | bytearray, max_values: int, max_depth: int) -> int:
+    """The values counted in a whole JSON text (an upper bound, see the module docstring); raises past either limit."""
+    budget = JsonBudget(max_values, max_depth)
+    budget.feed(data)
+    budget.finish()
+    return budget.values

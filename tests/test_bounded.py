@@ -1,0 +1,390 @@
+"""Bounded work per request (CONTRACT 4a), no people in plaintext (3), exact encodings and times (2, 4).
+
+Against the real service over HTTP (and a real `serve` worker for the memory bound); the
+value counter and the prepare slots also directly, with hypothesis for the counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import uuid
+
+import aiohttp
+import orjson
+import pytest
+import zstandard
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from ingest.budget import JsonBudget, check_budget
+from ingest.errors import BadRequest, TooLarge, Unavailable
+from ingest.keys import POOL, RESTRICTIONS
+from ingest.slots import PrepareSlots
+from tests.fault_tools import JSON, agent_of, gzip_bomb, scan_body
+from tests.support import heartbeat_body, start_service
+
+MIB = 1 << 20
+
+
+def values_bomb(objects: int) -> bytes:
+    """`{"x":[{},{},...]}` with that many empty objects, as one zstd frame (about 1.3 KiB for 5 million)."""
+    text = b'{"x":[' + b",".join([b"{}"] * objects) + b"]}"
+    return zstandard.ZstdCompressor(level=19).compress(text)
+
+
+def vm_hwm(pid: int) -> int:
+    """The process's peak resident set (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+async def stored(service) -> tuple[int, int]:
+    async with service.app[POOL].acquire() as conn:
+        return await conn.fetchval("SELECT count(*) FROM heartbeats"), await conn.fetchval("SELECT count(*) FROM scans")
+
+
+def decoded_scan_bytes(metrics_text: str) -> float:
+    for line in metrics_text.splitlines():
+        if line.startswith("telemetry_request_bytes_total") and '"/v1/scans"' in line and '"decoded"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# ------------------------------------------------------------------ the value bomb against a serve worker
+
+
+@pytest.mark.slow
+async def test_value_bomb_is_refused_with_little_memory_while_a_heartbeat_is_served(db_dsn, master_key, tmp_path, db):
+    from tests.test_serve import ServeProcess, enroll
+
+    env = {"TELEMETRY_DSN": db_dsn, "TELEMETRY_MASTER_KEY": master_key, "TELEMETRY_DATA_DIR": str(tmp_path)}
+    server = ServeProcess(env, "--workers", "1")
+    bombs = {"14 MiB": values_bomb(5_000_000), "60 MiB": values_bomb(21_000_000)}
+    assert len(bombs["14 MiB"]) < 1400 and len(bombs["60 MiB"]) < 6000
+    try:
+        await server.wait_ready()
+        [worker] = server.workers()
+        async with aiohttp.ClientSession() as http:
+            install_id, token = await enroll(http, server.url, env)
+            async with http.post(server.url + "/v1/agents", json={"name": "a"}, headers={"Authorization": f"Bearer {token}"}) as r:
+                agent_token = (await r.json())["token"]
+            hb = {"Authorization": f"Bearer {token}"}
+            agent = {**JSON, "Authorization": f"Bearer {agent_token}", "Content-Encoding": "zstd"}
+            # Warm up every path the bomb and the heartbeat take (threads, pools, caches), then take the baseline.
+            async with http.post(server.url + "/v1/scans", data=zstandard.ZstdCompressor().compress(orjson.dumps(scan_body())),
+                                 headers=agent) as r:
+                assert r.status == 201
+            async with http.post(server.url + "/v1/heartbeats", json=heartbeat_body(install_id), headers=hb) as r:
+                assert r.status == 200
+            baseline = vm_hwm(worker)
+            for name, bomb in bombs.items():
+
+                async def send_bomb():
+                    async with http.post(server.url + "/v1/scans", data=bomb, headers=agent) as r:
+                        return r.status, await r.json()
+
+                async def heartbeat_meanwhile():
+                    await asyncio.sleep(0.005)  # the bomb is on its way first
+                    async with http.post(server.url + "/v1/heartbeats", json=heartbeat_body(install_id), headers=hb) as r:
+                        return r.status
+
+                (status, body), hb_status = await asyncio.gather(send_bomb(), heartbeat_meanwhile())
+                peak = vm_hwm(worker)
+                print(f"{name} bomb ({len(bomb)} bytes): {status}, worker peak {(peak - baseline) / MIB:.1f} MiB above baseline")
+                assert status == 413 and "JSON values" in body["detail"], body
+                assert hb_status == 200
+                assert peak - baseline < 100 * MIB
+        assert server.workers() == [worker]
+        assert await db.fetchval("SELECT count(*) FROM scans") == 1
+        assert await db.fetchval("SELECT count(*) FROM heartbeats") == 1 + len(bombs)
+    finally:
+        assert server.stop() == 0
+
+
+# ------------------------------------------------------------------ the value budget over HTTP
+
+
+async def test_value_budget_is_exact_at_the_boundary(db_dsn, master_key, tmp_path):
+    async with start_service(db_dsn, master_key, tmp_path, json_max_values=100) as svc:
+        install_id, token = await svc.enroll()
+        base = heartbeat_body(install_id)  # 7 values: the object and its six fields
+
+        def with_extra(n: int) -> dict:
+            return {**base, "extra": list(range(n - len(base) - 2))}  # the list and its items: n values in all
+
+        status, body, _ = await svc.request("POST", "/v1/heartbeats", token=token, json=with_extra(100))
+        assert status == 200 and body["dropped_fields"] == ["extra"], body
+        for doc in (with_extra(101), {**base, "extra": ",:[{" * 200}):  # strings' structural bytes do not count
+            status, body, _ = await svc.request("POST", "/v1/heartbeats", token=token, json=doc)
+            if "extra" in doc and isinstance(doc["extra"], str):
+                assert status == 200, body
+            else:
+                assert status == 413 and "more than 100 JSON values" in body["detail"], body
+        packed = gzip.compress(orjson.dumps(with_extra(101)))
+        status, body, _ = await svc.request("POST", "/v1/heartbeats", token=token, data=packed, headers={**JSON, "Content-Encoding": "gzip"})
+        assert status == 413, body
+        assert await stored(svc) == (2, 0)
+
+
+async def test_restricted_installation_scan_bomb_is_refused_before_inflating(service, db):
+    install_id, token = await service.enroll()
+    _, agent_token = await agent_of(service, token)
+    admin = service.create_secret("admin-token")
+    restrict = "/v1/admin/installations/%s/restriction" % install_id
+    assert (await service.request("PUT", restrict, token=admin, json={"restricted": True}))[0] == 200
+    before = decoded_scan_bytes((await service.request("GET", "/metrics"))[1])
+    for bomb, enc in ((values_bomb(5_000_000), "zstd"), (gzip_bomb(256 * MIB), "gzip")):
+        status, body, _ = await service.request("POST", "/v1/scans", token=agent_token, data=bomb,
+                                                headers={**JSON, "Content-Encoding": enc})
+        assert status == 403 and body["status"] == 403 and "restricted" in body["detail"], body
+    assert decoded_scan_bytes((await service.request("GET", "/metrics"))[1]) == before  # nothing was inflated
+    status, _, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id))
+    assert status == 403
+    # Lifted: accepted again at once on this worker.
+    assert (await service.request("PUT", restrict, token=admin, json={"restricted": False}))[0] == 200
+    assert (await service.request("POST", "/v1/scans", token=agent_token, json=scan_body()))[0] == 201
+    # A change another worker made (here: straight in the database) is followed within a poll or two.
+    await db.execute("UPDATE installations SET restricted = true WHERE install_id = $1", install_id)
+    for _ in range(100):
+        status, _, _ = await service.request("POST", "/v1/scans", token=agent_token, json=scan_body())
+        if status == 403:
+            break
+        await asyncio.sleep(0.05)
+    assert status == 403
+    # The writer still checks the row itself: with this worker's cache behind, nothing is stored either.
+    service.app[RESTRICTIONS]._restricted.discard(install_id)
+    count = await db.fetchval("SELECT count(*) FROM scans")
+    status, body, _ = await service.request("POST", "/v1/scans", token=agent_token, json=scan_body())
+    assert status == 403 and body["type"].endswith("/restricted"), body
+    assert await db.fetchval("SELECT count(*) FROM scans") == count == 1
+
+
+# ------------------------------------------------------------------ no people in plaintext
+
+
+PERSONAL = [
+    "bob@corp.example", "alice.smith@corp.example laptop", "10.1.2.3", "host 192.168.0.17", "10.1.2.3:8080",
+    "2001:db8::1", "fe80::1ff:fe23:4567:890a", "::1", "00:1A:2B:3C:4D:5E", "00-1a-2b-3c-4d-5e", "001a.2b3c.4d5e",
+]
+ORDINARY = ["enterprise", "4.2.1", "postgresql", "IIS 10.0", "MySQL 8.0.36", "nginx/1.25.3", "10.0.19041.1",
+            "8.0.36-0ubuntu0.22.04.1", "Microsoft-SQL-Server-2019"]
+
+
+async def test_plaintext_fields_refuse_personal_shapes_and_take_ordinary_values(service, db):
+    install_id, token = await service.enroll()
+    for field in ("license_type", "db_server_type", "web_server_type", "version"):
+        for value in PERSONAL:
+            if field == "version" and not all(c.isalnum() or c in ".+-" for c in value):
+                continue  # the version's own pattern refuses it first (also 422)
+            status, body, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, **{field: value[:32]}))
+            assert status == 422 and body["detail"].startswith(field + ":") and "e-mail" in body["detail"], (field, value, body)
+    for value in PERSONAL:
+        status, body, _ = await service.request("POST", "/v1/agents", token=token, json={"name": value})
+        assert status == 422 and body["detail"].startswith("name:"), (value, body)
+    assert await db.fetchval("SELECT count(*) FROM heartbeats") == 0
+    assert await db.fetchval("SELECT count(*) FROM agents") == 0
+    assert await db.fetchval("SELECT count(*) FROM installations WHERE license_type IS NOT NULL") == 0
+    # A trailing newline is not part of a version (the pattern matches the whole value).
+    status, body, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, version="1.0\n"))
+    assert status == 422 and body["detail"].startswith("version:"), body
+    for value in ORDINARY:
+        for field in ("license_type", "db_server_type", "web_server_type", "version"):
+            if field == "version" and not all(c.isalnum() or c in ".+-" for c in value):
+                continue  # not a version by the version's own pattern
+            status, body, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, **{field: value}))
+            assert status == 200, (field, value, body)
+            assert await db.fetchval(f"SELECT {field} FROM installations WHERE install_id = $1", install_id) == value
+        status, body, _ = await service.request("POST", "/v1/agents", token=token, json={"name": value})
+        assert status == 201, body
+    # A scan is sealed whole: its addresses are declared fields, encrypted, and accepted.
+    _, agent_token = await agent_of(service, token)
+    status, _, _ = await service.request("POST", "/v1/scans", token=agent_token, json=scan_body(
+        asset={"name": "ws", "ip_address": "10.1.2.3", "mac_address": "00:1A:2B:3C:4D:5E", "last_user": "bob@corp.example"}))
+    assert status == 201
+
+
+# ------------------------------------------------------------------ exact encodings
+
+
+async def test_encodings_are_exactly_one_member_or_frame(service, db):
+    install_id, token = await service.enroll()
+    _, agent_token = await agent_of(service, token)
+    hb = orjson.dumps(heartbeat_body(install_id))
+    scan = orjson.dumps(scan_body())
+    for path, tok, doc in (("/v1/heartbeats", token, hb), ("/v1/scans", agent_token, scan)):
+        g = gzip.compress(doc)
+        z = zstandard.ZstdCompressor().compress(doc)
+        z_checked = zstandard.ZstdCompressor(write_checksum=True).compress(doc)
+        cases = {
+            "gzip": [g + g, g + b"\0", g + b"trailing", g[:-4], g[:10]],
+            "zstd": [z + z, z + b"\0", z + b"trailing", z[:-1], z[: len(z) // 2], z_checked[:-2]],
+        }
+        for enc, bodies in cases.items():
+            for data in bodies:
+                status, body, _ = await service.request("POST", path, token=tok, data=data, headers={**JSON, "Content-Encoding": enc})
+                assert status == 400 and enc in body["detail"], (path, enc, data[-12:], body)
+        for enc, data in (("gzip", g), ("zstd", z), ("zstd", z_checked)):
+            status, body, _ = await service.request("POST", path, token=tok, data=data, headers={**JSON, "Content-Encoding": enc})
+            assert status in (200, 201), (path, enc, body)
+    assert await db.fetchval("SELECT count(*) FROM scans") == 1  # the same scan three times: stored once, replayed
+
+
+# ------------------------------------------------------------------ times, integers, 405
+
+
+async def test_scanned_at_is_strictly_rfc3339(service, db):
+    install_id, token = await service.enroll()
+    _, agent_token = await agent_of(service, token)
+    for bad in ("2026-W48-2T10:00:00Z", "2026-335T10:00:00Z", "2026-12-01T10:00:00", "2026-12-01 10:00:00Z",
+                "2026-12-01T10:00Z", "20261201T100000Z", "2026-12-01T10:00:00+0530", "2026-12-01T10:00:00Z\n",
+                "2026-02-30T10:00:00Z", "2026-12-01T24:00:00Z", "2026-12-01", "T10:00:00Z"):
+        status, body, _ = await service.request("POST", "/v1/scans", token=agent_token, json=scan_body(scanned_at=bad))
+        assert status == 422 and body["detail"].startswith("scanned_at:"), (bad, body)
+    assert await db.fetchval("SELECT count(*) FROM scans") == 0
+    for good in ("2026-12-01T10:00:00Z", "2026-12-01t10:00:00.123456789+05:30", "2026-12-01T10:00:00-00:00", "2016-12-31T23:59:60Z"):
+        status, body, _ = await service.request("POST", "/v1/scans", token=agent_token, json=scan_body(scanned_at=good))
+        assert status == 201, (good, body)
+
+
+async def test_integral_numbers_are_integers(service, db):
+    install_id, token = await service.enroll()
+    _, agent_token = await agent_of(service, token)
+    status, body, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, asset_count=4215.0))
+    assert status == 200, body
+    assert await db.fetchval("SELECT asset_count FROM installations WHERE install_id = $1", install_id) == 4215
+    status, body, _ = await service.request("PUT", "/v1/installation/settings", token=token, json={"scan_retention_hours": 24.0})
+    assert status == 200 and body == {"scan_retention_hours": 24}
+    scan = scan_body(hardware={"cores": 8.0, "memory_mb": 32768.0})
+    assert (await service.request("POST", "/v1/scans", token=agent_token, json=scan))[0] == 201
+    for bad in (4215.5, 1e300):
+        status, _, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, asset_count=bad))
+        assert status == 422
+
+
+async def test_405_carries_allow(service):
+    for method, path, allowed in (("GET", "/v1/heartbeats", {"POST"}), ("DELETE", "/v1/scans", {"POST"}),
+                                  ("POST", "/healthz", {"GET", "HEAD"}), ("GET", "/v1/agents/" + str(uuid.uuid4()), {"DELETE"})):
+        status, body, headers = await service.request(method, path)
+        assert status == 405 and body["status"] == 405
+        assert {m.strip() for m in headers["Allow"].split(",")} == allowed, (path, headers.get("Allow"))
+
+
+# ------------------------------------------------------------------ the prepare slots
+
+
+async def test_prepare_slots_bound_the_worker_and_share_it_between_tokens():
+    slots = PrepareSlots(2, 1, wait=0.2, retry_after=3)
+    async with slots.hold("a"):
+        with pytest.raises(Unavailable) as refused:  # a's share is taken: a waits, then 503
+            async with slots.hold("a"):
+                pass
+        assert refused.value.headers == {"Retry-After": "3"}
+        async with slots.hold("b"):  # another token still finds a slot
+            assert slots.busy == 2
+            with pytest.raises(Unavailable):
+                async with slots.hold("c"):  # both taken
+                    pass
+    assert slots.busy == 0
+
+    # Waiters get the slot when it frees, within their wait.
+    order = []
+
+    async def use(token, hold_for):
+        async with slots.hold(token):
+            order.append(token)
+            await asyncio.sleep(hold_for)
+
+    await asyncio.gather(use("a", 0.05), use("a", 0), use("b", 0.05), use("c", 0))
+    assert sorted(order) == ["a", "a", "b", "c"] and slots.busy == 0
+
+
+# ------------------------------------------------------------------ the counter itself
+
+
+def _values(v) -> int:
+    if isinstance(v, dict):
+        return 1 + sum(_values(x) for x in v.values())
+    if isinstance(v, list):
+        return 1 + sum(_values(x) for x in v)
+    return 1
+
+
+def _empty_arrays(v) -> int:
+    if isinstance(v, dict):
+        return sum(_empty_arrays(x) for x in v.values())
+    if isinstance(v, list):
+        return (not v) + sum(_empty_arrays(x) for x in v)
+    return 0
+
+
+def _depth(v) -> int:
+    if isinstance(v, (dict, list)):
+        children = v.values() if isinstance(v, dict) else v
+        return 1 + max((_depth(c) for c in children), default=0)
+    return 0
+
+
+TRICKY = st.text(alphabet='{}[],:"\\ab \u00e9\u2028/', max_size=8)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | TRICKY,
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(TRICKY, c, max_size=4),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(JSON_VALUES, st.sampled_from([None, 0, 2]), st.booleans(), st.lists(st.integers(1, 40), max_size=6), st.integers(1, 12))
+@example(["\\", "\\\\", '\\"', '"'], None, True, [1, 2, 3], 3)
+@example({"a\\": "\\\\\"{"}, None, False, [], 2)
+@example({"a": {}, "b": [{}, {}]}, 2, True, [6, 1, 1, 9, 1], 3)
+def test_counter_bounds_values_and_depth_however_the_text_is_cut(value, indent, ascii_only, cuts, max_depth):
+    """The count is at least the number of values and at most that plus the empty arrays; the depth limit is exact;
+    wherever the text is cut into pieces (inside strings, escapes, between brackets)."""
+    text = json.dumps(value, indent=indent, ensure_ascii=ascii_only).encode()
+    budget = JsonBudget(10**9, max_depth)
+    start = 0
+    for n in cuts:
+        budget.feed(text[start : start + n])
+        start += n
+    budget.feed(text[start:])
+    true = _values(value)
+    assert true <= budget.values <= true + _empty_arrays(value)
+    if _depth(value) > max_depth:
+        with pytest.raises(BadRequest):
+            budget.finish()
+    else:
+        budget.finish()
+    if true > 1:
+        with pytest.raises(TooLarge):
+            check_budget(text, true - 1, 1000)
+
+
+def test_counter_is_exact_without_empty_arrays_or_cuts():
+    for text in (b'{}', b'{"a":1}', b'{"x":[{},{}]}', b'{"a":"b,c:[{","d":["\\"",1,2]}', b'{"a\\\\":"\\\\\\"{"}',
+                 b'{ "a" : [ 1 , { "b" : null } ] , "c" : "]]]" }'):
+        assert check_budget(text, 10**9, 32) == _values(json.loads(text)), text
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(st.binary(max_size=300) | st.text(alphabet='{}[],:"\\ 0a\n', max_size=300).map(str.encode),
+       st.sampled_from(["identity", "gzip", "zstd"]), st.integers(1, 50), st.integers(2, 8))
+def test_decode_takes_any_bytes_and_answers_only_400_or_413(data, encoding, max_values, max_depth):
+    """Whatever the bytes (raw, or compressed whole), counting them never fails otherwise than as a 400 or a 413."""
+    from ingest.body import decode, parse_object
+
+    packed = {"identity": data, "gzip": gzip.compress(data), "zstd": zstandard.ZstdCompressor().compress(data)}[encoding]
+    try:
+        out = decode(packed, encoding, 1000, max_values=max_values, max_depth=max_depth)
+    except (BadRequest, TooLarge):
+        return
+    assert out == data
+    try:
+        doc = parse_object(out)
+    except BadRequest:
+        return
+    assert _values(doc) <= max_values and _depth(doc) <= max_depth
