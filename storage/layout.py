@@ -82,7 +82,7 @@ TABLES: dict[str, Table] = {
     "installations": Table(
         policy=policy_columns(INSTALLATION, CLEAR),
         sealed=policy_columns(INSTALLATION, ("encrypted",)),
-        bookkeeping=("enrolled_at", "last_seen_at", "scan_retention_hours", "restricted", "erasing"),
+        bookkeeping=("enrolled_at", "last_seen_at", "scan_retention_hours", "restricted", "erasing", "restriction_seq"),
     ),
     # Heartbeat history: the plaintext and anonymised fields (the e-mail lives in the current record only).
     "heartbeats": Table(

@@ -21,7 +21,7 @@ from crypto.datakeys import epoch_key_id, wrap_context
 from crypto.envelope import new_key_bytes
 from crypto.errors import DecryptionError
 from crypto.keyring import KeyRing
-from ingest.keys import AUTH, DATA_KEYS
+from ingest.keys import AUTH, DATA_KEYS, RESTRICTIONS
 from ingest.scans_read import read_scan, read_scans
 from storage import scans as scan_store
 from tests.support import heartbeat_body, start_service
@@ -356,6 +356,7 @@ async def test_restricted_installation_gets_403_and_nothing_stored(service, db):
     assert status == 403 and is_problem(body, h, 403) and body["type"].endswith("/restricted")
     assert await db.fetchval("SELECT count(*) FROM scans") == 0
     await db.execute("UPDATE installations SET restricted = false WHERE install_id = $1", install_id)
+    await service.app[RESTRICTIONS].poll()  # what every worker's follower does every 0.25 s
     assert (await upload(service, agent_token, scan_body()))[0] == 201
 
 
