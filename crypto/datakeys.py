@@ -32,10 +32,15 @@ from crypto.envelope import DataKey, new_key_bytes
 from crypto.errors import DecryptionError
 from crypto.keyring import KeyRing
 
-# (key_id, kek_id, wrapped) rows of one installation, newest first.
-Loader = Callable[[uuid.UUID], Awaitable[Iterable[tuple[int, str, bytes]]]]
-# Store a new epoch key: (install_id, key_id, epoch end, kek_id, wrapped) -> False if the installation has no keys.
-Creator = Callable[[uuid.UUID, int, dt.datetime, str, bytes], Awaitable[bool]]
+# (key_id, kek_id, wrapped[, retiring]) rows of one installation, newest first; a retiring key opens
+# what it sealed but seals nothing new.
+Loader = Callable[[uuid.UUID], Awaitable[Iterable[tuple]]]
+# Store a new epoch key: (install_id, key_id, epoch end, kek_id, wrapped) -> "usable" (a key with that
+# id can seal now), "spent" (that id was retired early and is never made again) or "erased".
+Creator = Callable[[uuid.UUID, int, dt.datetime, str, bytes], Awaitable[str]]
+# How many later epochs a scan may be sealed under when its own epoch's key was retired early
+# (a retention shortened, then lengthened again): each step makes the key outlive the scan a day more.
+MAX_EPOCH_STEPS = 40
 
 EPOCH_KEY_BASE = 1 << 30
 EPOCH = dt.timedelta(days=1)
@@ -84,6 +89,7 @@ class DataKeyCache:
         self._ttl = ttl
         self._clock = clock
         self._keys: OrderedDict[uuid.UUID, dict[int, DataKey]] = OrderedDict()
+        self._retiring: dict[uuid.UUID, frozenset[int]] = {}
         self._newest: dict[uuid.UUID, int] = {}
         self._loaded_at: dict[uuid.UUID, float] = {}
         self._uses: Counter[tuple[uuid.UUID, int]] = Counter()
@@ -95,11 +101,12 @@ class DataKeyCache:
                 self._keys.move_to_end(install_id)
                 return keys
             self.evict(install_id)
-        rows = list(await self._load(install_id))
+        rows = [tuple(r) for r in await self._load(install_id)]
         keys = {
-            key_id: DataKey.from_bytes(key_id, self._ring.unwrap(kek_id, bytes(wrapped), wrap_context(install_id, key_id)))
-            for key_id, kek_id, wrapped in rows
+            r[0]: DataKey.from_bytes(r[0], self._ring.unwrap(r[1], bytes(r[2]), wrap_context(install_id, r[0])))
+            for r in rows
         }
+        self._retiring[install_id] = frozenset(r[0] for r in rows if len(r) > 3 and r[3])
         record_keys = [k for k in keys if not is_epoch_key(k)]
         if not record_keys:
             raise DecryptionError()  # erased (its keys destroyed), or never enrolled
@@ -110,6 +117,7 @@ class DataKeyCache:
             old, _ = self._keys.popitem(last=False)
             self._newest.pop(old, None)
             self._loaded_at.pop(old, None)
+            self._retiring.pop(old, None)
         return keys
 
     async def current(self, install_id: uuid.UUID) -> DataKey:
@@ -120,24 +128,40 @@ class DataKeyCache:
         return key
 
     async def for_expiry(self, install_id: uuid.UUID, expires_at: dt.datetime) -> DataKey:
-        """The epoch key for records expiring at expires_at, made in the key store on its first use (counted as a use)."""
-        key_id = epoch_key_id(expires_at)
+        """The key that seals records expiring at expires_at: its epoch's key, made in the key store on
+        first use (counted as a use). If that epoch's key was retired early, the next epoch's that is not:
+        a key may outlive what it seals, never the other way round."""
+        first = epoch_key_id(expires_at)
+        for key_id in range(first, first + MAX_EPOCH_STEPS):
+            key = await self._sealing_key(install_id, key_id)
+            if key is not None:
+                self._uses[(install_id, key_id)] += 1
+                return key
+        raise DecryptionError()
+
+    async def _sealing_key(self, install_id: uuid.UUID, key_id: int) -> DataKey | None:
+        """Epoch key key_id if it may seal (made now if it does not exist); None if that id is spent."""
+        for attempt in range(2):
+            keys = await self._entry(install_id)
+            if key_id in self._retiring.get(install_id, ()):
+                return None
+            key = keys.get(key_id)
+            if key is not None:
+                return key
+            if attempt == 0:
+                self.evict(install_id)  # another worker may have made it: reload before making one
+        if self._create is None:
+            raise DecryptionError()
+        kek_id, wrapped = new_wrapped_key(self._ring, install_id, key_id)
+        state = await self._create(install_id, key_id, epoch_end(key_id), kek_id, wrapped)
+        self.evict(install_id)  # read back whichever key won, ours or a concurrent worker's
+        if state == "erased":
+            raise DecryptionError()  # the installation lost its keys (erased) meanwhile
+        if state != "usable":
+            return None
         key = (await self._entry(install_id)).get(key_id)
-        if key is None:
-            self.evict(install_id)  # another worker may have made it: reload before making one
-            key = (await self._entry(install_id)).get(key_id)
-        if key is None:
-            if self._create is None:
-                raise DecryptionError()
-            kek_id, wrapped = new_wrapped_key(self._ring, install_id, key_id)
-            if not await self._create(install_id, key_id, epoch_end(key_id), kek_id, wrapped):
-                self.evict(install_id)
-                raise DecryptionError()  # the installation lost its keys (erased) meanwhile
-            self.evict(install_id)  # read back whichever key won, ours or a concurrent worker's
-            key = (await self._entry(install_id)).get(key_id)
-            if key is None:
-                raise DecryptionError()
-        self._uses[(install_id, key_id)] += 1
+        if key is None or key_id in self._retiring.get(install_id, ()):
+            raise DecryptionError()
         return key
 
     async def get(self, install_id: uuid.UUID, key_id: int) -> DataKey:
@@ -156,6 +180,7 @@ class DataKeyCache:
         self._keys.pop(install_id, None)
         self._newest.pop(install_id, None)
         self._loaded_at.pop(install_id, None)
+        self._retiring.pop(install_id, None)
 
     def drain_uses(self) -> dict[tuple[uuid.UUID, int], int]:
         """Seals counted per (installation, key id) since the last drain; the count restarts at zero."""

@@ -67,7 +67,7 @@ async def keys_ctx(app: web.Application):
 
     async def load(install_id):
         async with deadline.connection(app, pool=KEYSTORE_POOL) as conn:  # within the request's deadline, if a request loads it
-            return [(r["key_id"], r["kek_id"], r["wrapped"]) for r in await keystore.keys_of(conn, install_id)]
+            return [(r["key_id"], r["kek_id"], r["wrapped"], r["retiring"]) for r in await keystore.keys_of(conn, install_id)]
 
     async def create(install_id, key_id, expires_at, kek_id, wrapped):
         async with deadline.connection(app, pool=KEYSTORE_POOL) as conn:

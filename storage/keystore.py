@@ -28,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 EPOCH_KEY_BASE = 1 << 30  # key ids from here on are epoch keys (crypto.datakeys.epoch_key_id)
+EPOCH = dt.timedelta(days=1)  # the length of a retention epoch (crypto.datakeys.EPOCH)
 KEYS_PACKAGE = "storage.keystore_migrations"
 
 # (install_id, key_id, kek_id, wrapped) -> (primary kek id, wrapped anew)
@@ -75,8 +76,13 @@ async def _lock(conn, install_id: uuid.UUID) -> None:
 
 
 async def keys_of(conn, install_id: uuid.UUID) -> list[asyncpg.Record]:
-    """(key_id, kek_id, wrapped) of every data key of an installation, newest first."""
-    return await conn.fetch("SELECT key_id, kek_id, wrapped FROM data_keys WHERE install_id = $1 ORDER BY key_id DESC", install_id)
+    """(key_id, kek_id, wrapped, retiring) of every data key of an installation that still has its
+    material, newest first; a retiring key opens what it sealed but seals nothing new."""
+    return await conn.fetch(
+        "SELECT key_id, kek_id, wrapped, retiring_at IS NOT NULL AS retiring FROM data_keys "
+        "WHERE install_id = $1 AND wrapped IS NOT NULL ORDER BY key_id DESC",
+        install_id,
+    )
 
 
 async def add_first_key(conn, install_id: uuid.UUID, kek_id: str, wrapped: bytes) -> None:
@@ -89,18 +95,27 @@ async def add_first_key(conn, install_id: uuid.UUID, kek_id: str, wrapped: bytes
         )
 
 
-async def add_epoch_key(conn, install_id: uuid.UUID, key_id: int, expires_at: dt.datetime, kek_id: str, wrapped: bytes) -> bool:
-    """Add an epoch key unless one with that id exists; False if the installation has no key (erased)."""
+USABLE, SPENT, ERASED = "usable", "spent", "erased"
+
+
+async def add_epoch_key(conn, install_id: uuid.UUID, key_id: int, expires_at: dt.datetime, kek_id: str, wrapped: bytes) -> str:
+    """Add an epoch key unless one with that id exists. USABLE: a key with that id can seal now
+    (this one or a concurrent worker's); SPENT: that id is retiring or destroyed early, and is never
+    made again; ERASED: the installation has no key at all."""
     async with conn.transaction():
         await _lock(conn, install_id)
         if not await conn.fetchval("SELECT true FROM data_keys WHERE install_id = $1 AND key_id < $2 LIMIT 1", install_id, EPOCH_KEY_BASE):
-            return False
+            return ERASED
         await conn.execute(
             "INSERT INTO data_keys (install_id, key_id, kek_id, wrapped, expires_at) VALUES ($1, $2, $3, $4, $5) "
             "ON CONFLICT DO NOTHING",
             install_id, key_id, kek_id, wrapped, expires_at,
         )
-    return True
+        usable = await conn.fetchval(
+            "SELECT wrapped IS NOT NULL AND retiring_at IS NULL FROM data_keys WHERE install_id = $1 AND key_id = $2",
+            install_id, key_id,
+        )
+    return USABLE if usable else SPENT
 
 
 async def destroy_installation(conn, install_id: uuid.UUID) -> int:
@@ -150,6 +165,57 @@ async def destroy_expired(conn, now: dt.datetime, *, limit: int = 5000) -> int:
         total += n
         if n < limit:
             return total
+
+
+async def epoch_keys_starting_after(conn, install_id: uuid.UUID, at: dt.datetime) -> list[asyncpg.Record]:
+    """The installation's epoch keys, still with their material and not retiring, whose epoch begins
+    after `at`: key_id, created_at."""
+    return await conn.fetch(
+        "SELECT key_id, created_at FROM data_keys WHERE install_id = $1 AND expires_at - $3::interval > $2 "
+        "AND wrapped IS NOT NULL AND retiring_at IS NULL ORDER BY key_id",
+        install_id, at, EPOCH,
+    )
+
+
+async def retire(conn, install_id: uuid.UUID, key_ids: Sequence[int], now: dt.datetime) -> int:
+    """Mark epoch keys retiring at `now`: no worker seals with them once its cache reloads."""
+    status = await conn.execute(
+        "UPDATE data_keys SET retiring_at = $3 WHERE install_id = $1 AND key_id = ANY($2::int[]) "
+        "AND key_id >= $4 AND retiring_at IS NULL AND wrapped IS NOT NULL",
+        install_id, list(key_ids), now, EPOCH_KEY_BASE,
+    )
+    return int(status.split()[-1])
+
+
+async def retired_before(conn, cutoff: dt.datetime, *, limit: int = 1000) -> dict[uuid.UUID, list[int]]:
+    """Keys retiring since before cutoff that still have their material, by installation."""
+    out: dict[uuid.UUID, list[int]] = {}
+    for r in await conn.fetch(
+        "SELECT install_id, key_id FROM data_keys WHERE retiring_at <= $1 AND wrapped IS NOT NULL "
+        "ORDER BY install_id, key_id LIMIT $2",
+        cutoff, limit,
+    ):
+        out.setdefault(r[0], []).append(r[1])
+    return out
+
+
+async def spend(conn, install_id: uuid.UUID, key_ids: Sequence[int]) -> int:
+    """Destroy the material of retiring keys now (the row stays until its epoch ends, so the id is
+    never made again); returns how many."""
+    status = await conn.execute(
+        "UPDATE data_keys SET wrapped = NULL, kek_id = NULL WHERE install_id = $1 AND key_id = ANY($2::int[]) "
+        "AND retiring_at IS NOT NULL AND wrapped IS NOT NULL",
+        install_id, list(key_ids),
+    )
+    return int(status.split()[-1])
+
+
+async def unretire(conn, install_id: uuid.UUID, key_ids: Sequence[int]) -> None:
+    """Keys found to seal an unexpired scan after all: keep them."""
+    await conn.execute(
+        "UPDATE data_keys SET retiring_at = NULL WHERE install_id = $1 AND key_id = ANY($2::int[]) AND wrapped IS NOT NULL",
+        install_id, list(key_ids),
+    )
 
 
 async def vacuum(conn) -> None:
@@ -210,7 +276,8 @@ async def replace_worn_keys(conn, now: dt.datetime, new_key: NewKey, *, max_uses
 
 async def kek_ids(conn) -> dict[str, int]:
     """Data keys per wrapping key id."""
-    return {r[0]: r[1] for r in await conn.fetch("SELECT kek_id, count(*) FROM data_keys GROUP BY kek_id ORDER BY kek_id")}
+    return {r[0]: r[1] for r in await conn.fetch(
+        "SELECT kek_id, count(*) FROM data_keys WHERE kek_id IS NOT NULL GROUP BY kek_id ORDER BY kek_id")}
 
 
 async def count_not_wrapped_by(conn, primary_id: str) -> int:
@@ -255,8 +322,9 @@ async def badly_wrapped(conn, size: int, version: int) -> int:
 
 
 async def all_keys(conn, *, prefetch: int = 10_000) -> AsyncIterator[tuple[uuid.UUID, int]]:
-    """(install_id, key_id) of every key, sorted (inside a transaction)."""
-    async for r in conn.cursor("SELECT install_id, key_id FROM data_keys ORDER BY install_id, key_id", prefetch=prefetch):
+    """(install_id, key_id) of every key that still has its material, sorted (inside a transaction)."""
+    async for r in conn.cursor(
+            "SELECT install_id, key_id FROM data_keys WHERE wrapped IS NOT NULL ORDER BY install_id, key_id", prefetch=prefetch):
         yield r[0], r[1]
 
 

@@ -184,8 +184,9 @@ async def set_retention(conn, install_id: uuid.UUID, hours: int) -> int | None:
     """
     async with conn.transaction():
         hours_now = await conn.fetchval(
-            "UPDATE installations SET scan_retention_hours = $2 WHERE install_id = $1 AND NOT erasing "
-            "RETURNING scan_retention_hours",
+            "UPDATE installations SET scan_retention_hours = $2, retention_shortened_at = CASE "
+            "WHEN $2 < scan_retention_hours THEN now() ELSE retention_shortened_at END "
+            "WHERE install_id = $1 AND NOT erasing RETURNING scan_retention_hours",
             install_id, hours,
         )
         if hours_now is None:
@@ -197,6 +198,32 @@ async def set_retention(conn, install_id: uuid.UUID, hours: int) -> int | None:
             install_id, hours,
         )
     return hours_now
+
+
+async def shortened_retentions(conn, *, limit: int = 1000) -> list[asyncpg.Record]:
+    """Installations marked as having shortened their retention: install_id, retention_shortened_at, scan_retention_hours."""
+    return await conn.fetch(
+        "SELECT install_id, retention_shortened_at, scan_retention_hours FROM installations "
+        "WHERE retention_shortened_at IS NOT NULL AND NOT erasing ORDER BY install_id LIMIT $1",
+        limit,
+    )
+
+
+async def clear_shortened(conn, install_id: uuid.UUID, marked_at: dt.datetime) -> None:
+    """Drop the mark, unless the installation shortened its retention again since marked_at."""
+    await conn.execute(
+        "UPDATE installations SET retention_shortened_at = NULL WHERE install_id = $1 AND retention_shortened_at = $2",
+        install_id, marked_at,
+    )
+
+
+async def referenced_keys(conn, install_id: uuid.UUID, now: dt.datetime, *, from_key_id: int) -> set[int]:
+    """Key ids (from from_key_id up) that scans of the installation unexpired at `now` are sealed under."""
+    rows = await conn.fetch(
+        "SELECT DISTINCT key_id FROM scans WHERE install_id = $1 AND expires_at > $2 AND key_id >= $3",
+        install_id, now, from_key_id,
+    )
+    return {r[0] for r in rows}
 
 
 async def find_scan(conn, install_id: uuid.UUID, scan_id: uuid.UUID) -> StoredScan | None:

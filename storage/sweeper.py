@@ -24,7 +24,9 @@ One sweep, `sweep(conn, now, rules)`, in this order:
    finish erasures whose process died half-way;
 7. destroy the epoch keys whose retention epoch has ended (storage.keystore.destroy_expired):
    every scan they sealed has expired, so no copy of the data database opens those scans any
-   more; vacuum the key store's tables so the destroyed keys leave them now;
+   more; and, ahead of their epoch's end, those a shortened retention left without a scan
+   (`retire_spare_epoch_keys`: retired first, destroyed once every worker's cache has let go
+   of them); vacuum the key store's tables so the destroyed keys leave them now;
 8. give installations whose newest record key is worn a new one (storage.keystore);
 9. write an audit row if anything was removed; release the lock.
 
@@ -49,6 +51,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from storage import admin, keystore, partitions
+from storage import scans as scan_store
 from storage.audit import record
 from storage.policy import MAX_SCAN_RETENTION_HOURS
 
@@ -74,6 +77,10 @@ class Rules:
     batch_rows: int = BATCH_ROWS
     erase_grace: float = 1.0  # seconds between revoking an erased installation's tokens and unlinking them
     lock_timeout: float = 5.0  # seconds a sweep statement waits for a lock before its step is left for the next sweep
+    # How long an epoch key retires before its early destruction: longer than a worker keeps data keys
+    # (crypto.datakeys.DataKeyCache ttl, 300 s) and a retention (ingest.routes_scans.RETENTION_TTL,
+    # 10 s) cached, plus a minute for requests in flight, so no worker still seals with it.
+    retire_grace: dt.timedelta = dt.timedelta(seconds=370)
 
     def partition_cutoff(self, table: str, now: dt.datetime) -> dt.datetime | None:
         """Partitions of table whose upper bound is <= this hold nothing still within retention."""
@@ -163,6 +170,7 @@ async def sweep(conn: asyncpg.Connection, ks: asyncpg.Connection, now: dt.dateti
         await finish_interrupted_erasures(conn, grace=rules.erase_grace)
         result.installations_erased = replayed + await erase_inactive(conn, ks, now - rules.inactive, grace=rules.erase_grace)
         result.data_keys_destroyed = await keystore.destroy_expired(ks, now)
+        result.data_keys_destroyed += await retire_spare_epoch_keys(conn, ks, now, rules.retire_grace)
         # Every sweep, whoever deleted keys since (this sweep, an admin erasure, a rotation): the
         # destroyed keys leave the tables now. Cheap when there is nothing to vacuum.
         await keystore.vacuum(ks)
@@ -275,6 +283,40 @@ async def delete_in_batches(conn: asyncpg.Connection, name: str, column: str, cu
             yield deleted
         if deleted < batch:
             return
+
+
+# ---------------------------------------------------------------- epoch keys a shortened retention left
+
+
+async def retire_spare_epoch_keys(conn: asyncpg.Connection, ks: asyncpg.Connection, now: dt.datetime,
+                                  grace: dt.timedelta) -> int:
+    """Destroy early the epoch keys that no scan needs since a retention was shortened; returns how many.
+
+    A shortened retention brings stored scans' expiry forward, but they stay sealed under the key
+    of the later epoch they were made for. For each installation marked by the shortening
+    (installations.retention_shortened_at): its epoch keys whose epoch begins after a scan received
+    now would expire, made at least `grace` ago, sealing no unexpired scan, are retired; once none
+    such is left waiting, the mark goes. A key retiring for `grace` is destroyed unless a scan
+    sealed under it after all (a worker that had not heard of the retirement), which keeps it.
+    Its row stays until its epoch ends, so the id is never made again.
+    """
+    for r in await scan_store.shortened_retentions(conn):
+        install_id = r["install_id"]
+        landing = now + dt.timedelta(hours=r["scan_retention_hours"])
+        spare = await keystore.epoch_keys_starting_after(ks, install_id, landing)
+        used = await scan_store.referenced_keys(conn, install_id, now, from_key_id=keystore.EPOCH_KEY_BASE)
+        ready = [k["key_id"] for k in spare if k["key_id"] not in used and k["created_at"] <= now - grace]
+        if ready:
+            await keystore.retire(ks, install_id, ready, now)
+        if len(ready) == len(spare):  # nothing left that a later sweep must look at again
+            await scan_store.clear_shortened(conn, install_id, r["retention_shortened_at"])
+    destroyed = 0
+    for install_id, key_ids in (await keystore.retired_before(ks, now - grace)).items():
+        used = await scan_store.referenced_keys(conn, install_id, now, from_key_id=min(key_ids))
+        if keep := [k for k in key_ids if k in used]:
+            await keystore.unretire(ks, install_id, keep)
+        destroyed += await keystore.spend(ks, install_id, [k for k in key_ids if k not in used])
+    return destroyed
 
 
 # ---------------------------------------------------------------- erasure

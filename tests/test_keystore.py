@@ -450,7 +450,62 @@ async def test_steady_state_heartbeats_and_scans_make_no_key_store_round_trip(se
 
 
 def test_epoch_ids_agree_between_crypto_and_storage():
-    assert keystore.EPOCH_KEY_BASE == EPOCH_KEY_BASE
+    from crypto.datakeys import EPOCH
+
+    assert keystore.EPOCH_KEY_BASE == EPOCH_KEY_BASE and keystore.EPOCH == EPOCH
     t = dt.datetime(2026, 12, 1, 23, 59, tzinfo=UTC)
     assert epoch_end(epoch_key_id(t)) == dt.datetime(2026, 12, 2, tzinfo=UTC)
     assert epoch_key_id(dt.datetime(2026, 12, 2, tzinfo=UTC)) == epoch_key_id(t) + 1
+
+
+async def test_a_shortened_retention_destroys_the_epoch_keys_it_left_without_scans(service, db, ks, master_key):
+    """Shortening 720 h to 24 h brings the stored scans' expiry forward; the epoch key they were
+    sealed under (30 days out) is retired once they expired, and destroyed a grace later, weeks
+    before its own epoch ends. A retiring key is never sealed with again, nor made again."""
+    ring = KeyRing.from_setting(master_key)
+    install_id, token, scan_id = await populated(service, "r@example.org")
+    row = await db.fetchrow("SELECT key_id, ciphertext FROM scans WHERE scan_id = $1", uuid.UUID(scan_id))
+    far_key, copy = row["key_id"], bytes(row["ciphertext"])
+    status, _, _ = await service.request("PUT", "/v1/installation/settings", token=token, json={"scan_retention_hours": 24})
+    assert status == 200
+    assert await db.fetchval("SELECT retention_shortened_at FROM installations WHERE install_id = $1", install_id) is not None
+    rules = Rules(erase_grace=0)
+    grace = rules.retire_grace
+    now = dt.datetime.now(UTC)
+    # while the scan is unexpired, its key stays (it is still needed), however old the key is
+    await sweep(db, ks, now + grace, rules)
+    assert await opens_with_store(ks, ring, install_id, copy)
+    assert await ks.fetchval("SELECT retiring_at FROM data_keys WHERE install_id = $1 AND key_id = $2", install_id, far_key) is None
+    # a sweep after the shortened scan expired: retired (still there, but no worker seals with it)
+    after = now + dt.timedelta(hours=25)
+    await sweep(db, ks, after, rules)
+    assert await ks.fetchval("SELECT retiring_at FROM data_keys WHERE install_id = $1 AND key_id = $2", install_id, far_key) == after
+    assert await db.fetchval("SELECT retention_shortened_at FROM installations WHERE install_id = $1", install_id) is None
+    # sealing for that epoch now takes the next one (a key may outlive a scan, never the reverse)
+    service.app[DATA_KEYS].evict(install_id)
+    expires = epoch_end(far_key) - dt.timedelta(hours=1)
+    key = await service.app[DATA_KEYS].for_expiry(install_id, expires)
+    assert key.key_id == far_key + 1
+    # a grace later, destroyed: the copy opens with nothing the service holds, weeks before the epoch ends
+    result = await sweep(db, ks, after + grace, rules)
+    assert result.data_keys_destroyed == 1
+    assert not await opens_with_store(ks, ring, install_id, copy)
+    assert await ks.fetchval("SELECT wrapped FROM data_keys WHERE install_id = $1 AND key_id = $2", install_id, far_key) is None
+    # and the id is not made again: a worker asking for it is given the next epoch's key
+    assert await keystore.add_epoch_key(ks, install_id, far_key, epoch_end(far_key), *new_wrapped_key(ring, install_id, far_key)) \
+        == keystore.SPENT
+    # the spent row goes for good when its epoch ends, like any epoch key
+    await sweep(db, ks, epoch_end(far_key), rules)
+    assert await ks.fetchval("SELECT count(*) FROM data_keys WHERE install_id = $1 AND key_id = $2", install_id, far_key) == 0
+
+
+async def test_a_retiring_key_that_sealed_a_scan_after_all_is_kept(service, db, ks):
+    install_id, token, scan_id = await populated(service, "k2@example.org")
+    far_key = await db.fetchval("SELECT key_id FROM scans WHERE scan_id = $1", uuid.UUID(scan_id))
+    now = dt.datetime.now(UTC)
+    await keystore.retire(ks, install_id, [far_key], now)
+    # (the scan under it is unexpired: as if a worker that had not heard of the retirement sealed it)
+    result = await sweep(db, ks, now + Rules().retire_grace, Rules(erase_grace=0))
+    assert result.data_keys_destroyed == 0
+    assert await ks.fetchval("SELECT retiring_at FROM data_keys WHERE install_id = $1 AND key_id = $2", install_id, far_key) is None
+    assert await ks.fetchval("SELECT wrapped IS NOT NULL FROM data_keys WHERE install_id = $1 AND key_id = $2", install_id, far_key)
