@@ -15,7 +15,6 @@
 CREATE EXTENSION IF NOT EXISTS citus;
 
 SELECT create_distributed_table('installations', 'install_id');
-SELECT create_distributed_table('data_keys',     'install_id', colocate_with => 'installations');
 SELECT create_distributed_table('agents',        'install_id', colocate_with => 'installations');
 -- Partitioned by day on received_at; Citus distributes the parent and every partition.
 SELECT create_distributed_table('heartbeats',    'install_id', colocate_with => 'installations');
@@ -26,4 +25,9 @@ SELECT create_distributed_table('scan_usage',    'install_id', colocate_with => 
 SELECT create_reference_table('tokens');
 -- The audit log is small, append-only and read by operators: keep it whole on every node.
 SELECT create_reference_table('audit_log');
--- schema_migrations stays a local table on the coordinator.
+-- schema_migrations and erasure_replay (one row: how far the key store's erasures were replayed)
+-- stay local tables on the coordinator.
+--
+-- The data keys are not here: they live in the key store, a database of its own
+-- (TELEMETRY_KEYSTORE_DSN), which stays a plain PostgreSQL database: it is small (about
+-- 220 bytes a key) and only read on a data-key cache miss.
