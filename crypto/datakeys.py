@@ -93,6 +93,7 @@ class DataKeyCache:
         self._newest: dict[uuid.UUID, int] = {}
         self._loaded_at: dict[uuid.UUID, float] = {}
         self._uses: Counter[tuple[uuid.UUID, int]] = Counter()
+        self._expiries: dict[tuple[uuid.UUID, int], dt.datetime] = {}
 
     async def _entry(self, install_id: uuid.UUID) -> dict[int, DataKey]:
         keys = self._keys.get(install_id)
@@ -186,3 +187,14 @@ class DataKeyCache:
         """Seals counted per (installation, key id) since the last drain; the count restarts at zero."""
         uses, self._uses = dict(self._uses), Counter()
         return uses
+
+    def note_expiry(self, install_id: uuid.UUID, key_id: int, expires_at: dt.datetime) -> None:
+        """A record sealed under key_id was stored, expiring at expires_at (reported with the uses)."""
+        k = (install_id, key_id)
+        if k not in self._expiries or self._expiries[k] < expires_at:
+            self._expiries[k] = expires_at
+
+    def drain_expiries(self) -> dict[tuple[uuid.UUID, int], dt.datetime]:
+        """The latest expiry noted per (installation, key id) since the last drain."""
+        out, self._expiries = self._expiries, {}
+        return out

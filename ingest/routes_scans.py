@@ -231,6 +231,7 @@ class Scans:
         body = {"scan_id": str(sealed.scan_id), "expires_at": rfc3339(outcome.expires_at), "dropped_fields": sealed.dropped}
         if outcome.status == scan_store.STORED:
             self.received.inc()
+            app[DATA_KEYS].note_expiry(install_id, key.key_id, outcome.expires_at)
             return json_response(body, status=201)
         if not await self._same_content(install_id, sealed, key, outcome):
             raise Conflict("this scan_id was already stored with other content")

@@ -67,15 +67,19 @@ class Sweeper:
         self.interval = settings.sweep_interval
         self.new_key = key_maker(ring)
         self._unflushed: Counter[tuple[uuid.UUID, int]] = Counter()
+        self._expiries: dict[tuple[uuid.UUID, int], dt.datetime] = {}
 
     async def run_once(self, now: dt.datetime | None = None) -> SweepResult:
         """One tick at `now` (default: the current time); the result says whether this worker swept."""
         now = now or utcnow()
         self._unflushed.update(self.cache.drain_uses())
+        for k, at in self.cache.drain_expiries().items():
+            self._expiries[k] = max(at, self._expiries.get(k, at))
         async with self.pool.acquire() as conn, self.ks_pool.acquire() as ks:
-            if self._unflushed:
-                await keystore.add_uses(ks, self._unflushed)
+            if self._unflushed or self._expiries:
+                await keystore.add_uses(ks, self._unflushed, self._expiries)
                 self._unflushed.clear()
+                self._expiries.clear()
             result = await sweeper.sweep(conn, ks, now, self.rules, new_key=self.new_key)
             oldest = await sweeper.oldest(conn)
         if result.swept:

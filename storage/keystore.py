@@ -229,17 +229,31 @@ async def count_expired(conn, now: dt.datetime) -> int:
     return await conn.fetchval("SELECT count(*) FROM data_keys WHERE expires_at <= $1", now)
 
 
-async def add_uses(conn, uses: Mapping[tuple[uuid.UUID, int], int]) -> None:
-    """Add seal counts per (install_id, key_id) to data_keys.uses (one statement)."""
-    if not uses:
+async def add_uses(conn, uses: Mapping[tuple[uuid.UUID, int], int],
+                   expiries: Mapping[tuple[uuid.UUID, int], dt.datetime] | None = None) -> None:
+    """Add seal counts per (install_id, key_id) to data_keys.uses, and raise last_expiry to the
+    latest expiry seen of a scan sealed under the key (one statement)."""
+    expiries = expiries or {}
+    items = sorted(set(uses) | set(expiries))  # fixed row order: concurrent flushes cannot deadlock
+    if not items:
         return
-    items = sorted(uses.items())  # fixed row order: concurrent flushes cannot deadlock
     await conn.execute(
-        "UPDATE data_keys d SET uses = d.uses + u.n "
-        "FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS u(install_id, key_id, n) "
+        "UPDATE data_keys d SET uses = d.uses + u.n, last_expiry = greatest(d.last_expiry, u.expiry) "
+        "FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::timestamptz[]) AS u(install_id, key_id, n, expiry) "
         "WHERE d.install_id = u.install_id AND d.key_id = u.key_id",
-        [i for (i, _), _ in items], [k for (_, k), _ in items], [n for _, n in items],
+        [i for i, _ in items], [k for _, k in items], [uses.get(x, 0) for x in items], [expiries.get(x) for x in items],
     )
+
+
+async def spent_by_expiry(conn, now: dt.datetime, made_before: dt.datetime, *, limit: int = 5000) -> list[tuple[uuid.UUID, int]]:
+    """Epoch keys whose reported scans have all expired by `now` (last_expiry), made before
+    made_before, not retiring: candidates for early destruction, to be checked against the data."""
+    rows = await conn.fetch(
+        "SELECT install_id, key_id FROM data_keys WHERE last_expiry <= $1 AND retiring_at IS NULL "
+        "AND wrapped IS NOT NULL AND expires_at > $1 AND created_at <= $2 ORDER BY last_expiry LIMIT $3",
+        now, made_before, limit,
+    )
+    return [(r[0], r[1]) for r in rows]
 
 
 async def replace_worn_keys(conn, now: dt.datetime, new_key: NewKey, *, max_uses: int, max_age: dt.timedelta,

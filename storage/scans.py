@@ -226,6 +226,19 @@ async def referenced_keys(conn, install_id: uuid.UUID, now: dt.datetime, *, from
     return {r[0] for r in rows}
 
 
+async def referenced_pairs(conn, pairs: Sequence[tuple[uuid.UUID, int]], now: dt.datetime) -> set[tuple[uuid.UUID, int]]:
+    """Those (install_id, key_id) among pairs that some scan unexpired at `now` is sealed under."""
+    if not pairs:
+        return set()
+    rows = await conn.fetch(
+        "SELECT DISTINCT s.install_id, s.key_id FROM scans s "
+        "JOIN unnest($1::uuid[], $2::int[]) AS u(install_id, key_id) ON s.install_id = u.install_id AND s.key_id = u.key_id "
+        "WHERE s.expires_at > $3",
+        [p[0] for p in pairs], [p[1] for p in pairs], now,
+    )
+    return {(r[0], r[1]) for r in rows}
+
+
 async def find_scan(conn, install_id: uuid.UUID, scan_id: uuid.UUID) -> StoredScan | None:
     """The unexpired scan with this scan_id of the installation, if any."""
     r = await conn.fetchrow(

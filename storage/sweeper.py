@@ -290,7 +290,14 @@ async def delete_in_batches(conn: asyncpg.Connection, name: str, column: str, cu
 
 async def retire_spare_epoch_keys(conn: asyncpg.Connection, ks: asyncpg.Connection, now: dt.datetime,
                                   grace: dt.timedelta) -> int:
-    """Destroy early the epoch keys that no scan needs since a retention was shortened; returns how many.
+    """Destroy early the epoch keys that no unexpired scan needs any more; returns how many.
+
+    The workers report, with the seal counts, the latest expiry of the scans they sealed under
+    each key (data_keys.last_expiry): once that has passed, the key is a candidate, and it is
+    retired if the data database holds no unexpired scan sealed under it. A hint that is too
+    early (a worker's report not yet flushed, or lost with the worker) only costs a look; one that
+    is missing leaves the key to its epoch's end. So a key dies within `grace` and two sweeps of
+    its last scan's expiry, at the latest one sweep after its epoch ends.
 
     A shortened retention brings stored scans' expiry forward, but they stay sealed under the key
     of the later epoch they were made for. For each installation marked by the shortening
@@ -300,6 +307,14 @@ async def retire_spare_epoch_keys(conn: asyncpg.Connection, ks: asyncpg.Connecti
     sealed under it after all (a worker that had not heard of the retirement), which keeps it.
     Its row stays until its epoch ends, so the id is never made again.
     """
+    candidates = await keystore.spent_by_expiry(ks, now, now - grace)
+    used_pairs = await scan_store.referenced_pairs(conn, candidates, now)
+    by_install: dict[uuid.UUID, list[int]] = {}
+    for install_id, key_id in candidates:
+        if (install_id, key_id) not in used_pairs:
+            by_install.setdefault(install_id, []).append(key_id)
+    for install_id, key_ids in by_install.items():
+        await keystore.retire(ks, install_id, key_ids, now)
     for r in await scan_store.shortened_retentions(conn):
         install_id = r["install_id"]
         landing = now + dt.timedelta(hours=r["scan_retention_hours"])

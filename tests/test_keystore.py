@@ -22,7 +22,7 @@ from crypto.documents import canonical, document_context, seal_document
 from crypto.envelope import DataKey, key_id_of, seal
 from crypto.errors import DecryptionError
 from crypto.keyring import KeyRing
-from ingest.keys import DATA_KEYS, KEYSTORE_POOL
+from ingest.keys import DATA_KEYS, KEYSTORE_POOL, SWEEPER
 from ingest.routes_core import email_context
 from ingest.scans_read import scan_context
 from storage import keystore
@@ -509,3 +509,33 @@ async def test_a_retiring_key_that_sealed_a_scan_after_all_is_kept(service, db, 
     assert result.data_keys_destroyed == 0
     assert await ks.fetchval("SELECT retiring_at FROM data_keys WHERE install_id = $1 AND key_id = $2", install_id, far_key) is None
     assert await ks.fetchval("SELECT wrapped IS NOT NULL FROM data_keys WHERE install_id = $1 AND key_id = $2", install_id, far_key)
+
+
+async def test_an_epoch_key_dies_soon_after_its_last_scan_expires_not_only_at_its_epochs_end(service, db, ks):
+    """The workers report the latest expiry under each key with the seal counts; once it has
+    passed and the data database holds no unexpired scan under the key, the key is retired, and
+    destroyed a grace later, here most of a day before its epoch ends."""
+    install_id, token, _ = await populated(service, "x@example.org")
+    day = dt.datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) + 5 * DAY
+    expires = day + dt.timedelta(hours=1)  # early in its epoch (UTC day): 23 hours before the epoch ends
+    cache = service.app[DATA_KEYS]
+    key = await cache.for_expiry(install_id, expires)
+    scan_id = uuid.uuid4()
+    await db.execute(
+        "INSERT INTO scans (install_id, agent_id, scan_id, received_at, expires_at, key_id, content_mac, size_wire, "
+        "size_decoded, size_plain, ciphertext) VALUES ($1, $2, $3, now(), $4, $5, $6, 1, 1, 1, $7)",
+        install_id, uuid.uuid4(), scan_id, expires, key.key_id, b"\0" * 32, b"\x01" + b"\0" * 40)
+    cache.note_expiry(install_id, key.key_id, expires)
+    rules = Rules(erase_grace=0)
+    await service.app[SWEEPER].run_once()  # flushes the seal counts and expiries to the key store
+    assert await ks.fetchval("SELECT last_expiry FROM data_keys WHERE install_id = $1 AND key_id = $2", install_id, key.key_id) == expires
+    # before the scan expires: kept
+    await sweep(db, ks, expires - dt.timedelta(seconds=1), rules)
+    assert await ks.fetchval("SELECT retiring_at FROM data_keys WHERE install_id = $1 AND key_id = $2", install_id, key.key_id) is None
+    # after: retired, then destroyed a grace later, long before the epoch's end
+    after = expires + dt.timedelta(seconds=1)
+    await sweep(db, ks, after, rules)
+    assert await ks.fetchval("SELECT retiring_at FROM data_keys WHERE install_id = $1 AND key_id = $2", install_id, key.key_id) == after
+    result = await sweep(db, ks, after + rules.retire_grace, rules)
+    assert result.data_keys_destroyed == 1 and after + rules.retire_grace < epoch_end(key.key_id)
+    assert await ks.fetchval("SELECT wrapped FROM data_keys WHERE install_id = $1 AND key_id = $2", install_id, key.key_id) is None

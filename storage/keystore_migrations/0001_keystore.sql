@@ -8,8 +8,9 @@
 -- end of the epoch, after which no scan sealed under the key can still be unexpired: the sweeper
 -- destroys it then.
 --
--- An epoch key that a shortened retention left without scans is destroyed before its epoch ends
--- in two steps (storage.keystore, storage.sweeper): `retiring_at` (no worker seals with it any
+-- An epoch key whose scans have all expired (a hint, `last_expiry`, says when the workers last saw
+-- one sealed under it expire; the data database decides), or that a shortened retention left
+-- without scans, is destroyed before its epoch ends in two steps (storage.keystore, storage.sweeper): `retiring_at` (no worker seals with it any
 -- more), then, once every worker's cache has let go of it, its material is deleted (wrapped and
 -- kek_id NULL) while the row stays until expires_at, so its id is never made again.
 CREATE TABLE data_keys (
@@ -21,6 +22,7 @@ CREATE TABLE data_keys (
     uses        bigint NOT NULL DEFAULT 0,
     expires_at  timestamptz,
     retiring_at timestamptz,
+    last_expiry timestamptz,  -- the latest expires_at of the scans it sealed, as the workers reported it (a hint)
     PRIMARY KEY (install_id, key_id),
     CHECK ((key_id >= 1073741824) = (expires_at IS NOT NULL)),
     CHECK ((wrapped IS NULL) = (kek_id IS NULL)),
@@ -29,6 +31,7 @@ CREATE TABLE data_keys (
 CREATE INDEX data_keys_kek ON data_keys (kek_id);
 CREATE INDEX data_keys_expires ON data_keys (expires_at) WHERE expires_at IS NOT NULL;
 CREATE INDEX data_keys_retiring ON data_keys (retiring_at) WHERE retiring_at IS NOT NULL AND wrapped IS NOT NULL;
+CREATE INDEX data_keys_last_expiry ON data_keys (last_expiry) WHERE retiring_at IS NULL AND wrapped IS NOT NULL;
 
 -- Tombstones of erased installations: the install_id and the time, nothing else. At every start
 -- and every sweep, an installation of the data database enrolled before its tombstone is erased
