@@ -346,7 +346,8 @@ async def all_keys(conn, *, prefetch: int = 10_000) -> AsyncIterator[tuple[uuid.
 
 
 async def adopt_legacy_keys(data: asyncpg.Connection, keystore: asyncpg.Connection) -> int:
-    """Copy every row of the data database's old data_keys table into the key store; returns rows copied.
+    """Copy every row of the data database's old data_keys table into the key store, then empty
+    the old table (inside the caller's transaction on `data`); returns rows copied.
 
     Idempotent (a row already in the store is kept). Raises RuntimeError if afterwards a key of
     the old table is missing from the store, so the caller's migration, which drops the old
@@ -369,4 +370,6 @@ async def adopt_legacy_keys(data: asyncpg.Connection, keystore: asyncpg.Connecti
     )
     if missing:
         raise RuntimeError(f"{missing} data key(s) did not reach the key store; the data database keeps them")
+    # Emptied in the caller's (migrating) transaction: should it roll back, the keys are back too.
+    await data.execute("DELETE FROM data_keys")
     return len(rows)

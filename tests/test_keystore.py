@@ -63,15 +63,20 @@ def dump(dsn: str, path: Path) -> None:
     subprocess.run([_pg_tool("pg_dump"), "-Fc", "-f", str(path), "-d", dsn], check=True, capture_output=True, timeout=120)
 
 
-async def restore(server_dsn: str, path: Path) -> str:
-    """The backup restored into a new database of the server; its DSN."""
-    name = f"ti_restored_{uuid.uuid4().hex[:10]}"
+async def new_database(server_dsn: str, prefix: str) -> str:
+    """A new, empty database on the server; its DSN."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(server_dsn)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    dsn = _with_database(server_dsn, name)
+    return _with_database(server_dsn, name)
+
+
+async def restore(server_dsn: str, path: Path) -> str:
+    """The backup restored into a new database of the server; its DSN."""
+    dsn = await new_database(server_dsn, "ti_restored")
     subprocess.run([_pg_tool("pg_restore"), "--no-owner", "-d", dsn, str(path)], check=True, capture_output=True, timeout=120)
     return dsn
 
@@ -154,16 +159,11 @@ async def test_the_data_database_holds_no_key_and_a_copy_of_it_alone_opens_nothi
     await asyncio.to_thread(dump, service.settings.dsn, backup)
     server = _with_database(service.settings.dsn, "postgres")
     restored = await restore(server, backup)
-    empty_name = f"ti_emptyks_{uuid.uuid4().hex[:8]}"
-    empty_ks = _with_database(server, empty_name)
+    empty_ks = None
     try:
         async with start_service(restored, master_key, tmp_path / "r", keystore_dsn=None) as svc:
             admin_token = svc.create_secret("admin-token")
-        admin = await asyncpg.connect(server)
-        try:
-            await admin.execute(f'CREATE DATABASE "{empty_name}"')
-        finally:
-            await admin.close()
+        empty_ks = await new_database(server, "ti_emptyks")
         # serve (the real command) refuses to start: the key store lacks what the rows need
         proc = await asyncio.to_thread(run_cli, "serve", "--port", "0", check=False, timeout=60, env={
             "TELEMETRY_DSN": restored, "TELEMETRY_MASTER_KEY": master_key, "TELEMETRY_DATA_DIR": str(tmp_path / "r"),
@@ -177,7 +177,7 @@ async def test_the_data_database_holds_no_key_and_a_copy_of_it_alone_opens_nothi
             assert doc["installation"]["email"] is None and doc["installation"]["email_unreadable"] is True
             assert [s["unreadable"] for s in doc["scans"]] == [True] and doc["scans"][0]["scan"] is None
     finally:
-        await drop(server, restored, keys_of_db(restored), empty_ks)
+        await drop(server, restored, keys_of_db(restored), *([empty_ks] if empty_ks else []))
 
 
 # ------------------------------------------------------------------ erasure reaches every copy
@@ -320,13 +320,7 @@ async def test_upgrade_from_a_data_database_that_held_the_keys(pg_server_dsn, ma
     """A database made by the schema before the key store (migrations 0001-0004, keys in data_keys)
     upgrades in place: every key moves to the store, none is lost, every old e-mail and scan opens."""
     ring = KeyRing.from_setting(master_key)
-    name = f"ti_upgrade_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(pg_server_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    dsn = _with_database(pg_server_dsn, name)
+    dsn = await new_database(pg_server_dsn, "ti_upgrade")
     conn = await connect(dsn)
     made = {}
     try:
@@ -539,3 +533,25 @@ async def test_an_epoch_key_dies_soon_after_its_last_scan_expires_not_only_at_it
     result = await sweep(db, ks, after + rules.retire_grace, rules)
     assert result.data_keys_destroyed == 1 and after + rules.retire_grace < epoch_end(key.key_id)
     assert await ks.fetchval("SELECT wrapped FROM data_keys WHERE install_id = $1 AND key_id = $2", install_id, key.key_id) is None
+
+
+async def test_migrating_the_data_database_without_the_key_store_keeps_its_keys(pg_server_dsn):
+    """Migration 0005 drops the old data_keys table only once its keys are in the key store."""
+    from storage.migrate import migrate
+
+    dsn = await new_database(pg_server_dsn, "ti_nokeystore")
+    conn = await connect(dsn)
+    try:
+        await conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL, "
+                           "applied_at timestamptz NOT NULL DEFAULT now())")
+        for entry in sorted(resources.files("storage.migrations").iterdir(), key=lambda e: e.name):
+            if entry.name[:4] in ("0001", "0002", "0003", "0004"):
+                await conn.execute(entry.read_text())
+                await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2)", int(entry.name[:4]), entry.name)
+        await conn.execute("INSERT INTO data_keys (install_id, key_id, kek_id, wrapped) VALUES (gen_random_uuid(), 1, 'k', '\\x01')")
+        with pytest.raises(asyncpg.RaiseError, match="migrate together with the key store"):
+            await migrate(conn)
+        assert await conn.fetchval("SELECT count(*) FROM data_keys") == 1
+    finally:
+        await conn.close()
+        await drop(pg_server_dsn, dsn)
