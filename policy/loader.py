@@ -12,6 +12,7 @@ its table instead.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import re
 import tomllib
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ class _Lines:
         pattern = re.compile(rf"\s*\[\[?\s*{re.escape(table)}\s*[\].]")
         return next((i for i, line in enumerate(self.lines) if pattern.match(line)), None)
 
-    def find(self, start: tuple[str, int | str], names: tuple[str, ...], key: str | None) -> int | None:
+    def find(self, start: tuple[str, int | str], names: tuple, key: str | None) -> int | None:
         """1-based line of key in the table reached from start (("category", i) or ("table", "agents")) by field names."""
         if start[0] == "category":
             at = self.categories[start[1]] if start[1] < len(self.categories) else None
@@ -112,8 +113,12 @@ class _Lines:
         if at is None:
             return None
         for name in names:
+            nth = 0
+            if isinstance(name, tuple):  # (name, n): its n-th declaration (0-based), for "declared twice"
+                name, nth = name
             pattern = re.compile(rf"(?:^\s*|[{{,]\s*)name\s*=\s*([\"']){re.escape(name)}\1")
-            found = next((i for i in range(at + 1, len(self.lines)) if pattern.search(self.lines[i])), None)
+            hits = (i for i in range(at + 1, len(self.lines)) if pattern.search(self.lines[i]))
+            found = next(itertools.islice(hits, nth, None), None)
             if found is None:
                 return at + 1
             at = found
@@ -172,7 +177,8 @@ class _Reader:
         for i, f in enumerate(raw):
             name = f.get("name")
             if isinstance(name, str) and name in seen:
-                self.problem(f"{path}.field[{name}]", "declared twice", at, names + (name,), None)
+                nth = sum(1 for g in raw[:i] if isinstance(g, dict) and g.get("name") == name)
+                self.problem(f"{path}.field[{name}]", "declared twice", at, names + ((name, nth),), None)
                 continue
             field = self.field(f, path, at, names, i, sealed=sealed, depth=depth, keys=keys)
             if field is not None:
@@ -476,7 +482,7 @@ def check_text(text: str, source: str = "<policy>") -> tuple[Policy | None, list
             lines[name] = r.where.find(("category", i), (), None) or 0
     agents = r.agents(doc["agents"]) if "agents" in doc else None
     if r.problems:
-        return None, r.problems
+        return None, sorted(r.problems, key=lambda p: p.line or 0)  # stable: the order found, within a line
     return Policy(tuple(categories), agents=agents, source=source, lines=lines), []
 
 
