@@ -90,6 +90,18 @@ def parse_duration(text: str) -> dt.timedelta | None:
     return dt.timedelta(hours=n) if m.group(2) == "h" else dt.timedelta(days=n)
 
 
+def whole_value(pattern: str) -> str:
+    """The pattern anchored so that a match (re.match, or JSON Schema's search) covers the whole value.
+
+    `^...$` without alternation is kept as written (the built-in file's form). Otherwise it is
+    wrapped; the final `(?!\\n)` stops Python's `$` from matching before a trailing newline, and
+    is a no-op in JSON Schema (ECMA 262) regular expressions.
+    """
+    if pattern.startswith("^") and pattern.endswith("$") and not pattern.endswith("\\$") and "|" not in pattern:
+        return pattern
+    return f"^(?:{pattern})$(?!\\n)"
+
+
 class _Lines:
     """Finds the line of a key by scanning the text (see the module docstring)."""
 
@@ -310,6 +322,7 @@ class _Reader:
             else:
                 try:
                     re.compile(pattern)
+                    pattern = whole_value(pattern)
                 except re.error as exc:
                     self.problem(f"{path}.pattern", f"not a regular expression: {exc}", at, names, "pattern")
                     pattern = None

@@ -131,7 +131,8 @@ class Policy:
                     stored = f.storage if not cat.sealed or f.storage == "key" else "encrypted"
                     stored = "plaintext (lookup key)" if stored == "key" else stored
                     purpose = f.purpose or top.purpose or cat.purpose
-                    rows.append({"category": cat.name, "field": path, "purpose": purpose, "stored_as": stored, "retention": retention})
+                    kept = "not kept: checked, then discarded" if stored == "not-stored" else retention
+                    rows.append({"category": cat.name, "field": path, "purpose": purpose, "stored_as": stored, "retention": kept})
             for name, stored, purpose in cat.extra:
                 rows.append({"category": cat.name, "field": name, "purpose": purpose, "stored_as": stored, "retention": retention})
         if self.agents is not None:
