@@ -113,8 +113,17 @@ class _Lines:
         self.categories = [i for i, line in enumerate(self.lines) if self._CATEGORY.match(line)]
 
     def _table(self, table: str) -> int | None:
-        pattern = re.compile(rf"\s*\[\[?\s*{re.escape(table)}\s*[\].]")
-        return next((i for i, line in enumerate(self.lines) if pattern.match(line)), None)
+        """The line of a top-level table's header, or of a top-level key (before the first header)."""
+        header = re.compile(rf"\s*\[\[?\s*{re.escape(table)}\s*[\].]")
+        key = re.compile(rf"\s*{re.escape(table)}\s*=")
+        top_level = True
+        for i, line in enumerate(self.lines):
+            if header.match(line):
+                return i
+            top_level = top_level and not self._HEADER.match(line)
+            if top_level and key.match(line):
+                return i
+        return None
 
     def find(self, start: tuple[str, int | str], names: tuple, key: str | None) -> int | None:
         """1-based line of key in the table reached from start (("category", i) or ("table", "agents")) by field names."""
