@@ -297,3 +297,49 @@ def test_serve_refuses_a_good_file_whose_categories_it_does_not_serve_yet(tmp_pa
     partial.write_text(text.split("# ----------------------------------------------------------------- agent scans")[0])
     proc = run_cli("serve", env={"TELEMETRY_POLICY": str(partial), "TELEMETRY_DATA_DIR": str(data)}, check=False, timeout=60)
     assert proc.returncode == 1 and "category[scan]: left out, but still received" in proc.stderr
+
+
+# ------------------------------------------------------------------ docs/policy.md
+
+
+def test_the_docs_example_is_a_good_file_and_every_key_is_documented():
+    import re
+
+    from policy import loader
+
+    text = (ROOT / "docs" / "policy.md").read_text(encoding="utf-8")
+    example = max(re.findall(r"```toml\n(.*?)```", text, re.S), key=len)
+    good, problems = check_text(example, "docs/policy.md")
+    assert problems == [] and [c.name for c in good.categories] == ["download", "crash"]
+    keys = loader.TOP_KEYS | loader.CATEGORY_KEYS | loader.FIELD_KEYS | loader.ITEM_KEYS | loader.AGENTS_KEYS
+    for word in sorted(keys | set(loader.TYPES) | set(loader.STORAGE)):
+        assert f"`{word}`" in text, word
+    # the disclosure shown in the docs is what policy show prints for the example
+    rows = good.disclosure_rows(inactive_days=400)
+    for r in rows:
+        line = f"| {r['category']} | `{r['field']}` | {r['purpose']} | {r['stored_as']} | {r['retention']} |"
+        if f"`{r['field']}`" in text.split("`policy show` turns it into", 1)[1].split("```", 2)[1]:
+            assert line in text, line
+
+
+# ------------------------------------------------------------------ serve with a file
+
+
+@pytest.mark.slow
+async def test_serve_runs_the_it_inventory_file_as_the_builtin_policy(db_dsn, master_key, tmp_path):
+    import aiohttp
+
+    from tests.test_serve import ServeProcess, enroll
+
+    env = {"TELEMETRY_DSN": db_dsn, "TELEMETRY_MASTER_KEY": master_key, "TELEMETRY_DATA_DIR": str(tmp_path),
+           "TELEMETRY_POLICY": str(ROOT / "examples/policies/it-inventory.toml"), "TELEMETRY_WORKERS": "1"}
+    serve = ServeProcess(env)
+    try:
+        await serve.wait_ready()
+        async with aiohttp.ClientSession() as http:
+            install_id, token = await enroll(http, serve.url, env)
+            body = {"install_id": str(install_id), "license_type": "enterprise", "version": "4.2.1", "asset_count": 3, "hostname": "pc-1"}
+            async with http.post(serve.url + "/v1/heartbeats", json=body, headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == 200 and (await r.json()) == {"stored": True, "dropped_fields": ["hostname"]}
+    finally:
+        assert serve.stop() == 0, serve.stderr
