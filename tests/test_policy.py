@@ -58,6 +58,18 @@ def test_the_builtin_file_ships_in_the_package():
     assert "*.toml" in pyproject["tool"]["setuptools"]["package-data"]["policy"]
 
 
+def test_every_data_file_of_the_packages_is_declared_package_data():
+    """A wheel carries only declared data files: a missing pattern is a service that cannot start when installed."""
+    import fnmatch
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["package-data"]
+    for package in ("policy", "storage"):
+        for path in (ROOT / package).rglob("*"):
+            if path.suffix in (".sql", ".toml"):
+                relative = path.relative_to(ROOT / package).as_posix()
+                assert any(fnmatch.fnmatch(relative, pattern) for pattern in declared.get(package, ())), relative
+
+
 def test_the_policy_package_imports_nothing_of_ours():
     for path in (ROOT / "policy").glob("*.py"):
         text = path.read_text(encoding="utf-8")
