@@ -56,6 +56,9 @@ MAX_DEPTH = 30  # the body's own object is level 1; TELEMETRY_JSON_MAX_DEPTH is 
 RESERVED_CATEGORIES = frozenset({"agent"})  # the disclosure's name for agent registrations
 
 
+_ONE_LINE = {c: f"\\x{c:02x}" for c in range(32)} | {0x7F: "\\x7f", 0x2028: "\\u2028", 0x2029: "\\u2029", 0x85: "\\x85"}
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a policy file."""
@@ -66,7 +69,8 @@ class Problem:
 
     def render(self, source: str) -> str:
         where = f"{source}:{self.line}" if self.line else source
-        return f"{where}: {self.key}: {self.message}"
+        # One line, whatever names the file holds.
+        return f"{where}: {self.key}: {self.message}".translate(_ONE_LINE)
 
 
 class PolicyError(ValueError):
@@ -260,7 +264,7 @@ class _Reader:
                     self.problem(f"{path}.item", "must be a table (item = { type = \"string\", ... })", at, names, "item")
                     return None
                 self.unknown(item, ITEM_KEYS, f"{path}.item", at, names)
-                if item.get("type") not in SCALARS:
+                if not isinstance(item.get("type"), str) or item["type"] not in SCALARS:
                     self.problem(f"{path}.item.type", f"required: one of {', '.join(sorted(SCALARS))} (a list of objects "
                                  "uses `field` tables)", at, names, "item")
                     return None
@@ -332,9 +336,12 @@ class _Reader:
                 try:
                     re.compile(pattern)
                     pattern = whole_value(pattern)
-                except re.error as exc:
+                except (re.error, OverflowError, RecursionError, ValueError) as exc:
                     self.problem(f"{path}.pattern", f"not a regular expression: {exc}", at, names, "pattern")
                     pattern = None
+                if pattern is not None and max_length is None:
+                    # The match runs on every record: its cost is bounded by the value's length.
+                    self.problem(f"{path}.pattern", "a pattern needs a max_length (it bounds the work of matching)", at, names, "pattern")
         storage = self.get(raw, "storage", str, path, at, names, "a string")
         if sealed:
             if storage not in (None, "encrypted"):
@@ -480,6 +487,11 @@ def check_text(text: str, source: str = "<policy>") -> tuple[Policy | None, list
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"\(at line (\d+), column \d+\)", str(exc))
         return None, [Problem("toml", f"not TOML: {exc}", int(m.group(1)) if m else None)]
+    return check_document(doc, text, source)
+
+
+def check_document(doc: dict[str, Any], text: str, source: str = "<policy>") -> tuple[Policy | None, list[Problem]]:
+    """check_text for a document already parsed from text (the text is read only to find lines)."""
     r = _Reader(text)
     for key in doc:
         if key not in TOP_KEYS:

@@ -218,6 +218,11 @@ BROKEN = [
     ('max_length = 64', 'max_length = 64\nmin = 1', '18: category[download].field[program].min: min and max are for integer fields'),
     ('max_length = 64', 'max_length = 64\npattern = "[a-z"', '18: category[download].field[program].pattern: not a regular expression: '
      'unterminated character set at position 0'),
+    ('max_length = 64', 'pattern = "[a-z]+"', '17: category[download].field[program].pattern: a pattern needs a max_length (it bounds the '
+     'work of matching)'),
+    ('max_length = 64', 'max_length = 64\npattern = "a{99999999999}"', '18: category[download].field[program].pattern: not a regular '
+     'expression: the repetition number is too large'),
+    (T, 'type = "list"\nitem = { type = ["string"] }', '17: category[download].field[program].item.type: required: one of '),
     ('retention = "30d"', 'retention = "30d"\nshortest_retention = "1h"',
      '7: category[download].shortest_retention: only with installations_may_shorten = true'),
     ('retention = "30d"', 'retention = "30d"\ninstallations_may_shorten = true\nshortest_retention = "31d"',
@@ -355,3 +360,38 @@ async def test_serve_runs_the_it_inventory_file_as_the_builtin_policy(db_dsn, ma
                 assert r.status == 200 and (await r.json()) == {"stored": True, "dropped_fields": ["hostname"]}
     finally:
         assert serve.stop() == 0, serve.stderr
+
+
+# ------------------------------------------------------------------ the checker never fails itself
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from policy import loader  # noqa: E402
+
+_KEYS = sorted(loader.TOP_KEYS | loader.CATEGORY_KEYS | loader.FIELD_KEYS | loader.ITEM_KEYS)
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2, 2**40), st.floats(allow_nan=True), st.text(max_size=12),
+                     st.sampled_from(loader.TYPES + loader.STORAGE + ("30d", "1h", "peer", "current", "[a-", "a|b")))
+
+
+def _docs():
+    keys = st.one_of(st.sampled_from(_KEYS), st.text(max_size=6))
+    return st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=6)),
+                        max_leaves=40)
+
+
+def _category_docs():
+    field = st.fixed_dictionaries({"name": st.sampled_from(["a", "b", "scan_id", "Bad name", "x\ny"]), "type": st.sampled_from(loader.TYPES)},
+                                  optional={k: _docs() for k in sorted(loader.FIELD_KEYS - {"name", "type"})})
+    category = st.fixed_dictionaries({"name": st.sampled_from(["c", "d", "agent", "e\rf", "g\u2028"]), "field": st.lists(field, max_size=4)},
+                                     optional={k: _docs() for k in sorted(loader.CATEGORY_KEYS - {"name", "field"})})
+    return st.fixed_dictionaries({"category": st.lists(category, min_size=1, max_size=3)}, optional={"agents": _docs()})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.dictionaries(st.sampled_from(_KEYS), _docs(), max_size=4), _category_docs()))
+def test_the_checker_answers_every_document_with_a_policy_or_problems(doc):
+    found, problems = loader.check_document(doc, "", "f.toml")
+    assert (found is None) == bool(problems)
+    for p in problems:
+        assert p.key and p.message and len(p.render("f.toml").splitlines()) == 1
