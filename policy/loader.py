@@ -157,6 +157,8 @@ class _Lines:
         while begin > 0 and not self._HEADER.match(self.lines[begin]):
             begin -= 1
         for i in range(begin, len(self.lines)):
+            if i == begin and self._HEADER.match(self.lines[i]):
+                continue  # the table's own header: a key is on a line of its own, or a sub-table's header
             if i > at and self._HEADER.match(self.lines[i]) and not pattern.search(self.lines[i]):
                 break
             if pattern.search(self.lines[i]):
@@ -197,6 +199,9 @@ class _Reader:
         """The `field` tables of an object (or of a list's items)."""
         if not isinstance(raw, list) or not all(isinstance(f, dict) for f in raw):
             self.problem(f"{path}.field", "must be an array of tables ([[...field]])", at, names, "field")
+            return ()
+        if not raw:
+            self.problem(f"{path}.field", "declares no field", at, names, "field")
             return ()
         out, seen = [], set()
         for i, f in enumerate(raw):
@@ -411,6 +416,9 @@ class _Reader:
         for key_name, what in ((idempotency_key, "idempotency_key"), (installation_key, "installation_key")):
             if key_name is not None and key_name not in top:
                 self.problem(f"{path}.{what}", f"names no top-level field: {key_name!r}", at, (), what)
+        for key_name, what in ((idempotency_key, "idempotency_key"), (installation_key, "installation_key")):
+            if key_name in top and top[key_name].storage != "key":
+                self.problem(f"{path}.{what}", f"{key_name!r} is not a uuid or string field", at, (), what)
         if installation_key is not None and installation_key in top and top[installation_key].kind != "uuid":
             self.problem(f"{path}.installation_key", "the installation key is a uuid field", at, (), "installation_key")
         if sealed and extra:

@@ -218,6 +218,7 @@ BROKEN = [
     ('max_length = 64', 'max_length = 64\nmin = 1', '18: category[download].field[program].min: min and max are for integer fields'),
     ('max_length = 64', 'max_length = 64\npattern = "[a-z"', '18: category[download].field[program].pattern: not a regular expression: '
      'unterminated character set at position 0'),
+    (T, 'type = "object"\nfield = []', '17: category[download].field[program].field: declares no field'),
     ('max_length = 64', 'pattern = "[a-z]+"', '17: category[download].field[program].pattern: a pattern needs a max_length (it bounds the '
      'work of matching)'),
     ('max_length = 64', 'max_length = 64\npattern = "a{99999999999}"', '18: category[download].field[program].pattern: not a regular '
@@ -264,6 +265,12 @@ def test_the_good_file_is_good_and_every_problem_is_reported():
     text = GOOD.replace('retention = "30d"', 'retention = "1y"').replace(P, P + '\nstorage = "hashed"')
     _, problems = check_text(text, "bad.toml")
     assert [p.line for p in problems] == [6, 19]
+    # a key field that is an object
+    text = GOOD.replace('idempotency_key = "download_id"', 'idempotency_key = "program"').replace(
+        'type = "string"\nmax_length = 64', 'type = "object"\nrequired = true\nfield = [{ name = "a", type = "string" }]')
+    _, problems = check_text(text, "bad.toml")
+    assert [p.render("bad.toml") for p in problems] == [
+        "bad.toml:7: category[download].idempotency_key: 'program' is not a uuid or string field"]
 
 
 def test_policy_check_command_exits_1_with_one_line_per_problem(tmp_path):
