@@ -113,6 +113,7 @@ class Settings:
     sweep_interval: float = _setting(60.0, _float(0.05, 86400), "seconds between sweeps")
     keystore_dsn: str | None = _setting(None, _dsn, "PostgreSQL of the key store, a postgresql:// URI (unset: database <name>_keys on the TELEMETRY_DSN server; embedded: telemetry_keys)", secret=True)
     json_max_values: int = _setting(1_000_000, _int(1, 1 << 31), "most JSON values in one body (counted before parsing; over it: 413)")
+    policy: Path | None = _setting(None, lambda v: Path(_nonempty(v)), "path of a policy file (TOML, docs/policy.md); unset: the built-in policy (policy/builtin.toml)")
     # Beyond the contract (documented in the README).
     heartbeat_retention_days: int = _setting(30, _int(1, 3650), "days of heartbeat history kept")
     inactive_days: int = _setting(400, _int(1, 36500), "days without heartbeat after which an installation is removed")
