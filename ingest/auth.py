@@ -101,7 +101,7 @@ class Authenticator:
             if wait:
                 raise RateLimited("this token is over its request rate", headers={"Retry-After": retry_after_seconds(wait)})
         if principal.role not in roles:
-            raise Forbidden("this token's role may not call this endpoint")
+            raise Forbidden(f"this endpoint needs {_role_names(roles)} token; this is {_role_names((principal.role,))} token")
         return principal
 
     async def resolve(self, token: str) -> Principal:
@@ -210,3 +210,11 @@ async def auth_ctx(app: web.Application):
     app[AUTH] = auth
     async with background(auth.follow()):
         yield
+
+
+_ROLE_NOUNS = {"enroll": "an enrollment-secret", "installation": "an installation", "agent": "an agent", "admin": "an admin"}
+
+
+def _role_names(roles) -> str:
+    """'an installation' or 'an agent or an admin': the roles a 403 names."""
+    return " or ".join(_ROLE_NOUNS.get(r, f"a {r}") for r in roles)
