@@ -36,7 +36,8 @@ def load_settings(args: argparse.Namespace | None = None) -> Settings:
 class Resolved:
     """Settings with a DSN and master key, and the embedded server if one was started."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, create: bool = False) -> None:
+        """create: make the data directory if there is none (only `serve` does: CONTRACT 8)."""
         from crypto.errors import KeyError_
         from crypto.keyring import KeyRing, load_or_create_key_file
 
@@ -45,6 +46,8 @@ class Resolved:
             from storage.embedded import EmbeddedPostgres
 
             self.embedded = EmbeddedPostgres(settings.data_dir)
+            if not create and not self.embedded.pgdata.is_dir():
+                raise CliError(no_data_dir(settings))
             try:
                 dsn = self.embedded.start()
             except Exception as exc:
@@ -140,16 +143,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     setup_logging(settings.log_format)
     check_served(policy_in_force(settings))  # before any database is started: a bad file costs nothing
-    resolved = Resolved(settings)
+    resolved = Resolved(settings, create=True)
     try:
         if resolved.embedded is not None:
             print(f"telemetry-ingest: no TELEMETRY_DSN set; using the embedded PostgreSQL in {resolved.embedded.pgdata}", file=sys.stderr)
         asyncio.run(_prepare(resolved))
         from ingest.server import serve
 
-        return serve(resolved.settings)
+        from ingest import address
+
+        written = address.write(resolved.settings)
+        try:
+            return serve(resolved.settings)
+        finally:
+            if written:
+                address.remove(resolved.settings)
     finally:
         resolved.close()
+
+
+def no_data_dir(settings: Settings) -> str:
+    """The one line of a command that found neither TELEMETRY_DSN nor a data directory."""
+    return (f"no data directory at {settings.data_dir.resolve()} and no TELEMETRY_DSN: run `telemetry-ingest serve` "
+            "first (only serve creates one), or set TELEMETRY_DATA_DIR or TELEMETRY_DSN")
 
 
 async def _prepare(resolved: Resolved) -> None:
@@ -374,13 +390,17 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     import orjson
 
-    from ingest.client import send_once
+    from ingest import address
+    from ingest.demo import send_once
 
-    if not args.url.startswith(("http://", "https://")):
+    url = args.url or address.running_url(load_settings())
+    if not url.startswith(("http://", "https://")):
         raise CliError("send: --url must be an http:// or https:// URL")
     token = args.token or os.environ.get("TELEMETRY_TOKEN")
     if not token:
         raise CliError("send: --token (or TELEMETRY_TOKEN) is required")
+    if (args.kind == "record") != (args.category is not None):
+        raise CliError("send: --category CATEGORY goes with `send record`, and only with it")
     body = None
     if args.kind == "flush":
         if not args.spool:
@@ -395,21 +415,26 @@ def cmd_send(args: argparse.Namespace) -> int:
             raise CliError("send: the body is not valid JSON") from None
         if not isinstance(body, dict):
             raise CliError("send: the body must be a JSON object")
-    status, shown = asyncio.run(send_once(args.url, token, args.kind, body, args.spool, attempts=args.attempts))
+    status, shown = send_once(url, token, args.kind, body, args.spool, attempts=args.attempts,
+                              category=args.category, ca_bundle=args.ca_bundle)
     print(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
     return status
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from telemetry_ingest_client import ClientError
+
     from crypto.tokens import hash_token
-    from ingest import demo
-    from ingest.client import ClientError
+    from ingest import address, demo
     from storage.audit import record
     from storage.tokens import revoke
 
     settings = load_settings()
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    url = args.url or f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+    if settings.dsn is None and not (settings.data_dir / "pgdata").is_dir():
+        raise CliError(no_data_dir(settings))
+    url = args.url or address.running_url(settings)
+    if not address.listening(url):
+        raise CliError(f"nothing listening at {url}: is serve running?")
     print(f"demo against {url}")
     token_id, secret = create_token("enroll", "enroll_secret.create")
     print(f"created enrollment secret {token_id} (revoked again when the demo ends)")
@@ -419,13 +444,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
             if await revoke(conn, token_hash=hash_token(secret)):
                 await record(conn, "cli", "token.revoke", detail={"token_id": token_id})
 
+    made: list = []
     try:
-        asyncio.run(demo.run(url, secret))
+        demo.run(url, secret, made=made)
     except ClientError as exc:
         raise CliError(f"demo: {exc}") from None
     finally:
         _with_db(settings, revoke_secret)
+        if args.cleanup and made:
+            _erase_demo(settings, made[0])
     return 0
+
+
+def _erase_demo(settings: Settings, install_id) -> None:
+    """`demo --cleanup`: erase the demo's installation (keys destroyed, tokens revoked, rows deleted)."""
+    from ingest.rights import begin_erasure, finish_erasure
+
+    async def work(conn, resolved):
+        if await begin_erasure(conn, resolved.ks, install_id, "cli") is not None:
+            await finish_erasure(conn, install_id, "cli")
+
+    _with_db(settings, work)
+    print(f"cleanup: erased the demo installation {install_id} (its keys, tokens, heartbeats, agent and scan)")
 
 
 # ---------------------------------------------------------------- parser
@@ -488,9 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_policy_check)
 
-    send = sub.add_parser("send", help="send a heartbeat or scan with the reference client (retries, spool)")
-    send.add_argument("kind", choices=("heartbeat", "scan", "flush"), help="what to send (flush: only what is spooled)")
-    send.add_argument("--url", required=True, help="the service, e.g. http://127.0.0.1:8080")
+    send = sub.add_parser("send", help="send a heartbeat, scan or record with the reference client (retries, spool)")
+    send.add_argument("kind", choices=("heartbeat", "scan", "record", "flush"),
+                      help="what to send (record: of --category; flush: only what is spooled)")
+    send.add_argument("--url", help="the service, e.g. http://127.0.0.1:8080 (default: the running serve's address, "
+                      "from the data directory)")
+    send.add_argument("--category", help="the policy category of `send record` (POST /v1/records/CATEGORY)")
+    send.add_argument("--ca-bundle", metavar="FILE", help="PEM file of the CAs to trust for https:// (default: the system's)")
     send.add_argument("--token", help="installation token (heartbeat) or agent token (scan); default $TELEMETRY_TOKEN, "
                       "which other users cannot read in the process list")
     send.add_argument("--file", help="the JSON body (default: standard input)")
@@ -499,7 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     send.set_defaults(func=cmd_send)
 
     demo = sub.add_parser("demo", help="enroll a fake installation at a running service; show what is stored and dropped")
-    demo.add_argument("--url", help="the running service (default: from TELEMETRY_HOST and TELEMETRY_PORT, http://127.0.0.1:8080)")
+    demo.add_argument("--url", help="the running service (default: the running serve's address, from the data directory)")
+    demo.add_argument("--cleanup", action="store_true", help="erase the demo installation (and all it sent) when done")
     demo.set_defaults(func=cmd_demo)
     from ingest import cli_admin  # export, erase, audit (imported here: it imports this module)
 

@@ -22,12 +22,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     install_id = _install_id(args.install_id)
     out = sys.stdout.buffer
+    held: list[bytes] = []  # --pretty: the whole document, indented once complete
 
     async def begin():
         pass
 
     async def write(chunk: bytes):
-        out.write(chunk)
+        if args.pretty:
+            held.append(chunk)
+        else:
+            out.write(chunk)
 
     async def work(conn, resolved):
         return await write_export(conn, resolved.ks, resolved.ring, install_id, "cli", begin, write,
@@ -35,6 +39,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if not _with_db(load_settings(), work):
         raise CliError(f"no installation {install_id}")
+    if args.pretty:
+        import orjson
+
+        out.write(orjson.dumps(orjson.loads(b"".join(held)), option=orjson.OPT_INDENT_2))
     out.write(b"\n")
     out.flush()
     return 0
@@ -78,6 +86,7 @@ def add_commands(sub) -> None:
     """Register the commands on the top-level subparsers."""
     export = sub.add_parser("export", help="write everything held about an installation as JSON to standard output")
     export.add_argument("install_id")
+    export.add_argument("--pretty", action="store_true", help="indented, one field a line (default: one line)")
     export.set_defaults(func=cmd_export)
     erase = sub.add_parser("erase", help="erase an installation: destroy its keys, revoke its tokens, delete its rows")
     erase.add_argument("install_id")

@@ -1,4 +1,4 @@
-"""`telemetry-ingest demo`: a fake installation and agent talk to a running service through the reference client.
+"""`telemetry-ingest demo` and `send`: the reference client (telemetry_ingest_client) at work from the command line.
 
 Every body carries a few fields the policy does not declare, so the output shows
 the filter at work: what the service kept (and in what form) and what it dropped.
@@ -11,7 +11,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from ingest.client import Rejected, TelemetryClient
+from telemetry_ingest_client import Backoff, CertificateError, Client, Rejected, Spooled, Unreachable
+
 from storage.policy import INSTALLATION, SCAN
 
 DEMO_AGENT_NAME = "demo-agent"
@@ -65,46 +66,75 @@ def _kept_fields(body: dict[str, Any], dropped: list[str]) -> list[str]:
     return [k for k in body if k not in dropped]
 
 
-async def run(url: str, secret: str, out: Callable[[str], None] = print) -> None:
-    """Enroll a fake installation with `secret`, send a heartbeat and (if the service can) a scan; report."""
-    async with TelemetryClient(url, secret) as installation:
-        enrolled = await installation.enroll(secret)
-        out(f"enrolled a demo installation: install_id {enrolled.install_id}")
+def run(url: str, secret: str, out: Callable[[str], None] = print, made: list | None = None) -> None:
+    """Enroll a fake installation with `secret`, send a heartbeat and a scan; report. made gets its install_id."""
+    install_id = uuid.uuid4()
+    token = Client(url).enroll(secret, install_id)
+    if made is not None:
+        made.append(install_id)
+    out(f"enrolled a demo installation: install_id {install_id}")
+    installation = Client(url, token)
 
-        body = demo_heartbeat(enrolled.install_id)
-        answer = await installation.heartbeat(body)
-        dropped = answer.body.get("dropped_fields", [])
-        storage = {f.name: f.storage for f in INSTALLATION.fields}
-        out(f"heartbeat: HTTP {answer.status}, stored: {str(answer.body.get('stored')).lower()}")
-        out("  stored:  " + ", ".join(f"{k} ({storage.get(k, '?')})" for k in _kept_fields(body, dropped)))
-        out("           sender address (anonymised to its network prefix, from the connection)")
-        out("  dropped: " + (", ".join(dropped) or "nothing"))
+    body = demo_heartbeat(install_id)
+    answer = installation.heartbeat(body)
+    dropped = answer.get("dropped_fields", [])
+    storage = {f.name: f.storage for f in INSTALLATION.fields}
+    out(f"heartbeat: HTTP {answer.status}, stored: {str(answer.get('stored')).lower()}")
+    out("  stored:  " + ", ".join(f"{k} ({storage.get(k, '?')})" for k in _kept_fields(body, dropped)))
+    out("           sender address (anonymised to its network prefix, from the connection)")
+    out("  dropped: " + (", ".join(dropped) or "nothing"))
 
-        try:
-            agent = await installation.create_agent(DEMO_AGENT_NAME)
-        except Rejected as exc:
-            if exc.status in (404, 405):
-                out("scan: this service has no POST /v1/agents yet; no agent, so no scan sent")
-                return
-            raise
-        out(f"created agent {DEMO_AGENT_NAME!r}: agent_id {agent.agent_id}")
+    agent = installation.create_agent(DEMO_AGENT_NAME)
+    out(f"created agent {DEMO_AGENT_NAME!r}: agent_id {agent['agent_id']}")
 
-    async with TelemetryClient(url, agent.token) as scanner:
-        scan = {"scan_id": str(uuid.uuid4()), **demo_scan(dt.datetime.now(dt.timezone.utc))}
-        try:
-            answer = await scanner.upload_scan(scan)
-        except Rejected as exc:
-            if exc.status in (404, 405):
-                out("scan: this service has no POST /v1/scans yet; no scan sent")
-                return
-            raise
-        dropped = answer.body.get("dropped_fields", [])
-        out(f"scan {answer.body.get('scan_id')}: HTTP {answer.status}, kept until {answer.body.get('expires_at')}")
-        key = {f.name for f in SCAN.fields if f.storage == "key"}
-        kept = _kept_fields(scan, [d for d in dropped if "." not in d and "[" not in d])
-        out("  stored:  " + ", ".join(k if k in key else k + "*" for k in kept))
-        out("           (* inside the one encrypted document; the others in the clear)")
-        out("  dropped: " + (", ".join(dropped) or "nothing"))
-        replay = await scanner.upload_scan(scan)
-        same = "the same answer, stored once" if replay.body == answer.body else "a different answer"
-        out(f"scan sent again with the same scan_id: HTTP {replay.status}, {same}")
+    scanner = Client(url, agent["token"])
+    scan = {"scan_id": str(uuid.uuid4()), **demo_scan(dt.datetime.now(dt.timezone.utc))}
+    answer = scanner.scan(scan)
+    dropped = answer.get("dropped_fields", [])
+    out(f"scan {answer.get('scan_id')}: HTTP {answer.status}, kept until {answer.get('expires_at')}")
+    key = {f.name for f in SCAN.fields if f.storage == "key"}
+    kept = _kept_fields(scan, [d for d in dropped if "." not in d and "[" not in d])
+    out("  stored:  " + ", ".join(k if k in key else k + "*" for k in kept))
+    out("           (* inside the one encrypted document; the others in the clear)")
+    out("  dropped: " + (", ".join(dropped) or "nothing"))
+    replay = scanner.scan(scan)
+    same = "the same answer, stored once" if replay == answer else "a different answer"
+    out(f"scan sent again with the same scan_id: HTTP {replay.status}, {same}")
+
+
+def send_once(url: str, token: str, kind: str, body: dict[str, Any] | None, spool_dir: str | None,
+              attempts: int = Backoff.attempts, category: str | None = None,
+              ca_bundle: str | None = None) -> tuple[int, Any]:
+    """What `telemetry-ingest send` does: (exit status, JSON to print). kind "flush" sends only the spool.
+
+    Exit status: 0 delivered, 1 rejected or unreachable (or a certificate that does not verify), 75 spooled.
+    """
+    client = Client(url, token, spool_dir=spool_dir, ca_bundle=ca_bundle, backoff=Backoff(attempts=attempts))
+    if kind == "flush":
+        report = client.flush_spool()
+        summary = {
+            "delivered": len(report.delivered), "rejected": len(report.rejected), "remaining": report.remaining,
+            "stopped_by": str(report.stopped_by) if report.stopped_by else None, "busy": report.busy,
+        }
+        # 1 when anything was refused (set aside, or a 401 that stopped the flush), even if nothing
+        # remains spooled; 75 when records wait for a service that was not reached; 0 otherwise.
+        if report.rejected or isinstance(report.stopped_by, (Rejected, CertificateError)):
+            return 1, summary
+        return (0 if report.remaining == 0 else 75), summary
+    assert body is not None
+    try:
+        if kind == "heartbeat":
+            answer = client.heartbeat(body)
+        elif kind == "scan":
+            answer = client.scan(body)
+        else:
+            answer = client.record(category or "", body)
+    except Rejected as exc:
+        return 1, exc.answer.raw
+    except Spooled as exc:
+        return 75, {"spooled": str(exc.path), "detail": str(exc)}  # 75: EX_TEMPFAIL, try again later
+    except Unreachable as exc:
+        return 1, {"error": "unreachable", "detail": str(exc)}
+    except CertificateError as exc:
+        return 1, {"error": "certificate", "detail": str(exc)}
+    return 0, answer.raw
