@@ -1,4 +1,8 @@
-"""The reference client against the real service, stopped and restarted under it; `send` and `demo` as commands."""
+"""The reference client (client/, telemetry_ingest_client) against the real service, stopped and restarted
+under it; `send` and `demo` as commands.
+
+The service runs on this test's event loop, so the clients here are AsyncClients (each call in a worker
+thread); the synchronous Client is the same code, and tests/test_client_package.py drives it directly."""
 
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+from telemetry_ingest_client import REJECTED_DIR, AsyncClient, Client, Backoff, Rejected, Spooled, Unreachable, parse_retry_after
 
-from ingest.client import REJECTED_DIR, Backoff, Rejected, Spooled, TelemetryClient, Unreachable, parse_retry_after
 from ingest.demo import demo_scan
 from tests.support import ROOT, heartbeat_body, start_service
 
@@ -35,10 +39,15 @@ def recorder():
     """(delays, sleep): a sleep that returns at once and remembers what it was asked to wait."""
     delays: list[float] = []
 
-    async def sleep(seconds: float) -> None:
+    def sleep(seconds: float) -> None:  # the client's sleep runs in its worker thread
         delays.append(seconds)
 
     return delays, sleep
+
+
+def on_loop(coro, loop):
+    """Run coro on the test's event loop from a client's worker thread, and wait for it."""
+    return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
 
 
 class Restartable:
@@ -107,7 +116,7 @@ async def test_records_spooled_while_service_is_down_are_delivered_once_after_re
     await server.stop()
     spool = tmp_path / "spool"
     delays, sleep = recorder()
-    async with TelemetryClient(server.url, token, spool, backoff=Backoff(attempts=3), sleep=sleep) as client:
+    async with AsyncClient(server.url, token, spool_dir=spool, backoff=Backoff(attempts=3), sleep=sleep) as client:
         for i in range(3):
             with pytest.raises(Spooled) as caught:
                 await client.heartbeat(heartbeat_body(install_id, asset_count=i))
@@ -121,10 +130,10 @@ async def test_records_spooled_while_service_is_down_are_delivered_once_after_re
 
     await server.start()
     # A new client over the same directory: as after the agent itself restarted.
-    async with TelemetryClient(server.url, token, spool, sleep=sleep) as client:
+    async with AsyncClient(server.url, token, spool_dir=spool, sleep=sleep) as client:
         report = await client.flush_spool()
         assert [name for name, _ in report.delivered] == [f.name for f in files]  # in the order spooled
-        assert all(a.status == 200 and a.body["stored"] for _, a in report.delivered)
+        assert all(a.status == 200 and a["stored"] for _, a in report.delivered)
         assert report.remaining == 0 and report.rejected == [] and client.pending() == []
         again = await client.flush_spool()
         assert again.delivered == [] and again.remaining == 0
@@ -135,13 +144,14 @@ async def test_retries_reach_the_service_when_it_comes_back(server, db):
     install_id, token = await (await server.start()).enroll()
     await server.stop()
     delays = []
+    loop = asyncio.get_running_loop()
 
-    async def sleep(seconds):
+    def sleep(seconds):
         delays.append(seconds)
         if len(delays) == 2:
-            await server.start()
+            on_loop(server.start(), loop)
 
-    async with TelemetryClient(server.url, token, backoff=Backoff(attempts=4), sleep=sleep) as client:
+    async with AsyncClient(server.url, token, backoff=Backoff(attempts=4), sleep=sleep) as client:
         answer = await client.heartbeat(heartbeat_body(install_id))
     assert answer.status == 200 and len(delays) == 2
     assert await heartbeat_counts(db, install_id) == [120]
@@ -151,7 +161,7 @@ async def test_unreachable_without_spool_raises_after_the_attempts(server):
     _, token = await (await server.start()).enroll()
     await server.stop()
     delays, sleep = recorder()
-    async with TelemetryClient(server.url, token, backoff=Backoff(attempts=4, base=1.0, cap=3.0), sleep=sleep, uniform=max_jitter) as client:
+    async with AsyncClient(server.url, token, backoff=Backoff(attempts=4, base=1.0, cap=3.0), sleep=sleep, uniform=max_jitter) as client:
         with pytest.raises(Unreachable) as caught:
             await client.heartbeat(heartbeat_body(uuid.uuid4()))
     assert not isinstance(caught.value, Spooled)
@@ -166,7 +176,7 @@ async def test_429_retry_after_is_honoured_and_the_record_stays_spooled(server, 
     install_id, token = await svc.enroll()
     spool = tmp_path / "spool"
     delays, sleep = recorder()
-    async with TelemetryClient(server.url, token, spool, backoff=Backoff(attempts=2), sleep=sleep, uniform=max_jitter) as client:
+    async with AsyncClient(server.url, token, spool_dir=spool, backoff=Backoff(attempts=2), sleep=sleep, uniform=max_jitter) as client:
         assert (await client.heartbeat(heartbeat_body(install_id, asset_count=1))).status == 200
         with pytest.raises(Spooled):
             await client.heartbeat(heartbeat_body(install_id, asset_count=2))
@@ -179,7 +189,7 @@ async def test_429_retry_after_is_honoured_and_the_record_stays_spooled(server, 
         assert not list((spool / REJECTED_DIR).iterdir())  # 429 is not the record's fault
     await server.stop()
     await server.start()
-    async with TelemetryClient(server.url, token, spool) as client:
+    async with AsyncClient(server.url, token, spool_dir=spool) as client:
         assert len((await client.flush_spool()).delivered) == 2
     assert await heartbeat_counts(db, install_id) == [1, 2, 3]
 
@@ -200,16 +210,20 @@ async def test_503_retry_after_from_a_full_queue_is_honoured(db_dsn, master_key,
             await asyncio.sleep(0.01)
         assert [t.result()[0] for t in others if t.done()][:1] == [503]
         delays = []
+        loop = asyncio.get_running_loop()
 
-        async def sleep(seconds):
+        async def free_up():
+            await tx.rollback()  # the database frees up while the client waits
+            await asyncio.gather(*others)
+
+        def sleep(seconds):
             delays.append(seconds)
             if len(delays) == 1:
-                await tx.rollback()  # the database frees up while the client waits
-                await asyncio.gather(*others)
+                on_loop(free_up(), loop)
             else:
-                await asyncio.sleep(0.05)  # the queue is still draining
+                time.sleep(0.05)  # the queue is still draining
 
-        async with TelemetryClient(svc.url, token, backoff=Backoff(attempts=10), sleep=sleep, uniform=max_jitter) as client:
+        async with AsyncClient(svc.url, token, backoff=Backoff(attempts=10), sleep=sleep, uniform=max_jitter) as client:
             answer = await client.heartbeat(heartbeat_body(install_id, asset_count=77))
         assert answer.status == 200 and delays[0] == 3 + 0.5 and all(d >= 3 for d in delays)
     assert 77 in await heartbeat_counts(db, install_id)
@@ -222,11 +236,11 @@ async def test_4xx_is_final_never_retried_and_set_aside(server, db, tmp_path):
     install_id, token = await (await server.start()).enroll()
     spool = tmp_path / "spool"
     delays, sleep = recorder()
-    async with TelemetryClient(server.url, token, sleep=sleep) as client:
+    async with AsyncClient(server.url, token, sleep=sleep) as client:
         with pytest.raises(Rejected) as caught:
             await client.heartbeat(heartbeat_body(install_id, asset_count=-1))
-        assert caught.value.status == 422 and caught.value.answer.body["status"] == 422
-    async with TelemetryClient(server.url, token, spool, sleep=sleep) as client:
+        assert caught.value.status == 422 and caught.value.answer["status"] == 422
+    async with AsyncClient(server.url, token, spool_dir=spool, sleep=sleep) as client:
         invalid = client.spool("heartbeat", heartbeat_body(install_id, asset_count=-1))
         foreign = client.spool("heartbeat", heartbeat_body(uuid.uuid4()))  # not this token's installation
         answer = await client.heartbeat(heartbeat_body(install_id, asset_count=5))
@@ -241,12 +255,12 @@ async def test_4xx_is_final_never_retried_and_set_aside(server, db, tmp_path):
     assert b"enterprise" not in b"".join(p.read_bytes() for p in rejected.iterdir())  # nothing of the body
 
     # A token the service does not know is this client's fault, not the record's: kept, not set aside.
-    async with TelemetryClient(server.url, "tii_" + "x" * 43, spool, sleep=sleep) as client:
+    async with AsyncClient(server.url, "tii_" + "x" * 43, spool_dir=spool, sleep=sleep) as client:
         with pytest.raises(Spooled):
             await client.heartbeat(heartbeat_body(install_id, asset_count=6))
         assert len(client.pending()) == 1
     assert delays == []  # nothing above was retried
-    async with TelemetryClient(server.url, token, spool) as client:
+    async with AsyncClient(server.url, token, spool_dir=spool) as client:
         assert len((await client.flush_spool()).delivered) == 1
     assert await heartbeat_counts(db, install_id) == [5, 6]
 
@@ -254,7 +268,7 @@ async def test_4xx_is_final_never_retried_and_set_aside(server, db, tmp_path):
 async def test_one_flush_per_spool_at_a_time(server, tmp_path):
     install_id, token = await (await server.start()).enroll()
     spool = tmp_path / "spool"
-    async with TelemetryClient(server.url, token, spool) as a, TelemetryClient(server.url, token, spool) as b:
+    async with AsyncClient(server.url, token, spool_dir=spool) as a, AsyncClient(server.url, token, spool_dir=spool) as b:
         for i in range(20):
             a.spool("heartbeat", heartbeat_body(install_id, asset_count=i))
         ra, rb = await asyncio.gather(a.flush_spool(), b.flush_spool())
@@ -268,43 +282,55 @@ async def test_one_flush_per_spool_at_a_time(server, tmp_path):
 async def test_scan_is_gzipped_idempotent_and_survives_a_restart(server, db, tmp_path):
     svc = await server.start()
     install_id, token = await svc.enroll()
-    async with TelemetryClient(server.url, token) as installation:
+    async with AsyncClient(server.url, token) as installation:
         agent = await installation.create_agent("scanner")
     await server.stop()
 
     spool = tmp_path / "spool"
     delays, sleep = recorder()
-    async with TelemetryClient(server.url, agent.token, spool, backoff=Backoff(attempts=2), sleep=sleep) as client:
+    async with AsyncClient(server.url, agent["token"], spool_dir=spool, backoff=Backoff(attempts=2), sleep=sleep) as client:
         with pytest.raises(Spooled) as caught:
-            await client.upload_scan(demo_scan(dt.datetime.now(dt.timezone.utc)))
+            await client.scan(demo_scan(dt.datetime.now(dt.timezone.utc)))
     record = orjson.loads(caught.value.path.read_bytes())
     scan_id = record["body"]["scan_id"]  # fixed once, when spooled
     assert uuid.UUID(scan_id)
 
     await server.start()
-    encodings = []
-    trace = aiohttp.TraceConfig()
-
-    async def on_start(session, ctx, params):
-        encodings.append(params.headers.get("Content-Encoding"))
-
-    trace.on_request_start.append(on_start)
-    async with aiohttp.ClientSession(trace_configs=[trace]) as http, TelemetryClient(server.url, agent.token, spool, session=http) as client:
+    async with AsyncClient(server.url, agent["token"], spool_dir=spool) as client:
         first = (await client.flush_spool()).delivered
-        assert [a.status for _, a in first] == [201] and first[0][1].body["scan_id"] == scan_id
-        assert "asset.owner_phone" in first[0][1].body["dropped_fields"]
+        assert [a.status for _, a in first] == [201] and first[0][1]["scan_id"] == scan_id
+        assert "asset.owner_phone" in first[0][1]["dropped_fields"]
         # The answer was lost, say, and the agent sends the record again: answered 200, stored once.
         client.spool("scan", record["body"])
         second = (await client.flush_spool()).delivered
-        assert [a.status for _, a in second] == [200] and second[0][1].body == first[0][1].body
+        assert [a.status for _, a in second] == [200] and second[0][1] == first[0][1]
         # Same scan_id, other content: 409, set aside.
         client.spool("scan", {**record["body"], "agent_version": "9.9.9"})
         third = await client.flush_spool()
         assert [a.status for _, a in third.rejected] == [409] and client.pending() == []
-    assert encodings == ["gzip"] * 3
     rows = await db.fetch("SELECT size_wire, size_decoded FROM scans WHERE install_id = $1 AND scan_id = $2", install_id, uuid.UUID(scan_id))
     assert len(rows) == 1  # delivered twice, stored once
     assert rows[0]["size_wire"] < rows[0]["size_decoded"]  # it travelled gzipped
+
+
+async def test_agents_settings_and_records_of_any_category(server, db):
+    install_id, token = await (await server.start()).enroll()
+    async with AsyncClient(server.url, token) as installation:
+        assert (await installation.settings(24))["scan_retention_hours"] == 24
+        agent = await installation.create_agent("scanner")
+        async with AsyncClient(server.url, agent["token"]) as scanner:
+            assert (await scanner.scan(demo_scan(dt.datetime.now(dt.timezone.utc)))).status == 201
+            await installation.delete_agent(agent["agent_id"])
+            with pytest.raises(Rejected) as caught:  # its token stopped working at once
+                await scanner.scan(demo_scan(dt.datetime.now(dt.timezone.utc)))
+            assert caught.value.status == 401
+        # A category the service does not receive is a final answer, not a retry.
+        delays, sleep = recorder()
+        installation.sync._sleep = sleep
+        with pytest.raises(Rejected) as caught:
+            await installation.record("download", {"program": "x"})
+        assert caught.value.status in (404, 405) and delays == []
+    assert await db.fetchval("SELECT count(*) FROM agents WHERE install_id = $1 AND revoked_at IS NULL", install_id) == 0
 
 
 # ------------------------------------------------------------------ the commands
@@ -362,12 +388,15 @@ def own_data_dir():
 
 
 @pytest.mark.slow
-async def test_demo_against_the_embedded_default(own_data_dir):
+async def test_demo_and_send_find_the_running_serve_and_demo_cleanup_erases(own_data_dir):
+    """CONTRACT 8: serve names its address and leaves it in the data directory; demo and send find it there;
+    demo --cleanup erases what it made; once serve is gone, demo says so at once."""
     env = {"TELEMETRY_DATA_DIR": str(own_data_dir)}  # no TELEMETRY_DSN: the embedded PostgreSQL
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_") and k != "PROMETHEUS_MULTIPROC_DIR"}
     full_env.update(env)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    address_file = own_data_dir / "serve.json"
     with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a full pipe would stall the server
         serve = subprocess.Popen([sys.executable, "-m", "ingest", "serve", "--workers", "1", "--port", str(port)],
                                  env=full_env, cwd=ROOT, stdout=log, stderr=log, text=True)
@@ -386,8 +415,13 @@ async def test_demo_against_the_embedded_default(own_data_dir):
                     except aiohttp.ClientError:
                         pass
                     await asyncio.sleep(0.2)
-            rc, out, err = await run_command("demo", "--url", url, env=env)
+            log.seek(0)
+            assert f"listening on {url} " in log.read()  # the start-up line names the address
+            assert orjson.loads(address_file.read_bytes())["url"] == url
+
+            rc, out, err = await run_command("demo", "--cleanup", env=env)  # no --url: found in the data directory
             assert rc == 0, out + err
+            assert f"demo against {url}" in out
             assert "enrolled a demo installation" in out
             assert "heartbeat: HTTP 200, stored: true" in out
             assert "dropped: hostname, windows_user" in out
@@ -398,6 +432,19 @@ async def test_demo_against_the_embedded_default(own_data_dir):
             secret_id = out.split("created enrollment secret ", 1)[1].split()[0]
             rc, _, err = await run_command("tokens", "revoke", secret_id, env=env)
             assert rc == 1 and "no active token" in err  # the demo's secret is no longer valid
+            demo_id = out.split("install_id ", 1)[1].split()[0]
+            assert f"cleanup: erased the demo installation {demo_id}" in out
+            rc, _, err = await run_command("export", demo_id, env=env)
+            assert rc == 1 and f"no installation {demo_id}" in err  # nothing of it is left
+
+            # send without --url finds the service the same way.
+            rc, out, _ = await run_command("enroll-secret", "create", env=env)
+            secret = out.strip().splitlines()[-1]
+            install_id = uuid.uuid4()
+            token = await asyncio.to_thread(Client(url).enroll, secret, install_id)
+            rc, out, err = await run_command("send", "heartbeat", env={**env, "TELEMETRY_TOKEN": token},
+                                             stdin=orjson.dumps(heartbeat_body(install_id)))
+            assert rc == 0 and orjson.loads(out)["stored"] is True, out + err
         finally:
             if serve.poll() is None:
                 serve.send_signal(signal.SIGTERM)
@@ -409,6 +456,13 @@ async def test_demo_against_the_embedded_default(own_data_dir):
             log.seek(0)
             server_log = log.read()
         assert code == 0, server_log
+    assert not address_file.exists()  # removed at exit
+    rc, _, err = await run_command("demo", env=env)
+    assert rc == 1 and f"no running serve found: {address_file.resolve()} does not exist" in err
+    began = time.monotonic()
+    rc, _, err = await run_command("demo", "--url", url, env=env)
+    assert rc == 1 and err.strip().splitlines() == [f"telemetry-ingest: nothing listening at {url}: is serve running?"]
+    assert time.monotonic() - began < 10  # at once: no retries (the interpreter's start is most of it)
 
 
 async def test_a_refused_record_keeps_only_its_answer_and_flush_exits_1(server, db, tmp_path):
@@ -419,7 +473,7 @@ async def test_a_refused_record_keeps_only_its_answer_and_flush_exits_1(server, 
     (spool / REJECTED_DIR).mkdir(parents=True)
     legacy = spool / REJECTED_DIR / "00000000000000000001-abcdef01.json"  # a body an older client set aside
     legacy.write_bytes(orjson.dumps({"v": 1, "kind": "heartbeat", "body": {"email": "old@corp.example"}}))
-    async with TelemetryClient(server.url, token, spool) as client:
+    async with AsyncClient(server.url, token, spool_dir=spool) as client:
         refused = client.spool("heartbeat", heartbeat_body(install_id, asset_count=-1, email="alice@corp.example",
                                                              hostname="WS-SECRET"))
     rc, out, err = await run_command("send", "flush", "--url", server.url, "--token", token, "--spool", str(spool), env={})
