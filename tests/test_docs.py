@@ -74,3 +74,44 @@ def test_readme_settings_defaults_are_the_codes():
             assert f.metadata["parse"](literal.group(1)) == f.default, (name, cell, f.default)
             checked += 1
     assert checked >= 15
+
+
+# ------------------------------------------------------------------ the quickstart, pasted as is
+
+
+def _quickstart_blocks() -> list[str]:
+    section = README.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.*?)```", section, re.S)
+
+
+async def test_readme_quickstart_pastes_as_is_and_reaches_a_stored_heartbeat_and_scan(service, db):
+    """The README's quickstart, both blocks, run by bash against a live service: only the activation line
+    (this test's interpreter may live elsewhere) and the port differ."""
+    import asyncio
+    import os
+    import sys
+    import uuid
+
+    blocks = _quickstart_blocks()
+    assert len(blocks) == 2
+    script = "\n".join(blocks)
+    port = service.url.rsplit(":", 1)[1]
+    bindir = os.path.dirname(sys.executable)
+    assert script.count(". .venv/bin/activate") == 1 and script.count("PORT=8080") == 1
+    script = script.replace(". .venv/bin/activate", f'PATH="{bindir}:$PATH"').replace("PORT=8080", f"PORT={port}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")} | service.env
+    proc = await asyncio.create_subprocess_exec("bash", "-euo", "pipefail", "-c", script, cwd=ROOT, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 300)
+    out, err = out.decode(), err.decode()
+    assert proc.returncode == 0, out + err
+    lines = out.splitlines()
+    assert '{"stored":true,"dropped_fields":["hostname"]}' in lines
+    assert any(line.startswith('{"scan_id":"') and line.endswith('"dropped_fields":["browser_history"]}') for line in lines)
+    erased = [line for line in lines if line.startswith("erased ")]
+    assert len(erased) == 1
+    install_id = uuid.UUID(erased[0].split()[1])
+    assert f'"install_id": "{install_id}"' in out  # the export --pretty, indented
+    assert any(line.startswith('telemetry_requests_total{') and 'route="/v1/scans"' in line for line in lines)
+    # Erased: nothing of it is left (it was stored, or the export above would have failed).
+    assert await db.fetchval("SELECT count(*) FROM installations WHERE install_id = $1", install_id) == 0
