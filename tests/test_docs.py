@@ -1,4 +1,5 @@
-"""The README's reference lists against the code, so they cannot drift: problem slugs and the settings table."""
+"""The docs against the code and the live service, so they cannot drift: the README's problem slugs, settings table and
+quickstart (run as is), and docs/api.md against /openapi.json."""
 
 from __future__ import annotations
 
@@ -115,3 +116,48 @@ async def test_readme_quickstart_pastes_as_is_and_reaches_a_stored_heartbeat_and
     assert any(line.startswith('telemetry_requests_total{') and 'route="/v1/scans"' in line for line in lines)
     # Erased: nothing of it is left (it was stored, or the export above would have failed).
     assert await db.fetchval("SELECT count(*) FROM installations WHERE install_id = $1", install_id) == 0
+
+
+# ------------------------------------------------------------------ docs/api.md against /openapi.json
+
+API_MD = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+METHODS = ("get", "put", "post", "delete", "patch")
+
+
+def _api_sections() -> dict[tuple[str, str], str]:
+    """(method, path) of every `### METHOD /path` heading of docs/api.md -> its text."""
+    out = {}
+    for m in re.finditer(r"^### (GET|PUT|POST|DELETE|PATCH) (/\S*)\n(.*?)(?=^#{2,3} |\Z)", API_MD, re.S | re.M):
+        key = (m.group(1).lower(), m.group(2))
+        assert key not in out, f"{key} documented twice"
+        out[key] = m.group(3)
+    return out
+
+
+async def test_api_md_documents_every_endpoint_and_status_of_the_live_openapi_and_no_other(service):
+    status, spec, _ = await service.request("GET", "/openapi.json")
+    assert status == 200
+    live = {(method, path): op for path, ops in spec["paths"].items() for method, op in ops.items() if method in METHODS}
+    sections = _api_sections()
+    assert sorted(set(live) - set(sections)) == [], "endpoints of /openapi.json missing from docs/api.md"
+    assert sorted(set(sections) - set(live)) == [], "docs/api.md documents endpoints /openapi.json lacks"
+    for (method, path), text in sections.items():
+        statuses = re.search(r"^\*\*Statuses:\*\*(.*?)(?:\n\n|\Z)", text, re.S | re.M)
+        assert statuses, f"{method.upper()} {path}: no **Statuses:** line"
+        documented = re.findall(r"`(\d{3})`", statuses.group(1))
+        assert documented == sorted(set(documented)), f"{method.upper()} {path}: statuses repeated or out of order"
+        assert set(documented) == set(live[(method, path)]["responses"]), f"{method.upper()} {path}: statuses differ"
+        # A curl example of this very request (path parameters as shell variables).
+        pattern = re.sub(r"\\\{[a-z_]+\\\}", r"\\$[A-Z_]+", re.escape(path)) + r"(?:\s|$|')"
+        curl = re.search(r"```sh\n(.*?)```", text, re.S)
+        assert curl and "curl " in curl.group(1) and re.search(pattern, curl.group(1)), f"{method.upper()} {path}: no curl example"
+        if method != "get":
+            assert f"-X {method.upper()}" in curl.group(1), f"{method.upper()} {path}: the example uses another method"
+
+
+def test_api_md_problem_types_are_exactly_those_the_code_can_answer():
+    table = API_MD.split("## Problem types", 1)[1]
+    rows = re.findall(r"^\| `([a-z-]+)` \| (\d{3}) \|", table, re.M)
+    assert len(rows) == len({slug for slug, _ in rows})
+    code = {cls.slug: cls.status for cls in _problem_classes()}
+    assert dict((slug, int(status)) for slug, status in rows) == code
