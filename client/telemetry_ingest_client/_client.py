@@ -68,7 +68,7 @@ class ClientError(Exception):
     """The base of this package's errors."""
 
 
-class Answer(dict):
+class Answer(dict[str, Any]):
     """The service's answer: its JSON body as a dict, plus `.status` and `.request_id`."""
 
     def __init__(self, status: int, body: Any = None, request_id: str | None = None) -> None:
