@@ -35,11 +35,14 @@ def write(settings: Settings) -> bool:
     if not settings.port:
         return False
     target = path(settings)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{FILE}.{os.getpid()}")
-    tmp.write_text(json.dumps({"url": url_of(settings.host, settings.port), "host": settings.host,
-                               "port": settings.port, "pid": os.getpid()}) + "\n")
-    os.replace(tmp, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"url": url_of(settings.host, settings.port), "host": settings.host,
+                                   "port": settings.port, "pid": os.getpid()}) + "\n")
+        os.replace(tmp, target)
+    except OSError:
+        return False  # an unusable data directory: serve itself stops on it next, with one line naming it
     return True
 
 

@@ -249,18 +249,20 @@ def test_dsn_without_master_key_is_refused(db_dsn, tmp_path):
 async def test_embedded_default_starts_keeps_data_and_stops(tmp_path):
     data_dir = tmp_path / "data"
     env = {"TELEMETRY_DATA_DIR": str(data_dir)}
-    # Commands work before serve ever ran (they start the embedded server themselves, and stop it).
-    secret = run_cli("enroll-secret", "create", env=env).stdout.strip().splitlines()[-1]
-    key_file = data_dir / "master.key"
-    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    # Only serve creates the data directory (CONTRACT 8): before it ever ran, a command names where it looked.
+    proc = run_cli("enroll-secret", "create", env=env, check=False)
+    assert proc.returncode == 1 and str(data_dir) in proc.stderr and not data_dir.exists()
     install_id = uuid.uuid4()
     server = ServeProcess(env, "--workers", "1")
     try:
         await server.wait_ready()
         assert "embedded PostgreSQL" in server.stderr
-        # ...and while serve runs, against the same data directory.
+        key_file = data_dir / "master.key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        # Commands work while serve runs, against the same data directory...
         admin = run_cli("admin-token", "create", env=env).stdout.strip().splitlines()[-1]
         assert admin.startswith("tiadm_")
+        secret = run_cli("enroll-secret", "create", env=env).stdout.strip().splitlines()[-1]
         async with aiohttp.ClientSession() as http:
             async with http.post(server.url + "/v1/enroll", json={"install_id": str(install_id)}, headers={"Authorization": f"Bearer {secret}"}) as r:
                 assert r.status == 201
@@ -268,12 +270,17 @@ async def test_embedded_default_starts_keeps_data_and_stops(tmp_path):
         assert server.stop() == 0
     pgdata = data_dir / "pgdata"
     assert not (pgdata / "postmaster.pid").exists()  # stopped with serve
+    # ...and once it has made the data directory, without it (they start the embedded server, and stop it).
+    second = run_cli("enroll-secret", "create", env=env).stdout.strip().splitlines()[-1]
+    assert not (pgdata / "postmaster.pid").exists()
     server = ServeProcess(env, "--workers", "1")
     try:
         await server.wait_ready()
         async with aiohttp.ClientSession() as http:
             async with http.post(server.url + "/v1/enroll", json={"install_id": str(install_id)}, headers={"Authorization": f"Bearer {secret}"}) as r:
                 assert r.status == 409  # the enrollment survived the restart
+            async with http.post(server.url + "/v1/enroll", json={"install_id": str(uuid.uuid4())}, headers={"Authorization": f"Bearer {second}"}) as r:
+                assert r.status == 201  # the secret made while serve was stopped
     finally:
         assert server.stop() == 0
 
