@@ -163,3 +163,31 @@ async def test_an_unreachable_service_spools_with_the_synchronous_client_too(tmp
     assert len(delays) == 2 and caught.value.path.exists()
     assert orjson.loads(caught.value.path.read_bytes()) == {"v": 1, "kind": "record", "category": "download",
                                                            "body": {"program": "x"}}
+
+
+async def test_a_redirect_is_not_followed_and_the_spooled_record_is_kept(service, db, tmp_path):
+    """A 3xx means the URL is wrong: the token must not follow it elsewhere, and the record is not at fault."""
+    install_id, token = await service.enroll()
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(service.url + request.path)
+
+    app = web.Application()
+    app.router.add_post("/v1/heartbeats", moved)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    try:
+        client = Client(url, token, spool_dir=tmp_path / "spool")
+        with pytest.raises(Spooled) as caught:
+            await asyncio.to_thread(client.heartbeat, heartbeat_body(install_id))
+        assert "307" in str(caught.value) and len(client.pending()) == 1
+        with pytest.raises(Rejected) as refused:
+            await asyncio.to_thread(Client(url, token).heartbeat, heartbeat_body(install_id))
+        assert refused.value.status == 307
+    finally:
+        await runner.cleanup()
+    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", install_id) == 0
+    assert not list((tmp_path / "spool" / "rejected").iterdir())
