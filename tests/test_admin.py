@@ -267,6 +267,34 @@ async def test_export_of_thousands_of_scans_streams_in_flat_memory(service, db, 
     assert tail.endswith(b'"action":"installation.export"}]}')
 
 
+async def test_export_of_a_long_audit_history_and_many_agents_streams_in_flat_memory(service, db, admin_token):
+    """Agents, tokens and the audit list (which grows with every export) are streamed like the rest."""
+    subject = await populated(service, heartbeats=0, scans=0)
+    await db.execute(
+        "INSERT INTO audit_log (actor, action, install_id, detail) SELECT 'cli', 'installation.export', $1, '{}' "
+        "FROM generate_series(1, $2)", subject.install_id, 400_000)
+    await db.execute(
+        "INSERT INTO agents (install_id, agent_id, name, revoked_at) SELECT $1, gen_random_uuid(), 'agent-' || i, now() "
+        "FROM generate_series(1, $2) i", subject.install_id, 50_000)
+    proc = psutil.Process()
+    gc.collect()
+    baseline = peak = proc.memory_info().rss
+    size = 0
+    tail = b""
+    async with service.http.get(f"{service.url}/v1/admin/installations/{subject.install_id}/export",
+                                headers={"Authorization": f"Bearer {admin_token}"}) as resp:
+        assert resp.status == 200
+        async for chunk in resp.content.iter_chunked(256 * 1024):
+            size += len(chunk)
+            tail = (tail + chunk)[-4096:]
+            peak = max(peak, proc.memory_info().rss)
+    growth = peak - baseline
+    assert size > 400_000 * 40, size
+    # loaded whole, 450,000 rows would take far more than the document itself; streamed, a fraction of it
+    assert growth < size / 4, (growth, size)
+    assert tail.endswith(b'"action":"installation.export"}]}')
+
+
 async def test_export_of_a_scan_of_megabytes(service, db, admin_token):
     """A scan whose ciphertext is over a mebibyte is opened off the event loop, and exported whole."""
     subject = await populated(service, heartbeats=0, scans=0)
