@@ -360,6 +360,16 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def audit_log_disclosure(days: int) -> list[dict[str, str]]:
+    """What the service keeps of its own: the audit log of administrative actions, whatever the policy."""
+    purpose = "accountability: which administrative action (export, erasure, restriction, token and key operations) was done, when"
+    retention = f"{days} days (TELEMETRY_AUDIT_RETENTION_DAYS)"
+    return [
+        {"category": "audit log", "field": field, "purpose": purpose, "stored_as": "plaintext", "retention": retention}
+        for field in ("install_id", "action", "at", "actor (admin token id, 'cli' or 'sweeper')")
+    ]
+
+
 def cmd_policy_show(args: argparse.Namespace) -> int:
     import orjson
 
@@ -370,6 +380,7 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
     # The configured heartbeat history applies to the policy serve enforces; another file states its own.
     history = settings.heartbeat_retention_days if policy == builtin() else None
     rows = policy.disclosure_rows(heartbeat_retention_days=history, inactive_days=settings.inactive_days)
+    rows += audit_log_disclosure(settings.audit_retention_days)
     if args.format == "json":
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return 0

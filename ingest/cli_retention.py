@@ -30,6 +30,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     for table in sorted(result.rows_deleted):
         print(f"{table}: {result.rows_deleted[table]} row(s) deleted, {result.partitions_dropped[table]} partition(s) dropped")
+    print(f"audit log rows past retention deleted: {result.audit_rows_deleted}")
     print(f"installations erased: {result.installations_erased}")
     print(f"data keys added: {result.data_keys_added}")
     print(f"partitions created: {result.partitions_created}")

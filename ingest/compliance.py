@@ -5,7 +5,8 @@ finding per broken promise:
 
 - schema      every table and column is declared in storage/layout.py
 - retention   no scan past expires_at, no heartbeat history past its retention,
-              no installation kept past the inactivity limit (each beyond one sweep interval)
+              no installation kept past the inactivity limit, no audit row past the audit
+              log's retention (each beyond one sweep interval)
 - erasure     no erasure left half-done, no row of an installation that no longer exists
 - ciphertext  e-mails and scans hold sealed records (crypto.envelope format) only
 - json        JSON columns hold declared keys with scalar values only
@@ -29,6 +30,7 @@ from crypto.keyring import WRAPPED_SIZE, KeyRing
 from crypto.tokens import PREFIXES
 from ingest.settings import Settings
 from storage import admin, keystore
+from storage import audit as audit_log
 from storage.layout import KEY_COLUMNS, TABLES
 
 TEXT_TYPES = ("text", "character varying", "character", "json", "jsonb")
@@ -80,6 +82,10 @@ async def audit_database(conn, ks, ring: KeyRing, settings: Settings) -> list[Fi
     for table, n in overdue.items():
         if n:
             add("retention", f"{n} row(s) in {table} {limits[table]}")
+    grace = dt.timedelta(seconds=settings.sweep_interval)
+    n = await audit_log.count_older_than(conn, dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=settings.audit_retention_days) - grace)
+    if n:
+        add("retention", f"{n} row(s) in audit_log older than {settings.audit_retention_days} days")
 
     # erasure
     for install_id in await admin.unfinished_erasures(conn):
@@ -123,7 +129,6 @@ async def audit_database(conn, ks, ring: KeyRing, settings: Settings) -> list[Fi
     n = await keystore.badly_wrapped(ks, WRAPPED_SIZE, _WRAP_VERSION)
     if n:
         add("keys", f"{n} data key(s) are not in the wrapped format (stored unwrapped?)")
-    grace = dt.timedelta(seconds=settings.sweep_interval)
     n = await keystore.count_expired(ks, dt.datetime.now(dt.timezone.utc) - grace)
     if n:
         add("keys", f"{n} epoch key(s) in the key store outlived their epoch by more than one sweep interval")

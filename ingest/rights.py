@@ -101,30 +101,33 @@ class Export:
         """The document in pieces of about CHUNK bytes; memory stays bounded by the largest single record."""
         conn, install_id = self._conn, self.install_id
         buf = bytearray(self._head)
-        buf += b',"heartbeats":['
-        first = True
-        async for r in admin.heartbeat_history(conn, install_id, self._history_days):
-            if not first:
-                buf += b","
-            first = False
-            buf += _dumps(dict(r))
-            if len(buf) >= CHUNK:
-                yield bytes(buf)
-                buf.clear()
-        buf += b'],"agents":' + _dumps([dict(r) for r in await admin.agents_of(conn, install_id)])
-        buf += b',"tokens":' + _dumps([dict(r) for r in await admin.tokens_of(conn, install_id)])
-        buf += b',"scans":['
-        first = True
-        async for piece in self._scans():
-            if not first:
-                buf += b","
-            first = False
-            buf += piece
-            if len(buf) >= CHUNK:
-                yield bytes(buf)
-                buf.clear()
-        buf += b'],"audit":' + _dumps([dict(r) for r in await admin.audit_of(conn, install_id)]) + b"}"
+        sections = (
+            ("heartbeats", self._rows(admin.heartbeat_history(conn, install_id, self._history_days))),
+            ("agents", self._rows(admin.agents_of(conn, install_id))),
+            ("tokens", self._rows(admin.tokens_of(conn, install_id))),
+            ("scans", self._scans()),
+            ("audit", self._rows(admin.audit_of(conn, install_id))),
+        )
+        for name, pieces in sections:
+            buf += b',"' + name.encode() + b'":['
+            first = True
+            async for piece in pieces:
+                if not first:
+                    buf += b","
+                first = False
+                buf += piece
+                if len(buf) >= CHUNK:
+                    yield bytes(buf)
+                    buf.clear()
+            buf += b"]"
+        buf += b"}"
         yield bytes(buf)
+
+    @staticmethod
+    async def _rows(cursor) -> AsyncIterator[bytes]:
+        """Each row of a server-side cursor as a JSON object."""
+        async for r in cursor:
+            yield _dumps(dict(r))
 
     async def _scans(self) -> AsyncIterator[bytes]:
         """Each unexpired scan as JSON, its document decrypted (spliced in as stored: canonical JSON)."""

@@ -116,6 +116,7 @@ class Settings:
     policy: Path | None = _setting(None, lambda v: Path(_nonempty(v)), "path of a policy file (TOML, docs/policy.md); unset: the built-in policy (policy/builtin.toml)")
     # Beyond the contract (documented in the README).
     heartbeat_retention_days: int = _setting(30, _int(1, 3650), "days of heartbeat history kept")
+    audit_retention_days: int = _setting(730, _int(30, 36500), "days the audit log of administrative actions keeps a row (at least 30)")
     inactive_days: int = _setting(400, _int(1, 36500), "days without heartbeat after which an installation is removed")
     # Data keys are replaced long before AES-GCM's random-nonce bound of 2**32 messages per key.
     data_key_max_uses: int = _setting(100_000_000, _int(1, 1 << 31), "records sealed under one data key before the sweeper adds a new one")

@@ -40,6 +40,7 @@ def rules_from(settings: Settings) -> Rules:
     return Rules(
         heartbeat_retention=dt.timedelta(days=settings.heartbeat_retention_days),
         inactive=dt.timedelta(days=settings.inactive_days),
+        audit_retention=dt.timedelta(days=settings.audit_retention_days),
         data_key_max_uses=settings.data_key_max_uses,
         data_key_max_age=dt.timedelta(days=settings.data_key_max_age_days),
     )

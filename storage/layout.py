@@ -75,7 +75,7 @@ AUDIT_DETAIL_KEYS = frozenset({
     # key rotation
     "primary", "from", "rewrapped", "kek_id",
     # table names used as keys of the counts above
-    "heartbeats", "scans", "installations", "agents", "tokens", "data_keys",
+    "heartbeats", "scans", "installations", "agents", "tokens", "data_keys", "audit_log",
 })
 
 TABLES: dict[str, Table] = {

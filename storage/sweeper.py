@@ -27,7 +27,8 @@ One sweep, `sweep(conn, now, rules)`, in this order:
    more; and, ahead of their epoch's end, those a shortened retention left without a scan
    (`retire_spare_epoch_keys`: retired first, destroyed once every worker's cache has let go
    of them); vacuum the key store's tables so the destroyed keys leave them now;
-8. give installations whose newest record key is worn a new one (storage.keystore);
+8. give installations whose newest record key is worn a new one (storage.keystore); delete
+   audit log rows older than `audit_retention` (never younger than 30 days: storage.audit);
 9. write an audit row if anything was removed; release the lock.
 
 Every step commits on its own and is idempotent, so a sweep killed at any point leaves nothing
@@ -52,7 +53,7 @@ import asyncpg
 
 from storage import admin, keystore, partitions
 from storage import scans as scan_store
-from storage.audit import record
+from storage.audit import delete_older_than, record
 from storage.policy import MAX_SCAN_RETENTION_HOURS
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Rules:
 
     heartbeat_retention: dt.timedelta = dt.timedelta(days=30)
     inactive: dt.timedelta = dt.timedelta(days=400)
+    audit_retention: dt.timedelta = dt.timedelta(days=730)
     scan_max_retention: dt.timedelta = dt.timedelta(hours=MAX_SCAN_RETENTION_HOURS)
     data_key_max_uses: int = 100_000_000
     data_key_max_age: dt.timedelta = dt.timedelta(days=90)
@@ -102,18 +104,20 @@ class SweepResult:
     installations_erased: int = 0
     data_keys_added: int = 0
     data_keys_destroyed: int = 0  # epoch keys whose epoch ended
+    audit_rows_deleted: int = 0  # audit log rows past their retention
     seconds: float = 0.0
     deferred: list[str] = field(default_factory=list)  # steps left for the next sweep (a lock held too long)
 
     @property
     def removed_anything(self) -> bool:
         return (any(self.rows_deleted.values()) or any(self.partitions_dropped.values()) or self.installations_erased > 0
-                or self.data_keys_destroyed > 0)
+                or self.data_keys_destroyed > 0 or self.audit_rows_deleted > 0)
 
     def audit_detail(self) -> dict[str, int]:
         """Scalar counts only (storage.layout.AUDIT_DETAIL_KEYS): rows per table, installations, partitions."""
         return {**self.rows_deleted, "installations": self.installations_erased,
-                "partitions": sum(self.partitions_dropped.values()), "keys_destroyed": self.data_keys_destroyed}
+                "partitions": sum(self.partitions_dropped.values()), "keys_destroyed": self.data_keys_destroyed,
+                "audit_log": self.audit_rows_deleted}
 
     def summary(self) -> dict:
         """The counts, for the audit log and the command line."""
@@ -124,6 +128,7 @@ class SweepResult:
             "installations_erased": self.installations_erased,
             "data_keys_added": self.data_keys_added,
             "data_keys_destroyed": self.data_keys_destroyed,
+            "audit_rows_deleted": self.audit_rows_deleted,
             "deferred": list(self.deferred),
         }
 
@@ -166,6 +171,8 @@ async def sweep(conn: asyncpg.Connection, ks: asyncpg.Connection, now: dt.dateti
         if "scans" in result.rows_deleted:
             async with _unless_locked(result, "deleting scans"):
                 await delete_expired_rows(conn, "scans", "expires_at", now, rules.batch_rows, result)
+        async with _unless_locked(result, "deleting audit rows"):
+            result.audit_rows_deleted = await delete_older_than(conn, now - rules.audit_retention, batch=rules.batch_rows)
         replayed = await replay_erasures(conn, ks, grace=rules.erase_grace)
         await finish_interrupted_erasures(conn, grace=rules.erase_grace)
         result.installations_erased = replayed + await erase_inactive(conn, ks, now - rules.inactive, grace=rules.erase_grace)

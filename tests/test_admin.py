@@ -267,6 +267,34 @@ async def test_export_of_thousands_of_scans_streams_in_flat_memory(service, db, 
     assert tail.endswith(b'"action":"installation.export"}]}')
 
 
+async def test_export_of_a_long_audit_history_and_many_agents_streams_in_flat_memory(service, db, admin_token):
+    """Agents, tokens and the audit list (which grows with every export) are streamed like the rest."""
+    subject = await populated(service, heartbeats=0, scans=0)
+    await db.execute(
+        "INSERT INTO audit_log (actor, action, install_id, detail) SELECT 'cli', 'installation.export', $1, '{}' "
+        "FROM generate_series(1, $2)", subject.install_id, 400_000)
+    await db.execute(
+        "INSERT INTO agents (install_id, agent_id, name, revoked_at) SELECT $1, gen_random_uuid(), 'agent-' || i, now() "
+        "FROM generate_series(1, $2) i", subject.install_id, 50_000)
+    proc = psutil.Process()
+    gc.collect()
+    baseline = peak = proc.memory_info().rss
+    size = 0
+    tail = b""
+    async with service.http.get(f"{service.url}/v1/admin/installations/{subject.install_id}/export",
+                                headers={"Authorization": f"Bearer {admin_token}"}) as resp:
+        assert resp.status == 200
+        async for chunk in resp.content.iter_chunked(256 * 1024):
+            size += len(chunk)
+            tail = (tail + chunk)[-4096:]
+            peak = max(peak, proc.memory_info().rss)
+    growth = peak - baseline
+    assert size > 400_000 * 40, size
+    # loaded whole, 450,000 rows would take far more than the document itself; streamed, a fraction of it
+    assert growth < size / 4, (growth, size)
+    assert tail.endswith(b'"action":"installation.export"}]}')
+
+
 async def test_export_of_a_scan_of_megabytes(service, db, admin_token):
     """A scan whose ciphertext is over a mebibyte is opened off the event loop, and exported whole."""
     subject = await populated(service, heartbeats=0, scans=0)
@@ -631,6 +659,40 @@ async def test_audit_log_is_append_only(service, db):
     # appending still works
     await db.execute("INSERT INTO audit_log (actor, action) VALUES ('cli', 'test')")
     assert await db.fetchval("SELECT count(*) FROM audit_log") == 2
+
+
+async def test_the_audit_log_keeps_its_rows_for_its_retention_and_no_longer(service, db, ks):
+    """TELEMETRY_AUDIT_RETENTION_DAYS: the sweeper deletes older rows; nothing younger than 30 days
+    goes, whatever the retention, and outside the sweeper's marked transaction nothing goes at all."""
+    from storage.sweeper import Rules, sweep
+
+    await db.execute("INSERT INTO audit_log (at, actor, action) SELECT now() - d * interval '1 day', 'cli', 'old' "
+                     "FROM unnest(ARRAY[800, 731, 729, 40, 10]) d")
+    now = dt.datetime.now(dt.timezone.utc)
+    result = await sweep(db, ks, now, Rules(audit_retention=dt.timedelta(days=730), erase_grace=0))
+    assert result.audit_rows_deleted == 2
+    ages = sorted(r[0] for r in await db.fetch("SELECT extract(day FROM now() - at)::int FROM audit_log WHERE action = 'old'"))
+    assert ages == [10, 40, 729]
+    # a retention below the 30-day floor deletes only what is older than 30 days
+    result = await sweep(db, ks, now, Rules(audit_retention=dt.timedelta(days=1), erase_grace=0))
+    assert result.audit_rows_deleted == 2
+    assert [r[0] for r in await db.fetch("SELECT extract(day FROM now() - at)::int FROM audit_log WHERE action = 'old'")] == [10]
+    # the trigger itself: even marked, a young row cannot be deleted
+    async with db.transaction():
+        await db.execute("SET LOCAL telemetry.audit_sweep = 'on'")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await db.execute("DELETE FROM audit_log WHERE action = 'old'")
+    # disclosed by policy show, with the configured retention
+    out = service.cli("policy", "show", "--format", "json").stdout
+    rows = [r for r in orjson.loads(out) if r["category"] == "audit log"]
+    assert {r["field"].split()[0] for r in rows} == {"install_id", "action", "at", "actor"}
+    assert all(r["retention"].startswith("730 days") for r in rows)
+    # and audit reports a row kept past it
+    await db.execute("ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update")
+    await db.execute("UPDATE audit_log SET at = now() - interval '900 days' WHERE action = 'old'")
+    await db.execute("ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update")
+    proc = service.cli("audit", check=False)
+    assert proc.returncode == 1 and "1 row(s) in audit_log older than 730 days" in proc.stdout, proc.stdout
 
 
 async def test_audit_log_privileges_for_an_application_role(db, db_dsn):

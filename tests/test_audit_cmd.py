@@ -206,5 +206,5 @@ def test_policy_show_is_the_disclosure_table():
         assert by_field["scan", path]["stored_as"] == "encrypted"
     assert by_field["scan", "scan_id"]["stored_as"] == "plaintext (lookup key)"
     assert all(r["purpose"] and r["retention"] for r in as_json)
-    assert {r["category"] for r in as_json} == {"installation", "scan", "agent"}
+    assert {r["category"] for r in as_json} == {"installation", "scan", "agent", "audit log"}
     assert len([r for r in as_json if r["category"] == "scan"]) > len(SCAN.fields)
