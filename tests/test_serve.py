@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import orjson
 import psutil
 import pytest
 
@@ -257,6 +258,9 @@ async def test_embedded_default_starts_keeps_data_and_stops(tmp_path):
     try:
         await server.wait_ready()
         assert "embedded PostgreSQL" in server.stderr
+        # The start-up line names the address; the data directory holds it for demo and send.
+        assert f"telemetry-ingest listening on {server.url} with 1 worker(s)" in server.stderr.splitlines()
+        assert orjson.loads((data_dir / "serve.json").read_bytes())["url"] == server.url
         key_file = data_dir / "master.key"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         # Commands work while serve runs, against the same data directory...
@@ -270,6 +274,7 @@ async def test_embedded_default_starts_keeps_data_and_stops(tmp_path):
         assert server.stop() == 0
     pgdata = data_dir / "pgdata"
     assert not (pgdata / "postmaster.pid").exists()  # stopped with serve
+    assert not (data_dir / "serve.json").exists()  # and its address with it
     # ...and once it has made the data directory, without it (they start the embedded server, and stop it).
     second = run_cli("enroll-secret", "create", env=env).stdout.strip().splitlines()[-1]
     assert not (pgdata / "postmaster.pid").exists()
