@@ -85,7 +85,7 @@ async def _connect(resolved: Resolved):
 
     settings = resolved.settings
     try:
-        conn = await connect(settings.dsn)
+        conn = await connect(settings.dsn, statement_cache_size=settings.db_statement_cache)
     except asyncpg.ClientConfigurationError as exc:  # asyncpg's own check of the DSN's parameters; names no secret
         raise CliError(f"TELEMETRY_DSN: {exc}") from None
     except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
@@ -95,7 +95,7 @@ async def _connect(resolved: Resolved):
         if resolved.keystore_default:
             await ensure_keystore_database(conn, settings.keystore_dsn)
         try:
-            ks = await connect(settings.keystore_dsn)
+            ks = await connect(settings.keystore_dsn, statement_cache_size=settings.db_statement_cache)
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
             raise CliError(f"TELEMETRY_KEYSTORE_DSN: cannot connect to the key store: {type(exc).__name__}") from None
         try:

@@ -17,9 +17,13 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(typ, encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads, schema="pg_catalog")
 
 
-async def connect(dsn: str, *, timeout: float = 10) -> asyncpg.Connection:
-    """One connection with the same codecs as the pool's (for the command line and tests)."""
-    conn = await asyncpg.connect(dsn, timeout=timeout)
+async def connect(dsn: str, *, timeout: float = 10, statement_cache_size: int = 100) -> asyncpg.Connection:
+    """One connection with the same codecs as the pool's (for the command line and tests).
+
+    statement_cache_size=0 (TELEMETRY_DB_STATEMENT_CACHE) behind PgBouncer in transaction mode: a
+    named prepared statement lives on one server connection and the next transaction may get another.
+    """
+    conn = await asyncpg.connect(dsn, timeout=timeout, statement_cache_size=statement_cache_size)
     await _init_connection(conn)
     return conn
 
