@@ -628,6 +628,8 @@ async def test_a_worker_that_does_not_get_the_lock_still_reports_the_ages(servic
     ring = KeyRing.from_setting(service.settings.master_key)
     install_id = await add_installation(db, ks, ring, last_seen_at=now)
     await add_heartbeat(db, install_id, now - 2 * HOUR)
+    _, text, _ = await service.request("GET", "/metrics")
+    last_success = metric(text, "telemetry_sweep_last_success_timestamp_seconds")  # the sweep at start
     other = Lease(db, holder="another node")
     assert await other.take()
     try:
@@ -638,7 +640,22 @@ async def test_a_worker_that_does_not_get_the_lock_still_reports_the_ages(servic
     _, text, _ = await service.request("GET", "/metrics")
     assert metric(text, "telemetry_oldest_heartbeat_age_seconds") == (2 * HOUR).total_seconds()
     assert metric(text, "telemetry_oldest_scan_age_seconds") == 0
-    assert metric(text, "telemetry_sweep_last_success_timestamp_seconds") == 0
+    assert metric(text, "telemetry_sweep_last_success_timestamp_seconds") == last_success  # a skipped tick is no success
+
+
+async def test_the_first_sweep_runs_at_start(db_dsn, master_key, tmp_path, db, ks):
+    """Not one interval later: what expired while the service was down goes at once, and the
+    last-success gauge an alert watches is set within seconds of a start."""
+    now = dt.datetime.now(UTC)
+    await partitions_around(db, now, back=32)
+    ring = KeyRing.from_setting(master_key)
+    install_id = await add_installation(db, ks, ring, last_seen_at=now)
+    await add_heartbeat(db, install_id, now - 31 * DAY)
+    started = time.time()
+    async with start_service(db_dsn, master_key, tmp_path, sweep_interval=3600) as svc:
+        assert await heartbeat_times(db) == []
+        _, text, _ = await svc.request("GET", "/metrics")
+    assert started <= metric(text, "telemetry_sweep_last_success_timestamp_seconds") <= time.time()
 
 
 async def test_sweep_once_from_the_command_line(service, db, ks):
