@@ -38,6 +38,7 @@ async def storage_ctx(app: web.Application):
     try:
         async with pool.acquire() as conn:
             await check_durability(conn)
+            app[METRICS].set_build_info(await conn.fetchval("SHOW server_version"))
             if s.keystore_dsn is None:
                 await ensure_keystore_database(conn, ks_dsn)
             ks_pool = await create_pool(ks_dsn, max_size=KEYSTORE_POOL_SIZE, statement_cache_size=s.db_statement_cache)

@@ -385,7 +385,12 @@ class _SecretFlag(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import platform
+
+    from ingest import version
+
     parser = argparse.ArgumentParser(prog="telemetry-ingest", description="Secure telemetry ingestion service.")
+    parser.add_argument("--version", action="version", version=f"telemetry-ingest {version()} (Python {platform.python_version()})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the service", formatter_class=argparse.RawDescriptionHelpFormatter,
