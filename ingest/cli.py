@@ -41,6 +41,7 @@ class Resolved:
         from crypto.keyring import KeyRing, load_or_create_key_file
 
         self.embedded = None
+        self.key_file = None  # embedded mode's key file, when the keys came from it
         if settings.dsn is None:
             from storage.embedded import EmbeddedPostgres
 
@@ -59,6 +60,7 @@ class Resolved:
                 print(f"warning: generated a new key-encryption key in {key_file} (mode 0600); back it up: "
                       "without it the stored e-mails and scans cannot be read", file=sys.stderr)
             settings = settings.replace(master_key=value)
+            self.key_file = key_file
         try:
             self.ring = KeyRing.from_setting(settings.master_key)
         except KeyError_ as exc:
@@ -143,9 +145,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(_prepare(resolved))
         from ingest.server import serve
 
-        return serve(resolved.settings)
+        return serve(resolved.settings, key_file=resolved.key_file, reload=_reloader(resolved.key_file))
     finally:
         resolved.close()
+
+
+def _reloader(key_file):
+    """What a SIGHUP gives the new workers: the same settings, with the key file read again (embedded mode)."""
+
+    def reload(settings: Settings) -> Settings:
+        if key_file is None:
+            return settings
+        from crypto.keyring import KeyRing
+
+        value = key_file.read_text().strip()
+        KeyRing.from_setting(value)  # checked here: a bad file keeps the workers as they are
+        return settings.replace(master_key=value)
+
+    return reload
 
 
 async def _prepare(resolved: Resolved) -> None:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from ingest.auth import Authenticator
     from ingest.batching import GroupCommitWriter
     from ingest.metrics import Metrics
+    from ingest.nodes import NodeReporter
     from ingest.routes_scans import Retentions
     from ingest.settings import Settings
     from ingest.sweeper_ctx import Sweeper
@@ -30,6 +31,9 @@ SCAN_WRITER = web.AppKey("scan_writer", "GroupCommitWriter")
 SCAN_PREPARE = web.AppKey("scan_prepare", ThreadPoolExecutor)
 SCAN_RETENTION = web.AppKey("scan_retention", "Retentions")
 SWEEPER = web.AppKey("sweeper", "Sweeper")
+# Embedded mode: the key file the worker's ring came from (watched: ingest.nodes); None otherwise.
+KEY_FILE = web.AppKey("key_file", object)
+NODES = web.AppKey("nodes", "NodeReporter")
 
 # Per request: the id (never the token) of the token that authenticated it, for the access line.
 TOKEN_ID = web.RequestKey("token_id", str)

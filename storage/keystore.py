@@ -24,6 +24,7 @@ import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -287,3 +288,49 @@ async def adopt_legacy_keys(data: asyncpg.Connection, keystore: asyncpg.Connecti
     if missing:
         raise RuntimeError(f"{missing} data key(s) did not reach the key store; the data database keeps them")
     return len(rows)
+
+
+# ---------------------------------------------------------------- the nodes and the keys they hold
+#
+# Each worker of `serve` says every NODE_REPORT_INTERVAL which KEK ids it holds (ingest.nodes);
+# one that has not said so for NODE_LIVE_SECONDS is taken for gone (killed without a goodbye).
+
+NODE_REPORT_INTERVAL = 10.0
+NODE_LIVE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Node:
+    """A live worker: its id (host:pid), the KEK ids it holds (primary first), when it last said so."""
+
+    node_id: str
+    kek_ids: tuple[str, ...]
+    seen_at: dt.datetime
+
+    @property
+    def primary(self) -> str:
+        return self.kek_ids[0]
+
+
+async def report_node(conn, node_id: str, kek_ids: Sequence[str]) -> None:
+    """Record that node_id holds kek_ids (primary first), now."""
+    await conn.execute(
+        "INSERT INTO nodes (node_id, kek_ids) VALUES ($1, $2::text[]) "
+        "ON CONFLICT (node_id) DO UPDATE SET kek_ids = excluded.kek_ids, seen_at = now()",
+        node_id, list(kek_ids),
+    )
+
+
+async def forget_node(conn, node_id: str) -> None:
+    """A worker stopping cleanly takes itself off the list."""
+    await conn.execute("DELETE FROM nodes WHERE node_id = $1", node_id)
+
+
+async def live_nodes(conn, live_seconds: float = NODE_LIVE_SECONDS) -> list[Node]:
+    """Workers that reported within live_seconds (the others' rows are deleted on the way)."""
+    await conn.execute("DELETE FROM nodes WHERE seen_at < now() - make_interval(secs => $1) * 10", live_seconds)
+    rows = await conn.fetch(
+        "SELECT node_id, kek_ids, seen_at FROM nodes WHERE seen_at >= now() - make_interval(secs => $1) ORDER BY node_id",
+        live_seconds,
+    )
+    return [Node(r["node_id"], tuple(r["kek_ids"]), r["seen_at"]) for r in rows]
