@@ -296,3 +296,114 @@ async def test_migrations_are_safe_when_processes_start_at_once(pg_server_dsn):
     finally:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await admin.close()
+
+
+# ------------------------------------------------------------------ watchdog, reload, version
+
+
+async def _wait_for(predicate, timeout: float, step: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(step)
+    return predicate()
+
+
+async def test_a_stopped_worker_is_killed_and_replaced_by_the_watchdog(external_env, db):
+    from ingest.server import WATCHDOG_TIMEOUT
+
+    server = ServeProcess(external_env, "--workers", "2")
+    try:
+        await server.wait_ready()
+        pids = server.workers()
+        assert len(pids) == 2
+        os.kill(pids[0], signal.SIGSTOP)  # alive to waitpid, but answering nothing
+        stopped = time.monotonic()
+        replaced = await _wait_for(lambda: len(server.workers()) == 2 and pids[0] not in server.workers(), 40)
+        took = time.monotonic() - stopped
+        assert replaced, "a stopped worker was not replaced"
+        assert WATCHDOG_TIMEOUT - 1 <= took <= WATCHDOG_TIMEOUT + 10, took  # the watchdog's bound, not an exit
+        assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE
+        assert pids[1] in server.workers()  # the healthy one was left alone
+        await server.wait_ready()
+        async with aiohttp.ClientSession() as http:
+            install_id, token = await enroll(http, server.url, external_env)
+            async with http.post(server.url + "/v1/heartbeats", json=heartbeat_body(install_id),
+                                 headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == 200
+        stderr = server.stderr
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert "stopped answering" in stderr
+
+
+async def test_sighup_replaces_workers_one_at_a_time_refusing_nothing(external_env, db):
+    server = ServeProcess(external_env, "--workers", "2")
+    try:
+        await server.wait_ready()
+        old = set(server.workers())
+        async with aiohttp.ClientSession() as http:
+            install_id, token = await enroll(http, server.url, external_env)
+        statuses: list[object] = []
+        done = asyncio.Event()
+
+        async def traffic():  # a new connection per request: each one goes through accept()
+            while not done.is_set():
+                try:
+                    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+                        async with http.post(server.url + "/v1/heartbeats", json=heartbeat_body(install_id),
+                                             headers={"Authorization": f"Bearer {token}"}) as r:
+                            statuses.append(r.status)
+                except aiohttp.ClientError as exc:
+                    statuses.append(type(exc).__name__)
+
+        clients = [asyncio.create_task(traffic()) for _ in range(3)]
+        await asyncio.sleep(0.5)
+        server.proc.send_signal(signal.SIGHUP)
+        seen_at_once = []
+
+        def reloaded():
+            now = set(server.workers())
+            seen_at_once.append(len(now))
+            return len(now) == 2 and not (now & old)
+
+        assert await _wait_for(reloaded, 60), f"workers not all replaced: {old} -> {server.workers()}"
+        await asyncio.sleep(0.5)
+        done.set()
+        await asyncio.gather(*clients)
+        stderr = server.stderr
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert len(statuses) > 20 and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    assert await db.fetchval("SELECT count(*) FROM heartbeats") == len(statuses)
+    assert max(seen_at_once) <= 3  # one at a time: never more than one extra worker
+    assert "workers reloaded" in stderr
+
+
+def test_version(external_env):
+    from importlib.metadata import version
+
+    proc = run_cli("--version", env=external_env)
+    assert proc.stdout.strip().startswith(f"telemetry-ingest {version('telemetry-ingest')} ")
+
+
+async def test_build_info_metric(external_env, db):
+    import platform
+    from importlib.metadata import version
+
+    server = ServeProcess(external_env, "--workers", "2")
+    try:
+        await server.wait_ready()
+        async with aiohttp.ClientSession() as http, http.get(server.url + "/metrics") as r:
+            text = await r.text()
+    finally:
+        server.stop()
+    pg = await db.fetchval("SHOW server_version")
+    lines = [l for l in text.splitlines() if l.startswith("telemetry_build_info{")]
+    assert len(lines) == 1, lines  # one series however many workers
+    assert f'postgresql="{pg}"' in lines[0] and f'python="{platform.python_version()}"' in lines[0]
+    assert f'version="{version("telemetry-ingest")}"' in lines[0] and lines[0].endswith(" 1.0")
