@@ -72,6 +72,10 @@ async def rotate(conn, ks, ring, *, batch: int) -> int:
     from storage.audit import record
     from storage.keystore import count_not_wrapped_by, kek_ids, rewrap_batch
 
+    missing = ring.missing(list(await kek_ids(ks)))
+    if missing:
+        raise CliError(f"TELEMETRY_MASTER_KEY: data keys are wrapped by key id(s) {', '.join(missing)}, "
+                       "which are not configured; add them (after the new primary) and run again")
     lacking = await nodes_lacking(ks, ring.primary_id)
     if lacking:
         # Re-wrapped under a key a running worker lacks, a data key it has not cached would be
@@ -79,10 +83,6 @@ async def rotate(conn, ks, ring, *, batch: int) -> int:
         raise CliError(f"keys rotate: {len(lacking)} running worker(s) do not hold the new primary key {ring.primary_id}: "
                        f"{_describe(lacking)}. Restart them with it (TELEMETRY_MASTER_KEY, the new key first; in embedded "
                        "mode they load the key file by themselves within seconds) and run `keys rotate` again")
-    missing = ring.missing(list(await kek_ids(ks)))
-    if missing:
-        raise CliError(f"TELEMETRY_MASTER_KEY: data keys are wrapped by key id(s) {', '.join(missing)}, "
-                       "which are not configured; add them (after the new primary) and run again")
     total = 0
     retries = 0
     while True:
@@ -119,9 +119,9 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
             print(f"added key {new_id} to {key_file} as the primary key", file=sys.stderr)
             # A running `serve` loads the key file by itself (ingest.nodes): wait until every live
             # worker says it holds the new key; rotate() refuses if one still does not.
-            lacking = await wait_for_nodes(resolved.ks, new_id, GENERATE_WAIT)
+            lacking = await wait_for_nodes(resolved.ks, new_id, args.wait)
             if lacking:
-                print(f"waited {GENERATE_WAIT:.0f} s for the running workers to load the new key", file=sys.stderr)
+                print(f"waited {args.wait:g} s for the running workers to load the new key", file=sys.stderr)
         total = await rotate(conn, resolved.ks, ring, batch=args.batch)
         from storage.keystore import live_nodes
 
@@ -157,4 +157,6 @@ def add_commands(sub, keys) -> None:
     rotate.add_argument("--generate", action="store_true",
                         help="embedded mode: first add a new primary key to <data dir>/master.key")
     rotate.add_argument("--batch", type=_positive, default=ROTATE_BATCH, metavar="N", help="data keys per transaction")
+    rotate.add_argument("--wait", type=float, default=GENERATE_WAIT, metavar="SECONDS",
+                        help="with --generate: how long to wait for running workers to load the new key")
     rotate.set_defaults(func=cmd_keys_rotate)
