@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from storage.pool import cursor
+
 EPOCH_KEY_BASE = 1 << 30  # key ids from here on are epoch keys (crypto.datakeys.epoch_key_id)
 KEYS_PACKAGE = "storage.keystore_migrations"
 
@@ -59,7 +61,8 @@ async def create_database(server: asyncpg.Connection, name: str) -> bool:
         return False
     try:
         await server.execute('CREATE DATABASE "' + name.replace('"', '""') + '"')
-    except asyncpg.DuplicateDatabaseError:  # another process made it meanwhile
+    except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+        # Another process made it meanwhile (two at once collide on pg_database's unique index).
         return False
     return True
 
@@ -256,7 +259,7 @@ async def badly_wrapped(conn, size: int, version: int) -> int:
 
 async def all_keys(conn, *, prefetch: int = 10_000) -> AsyncIterator[tuple[uuid.UUID, int]]:
     """(install_id, key_id) of every key, sorted (inside a transaction)."""
-    async for r in conn.cursor("SELECT install_id, key_id FROM data_keys ORDER BY install_id, key_id", prefetch=prefetch):
+    async for r in cursor(conn, "SELECT install_id, key_id FROM data_keys ORDER BY install_id, key_id", prefetch=prefetch):
         yield r[0], r[1]
 
 

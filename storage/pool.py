@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -56,6 +57,26 @@ async def acquire_until(pool: asyncpg.Pool, deadline: float | None) -> AsyncIter
         except (asyncio.CancelledError, TimeoutError):
             conn.terminate()
             raise
+
+
+async def cursor(conn: asyncpg.Connection, query: str, *args, prefetch: int = 1000) -> AsyncIterator[asyncpg.Record]:
+    """The rows of query through a server-side cursor (use inside a transaction), safe behind a pooler.
+
+    asyncpg's conn.cursor() prepares a statement named __asyncpg_stmt_N__ (N counts from 1 on every
+    connection) and closes it only at some later query. Behind PgBouncer in transaction mode that
+    later query may run on another server connection: the statement stays behind on this one, and
+    the next client's first cursor there fails with DuplicatePreparedStatementError. So the
+    statement gets a name no other client uses and is deallocated before the transaction ends.
+    """
+    name = f"ti_cursor_{uuid.uuid4().hex}"
+    stmt = await conn.prepare(query, name=name)
+    try:
+        async for row in stmt.cursor(*args, prefetch=prefetch):
+            yield row
+    finally:
+        # In a failed transaction this fails too: the name is unique, so what stays behind is harmless.
+        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError):
+            await conn.execute(f'DEALLOCATE "{name}"')
 
 
 def acquire_within(pool: asyncpg.Pool, timeout: float | None) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
