@@ -120,6 +120,11 @@ async def destroy_installation(conn, install_id: uuid.UUID) -> int:
     return n
 
 
+async def holds_keys_of(conn, install_id: uuid.UUID) -> bool:
+    """Whether the store holds any data key of the installation."""
+    return bool(await conn.fetchval("SELECT true FROM data_keys WHERE install_id = $1 LIMIT 1", install_id))
+
+
 async def tombstones(conn, install_ids: Sequence[uuid.UUID] | None = None) -> dict[uuid.UUID, dt.datetime]:
     """install_id -> erased_at, of the given installations (all if None)."""
     if install_ids is None:

@@ -742,3 +742,28 @@ async def test_the_data_key_cache_picks_up_a_new_key_after_its_ttl(db, ring, ks)
     assert (await cache.current(install_id)).key_id == 2
     assert cache.drain_uses() == {(install_id, 1): 2, (install_id, 2): 1}
     assert cache.drain_uses() == {}
+
+
+async def test_erase_destroys_keys_a_restored_key_store_brought_back(service, db, ks):
+    """docs/operations.md, restoring an older key store: the installation is gone from the data
+    database, its keys (and no tombstone) are back in the store; `erase ID` destroys them again."""
+    install_id, _ = await service.enroll()
+    saved = await ks.fetch("SELECT * FROM data_keys WHERE install_id = $1", install_id)
+    assert saved
+    service.cli("erase", str(install_id))
+    assert await ks.fetchval("SELECT count(*) FROM data_keys WHERE install_id = $1", install_id) == 0
+    # the older key store: the keys as they were, the tombstone not yet written
+    await ks.execute("DELETE FROM erasures WHERE install_id = $1", install_id)
+    for r in saved:
+        await ks.execute("INSERT INTO data_keys SELECT (r).* FROM (SELECT $1::data_keys AS r) s", tuple(r.values()))
+    assert await ks.fetchval("SELECT count(*) FROM data_keys WHERE install_id = $1", install_id) == len(saved)
+
+    out = service.cli("erase", str(install_id)).stdout
+    assert f"destroyed its {len(saved)} key(s)" in out
+    assert await ks.fetchval("SELECT count(*) FROM data_keys WHERE install_id = $1", install_id) == 0
+    assert await ks.fetchval("SELECT count(*) FROM erasures WHERE install_id = $1", install_id) == 1
+    assert await db.fetchval("SELECT count(*) FROM audit_log WHERE action = 'installation.erase' AND install_id = $1",
+                             install_id) == 2
+    # an id the store holds nothing of is still "no installation"
+    proc = service.cli("erase", str(uuid.uuid4()), check=False)
+    assert proc.returncode == 1 and "no installation" in proc.stderr
