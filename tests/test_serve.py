@@ -32,7 +32,7 @@ def free_port() -> int:
 class ServeProcess:
     """A `serve` subprocess with its environment."""
 
-    def __init__(self, env: dict[str, str], *args: str) -> None:
+    def __init__(self, env: dict[str, str], *args: str, entry: tuple[str, ...] = ("-m", "ingest")) -> None:
         import tempfile
 
         self.port = free_port()
@@ -43,7 +43,7 @@ class ServeProcess:
         self.env.update(env)
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ingest", "serve", "--port", str(self.port), *args],
+            [sys.executable, *entry, "serve", "--port", str(self.port), *args],
             env=self.env, cwd=ROOT, stdout=self._out, stderr=self._err, text=True,
         )
 
@@ -338,6 +338,74 @@ async def test_a_stopped_worker_is_killed_and_replaced_by_the_watchdog(external_
         code = server.stop()
     assert code == 0
     assert "stopped answering" in stderr
+
+
+# `serve`, with one fault injected: the first worker to start blocks its event loop 2 s later
+# (time.sleep inside the loop, as a runaway synchronous call would), and writes its pid to FLAG.
+_BLOCKER = """
+import asyncio, os, sys, time
+from pathlib import Path
+
+import ingest.server
+
+flag = Path(sys.argv.pop(1))
+real_run = ingest.server._run_worker
+
+
+def run_worker(*args, **kw):  # in the worker, after the metrics directory is set
+    import ingest.app
+
+    real = ingest.app.create_app
+
+    def create_app(settings, **kw):
+        app = real(settings, **kw)
+
+        async def block_later(app):
+            try:  # only the first worker (O_EXCL: two starting at once cannot both win)
+                fd = os.open(flag, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                return
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            asyncio.get_running_loop().call_later(2, time.sleep, 3600)
+
+        app.on_startup.append(block_later)
+        return app
+
+    ingest.app.create_app = create_app
+    return real_run(*args, **kw)
+
+
+ingest.server._run_worker = run_worker
+from ingest.cli import main
+
+sys.exit(main())
+"""
+
+
+async def test_a_worker_whose_event_loop_blocks_is_killed_and_replaced(external_env, db, tmp_path):
+    from ingest.server import WATCHDOG_TIMEOUT
+
+    script, flag = tmp_path / "blocker.py", tmp_path / "blocked.pid"
+    script.write_text(_BLOCKER)
+    server = ServeProcess(external_env, "--workers", "2", entry=(str(script), str(flag)))
+    try:
+        await server.wait_ready()
+        assert await _wait_for(flag.exists, 30)
+        await asyncio.sleep(0.2)
+        blocked = int(flag.read_text())
+        assert blocked in server.workers()
+        since = time.monotonic()
+        replaced = await _wait_for(lambda: len(server.workers()) == 2 and blocked not in server.workers(), 40)
+        took = time.monotonic() - since
+        assert replaced, "a worker with a blocked event loop was not replaced"
+        assert WATCHDOG_TIMEOUT <= took <= WATCHDOG_TIMEOUT + 12, took  # blocked 2 s after the flag, then 10 s silent
+        await server.wait_ready()
+        stderr = server.stderr
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert "stopped answering" in stderr and f"worker_pid={blocked}" in stderr
 
 
 async def test_sighup_replaces_workers_one_at_a_time_refusing_nothing(external_env, db):
