@@ -33,11 +33,19 @@ from storage import keystore
 log = logging.getLogger("ingest.nodes")
 
 KEY_FILE_CHECK = 2.0  # seconds between looks at the key file (a stat)
+REPORT_TIMEOUT = 5.0  # a report that takes longer is given up (the next one tries again)
+FORGET_TIMEOUT = 1.0  # shutdown does not wait longer for the goodbye (the row then ages out)
+
+_active: set[str] = set()  # node ids of this process's running apps (one, except in tests)
 
 
 def node_id() -> str:
-    """This worker's name in the list: host:pid."""
-    return f"{socket.gethostname()[:200]}:{os.getpid()}"
+    """This worker's name in the list: host:pid (host:pid/n for a second app in one process)."""
+    base = f"{socket.gethostname()[:200]}:{os.getpid()}"
+    n = 1
+    while (name := base if n == 1 else f"{base}/{n}") in _active:
+        n += 1
+    return name
 
 
 class NodeReporter:
@@ -50,6 +58,7 @@ class NodeReporter:
         self.key_file = key_file
         self.interval = interval
         self.node_id = node_id()
+        _active.add(self.node_id)
         self._file_state = self._stat()
         self._reported = 0.0
 
@@ -81,12 +90,13 @@ class NodeReporter:
 
     async def report(self) -> None:
         """Tell the key store which key ids this worker holds, now."""
-        async with self.ks_pool.acquire() as ks:
+        async with asyncio.timeout(REPORT_TIMEOUT), self.ks_pool.acquire() as ks:
             await keystore.report_node(ks, self.node_id, self.ring.key_ids)
         self._reported = time.monotonic()
 
     async def forget(self) -> None:
-        async with self.ks_pool.acquire() as ks:
+        _active.discard(self.node_id)
+        async with asyncio.timeout(FORGET_TIMEOUT), self.ks_pool.acquire() as ks:
             await keystore.forget_node(ks, self.node_id)
 
     async def loop(self) -> None:
@@ -106,7 +116,11 @@ async def nodes_ctx(app: web.Application):
     """cleanup_ctx: report at start, then keep reporting (and watching the key file); leave the list on shutdown."""
     reporter = NodeReporter(app[KEYSTORE_POOL], app[KEYRING], app.get(KEY_FILE))
     app[NODES] = reporter
-    await reporter.report()
+    try:
+        await reporter.report()
+    except BaseException:
+        _active.discard(reporter.node_id)
+        raise
     async with background(reporter.loop()):
         yield
     with suppress(OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
