@@ -29,7 +29,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     result = _with_db(settings, work)
     if not result.swept:
-        print("sweep skipped: another process holds the sweeper lock and is sweeping now")
+        print("sweep skipped: another process holds the sweeper lease and is sweeping now")
         return 0
     for table in sorted(result.rows_deleted):
         print(f"{table}: {result.rows_deleted[table]} row(s) deleted, {result.partitions_dropped[table]} partition(s) dropped")

@@ -110,7 +110,7 @@ class Settings:
     workers: int = _setting(os.cpu_count() or 1, _int(1, 256), "worker processes sharing the port")
     unknown_fields: str = _setting("drop", _choice("drop", "reject"), "what to do with undeclared fields: drop or reject")
     trusted_proxies: tuple[Network, ...] = _setting((), _networks, "CIDRs whose X-Forwarded-For is believed")
-    sweep_interval: float = _setting(60.0, _float(0.05, 86400), "seconds between sweeps")
+    sweep_interval: float = _setting(60.0, _float(0.05, 86400), "seconds between sweeps (the first runs at start)")
     keystore_dsn: str | None = _setting(None, _dsn, "PostgreSQL of the key store, a postgresql:// URI (unset: database <name>_keys on the TELEMETRY_DSN server; embedded: telemetry_keys)", secret=True)
     # Beyond the contract (documented in the README).
     heartbeat_retention_days: int = _setting(30, _int(1, 3650), "days of heartbeat history kept")
