@@ -1,4 +1,4 @@
-"""The sweeper inside `serve`: every worker runs the loop; only the holder of the sweeper lock sweeps.
+"""The sweeper inside `serve`: every worker runs the loop; only the holder of the sweeper lease sweeps.
 
 Each tick (at start, then every `sweep_interval` seconds) a worker:
 
