@@ -15,7 +15,6 @@
 CREATE EXTENSION IF NOT EXISTS citus;
 
 SELECT create_distributed_table('installations', 'install_id');
-SELECT create_distributed_table('data_keys',     'install_id', colocate_with => 'installations');
 SELECT create_distributed_table('agents',        'install_id', colocate_with => 'installations');
 -- Partitioned by day on received_at; Citus distributes the parent and every partition.
 SELECT create_distributed_table('heartbeats',    'install_id', colocate_with => 'installations');
@@ -26,4 +25,9 @@ SELECT create_distributed_table('scan_usage',    'install_id', colocate_with => 
 SELECT create_reference_table('tokens');
 -- The audit log is small, append-only and read by operators: keep it whole on every node.
 SELECT create_reference_table('audit_log');
--- schema_migrations stays a local table on the coordinator.
+-- One-row bookkeeping: the key store's erasure replay position and the sweeper lease (migration
+-- 0008). Reference tables, so that every node sees the same row.
+SELECT create_reference_table('erasure_replay');
+SELECT create_reference_table('sweeper_lease');
+-- schema_migrations stays a local table on the coordinator. The data keys are not here: they
+-- live in the key store, a database of its own (TELEMETRY_KEYSTORE_DSN), which is not distributed.
