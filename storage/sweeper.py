@@ -43,9 +43,10 @@ No session state, so all of this holds behind PgBouncer in transaction mode and 
   a pooler a session setting lands on a server connection other clients then get.
 
 Every step commits on its own and is idempotent, so a sweep killed at any point leaves nothing
-inconsistent and the next one carries on. A step that waits longer than `Rules.lock_timeout`
-for a lock (a long transaction on the table) is left for the next sweep and listed in
-`SweepResult.deferred`; the other steps go on. `now` is an argument (tests use a fixed clock).
+inconsistent and the next one carries on. A step that waits longer than its lock timeout
+(`Rules.lock_timeout` for row deletions; PARTITION_LOCK_TIMEOUT_MS for making, detaching and
+dropping partitions, which need the parent table exclusively) for a lock (a long transaction on
+the table) is left for the next sweep and listed in `SweepResult.deferred`; the other steps go on. `now` is an argument (tests use a fixed clock).
 """
 
 from __future__ import annotations
