@@ -311,6 +311,7 @@ async def _wait_for(predicate, timeout: float, step: float = 0.1):
     return predicate()
 
 
+@pytest.mark.fault
 async def test_a_stopped_worker_is_killed_and_replaced_by_the_watchdog(external_env, db):
     from ingest.server import WATCHDOG_TIMEOUT
 
@@ -383,6 +384,7 @@ sys.exit(main())
 """
 
 
+@pytest.mark.fault
 async def test_a_worker_whose_event_loop_blocks_is_killed_and_replaced(external_env, db, tmp_path):
     from ingest.server import WATCHDOG_TIMEOUT
 
