@@ -66,7 +66,8 @@ class Bouncer:
         self.port = _free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="telemetry-test-pgbouncer-"))
         self.dir.chmod(0o777)
-        (self.dir / "users.txt").write_text(f'"{self.user}" ""\n')
+        # Clients are trusted; PgBouncer logs in to the server with this password (TELEMETRY_TEST_DSN's, if any).
+        (self.dir / "users.txt").write_text(f'"{self.user}" "{parts.password or ""}"\n')
         (self.dir / "pgbouncer.ini").write_text(
             "[databases]\n"
             # Every database of the test server, the data databases and their `_keys` key stores alike.
