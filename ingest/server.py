@@ -132,7 +132,7 @@ class Supervisor:
                 os.set_blocking(w, False)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                signal.signal(signal.SIGHUP, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the supervisor's (a HUP to the group too)
                 _run_worker(self.settings, self.sock, w, self.key_file)
             except BaseException:
                 log.exception("worker failed")
