@@ -36,6 +36,8 @@ BEAT_INTERVAL = 1.0
 WATCHDOG_TIMEOUT = 10.0
 START_GRACE = 30.0
 BEAT, READY = b".", b"R"
+# A stopping worker keeps connections it has just accepted this long for their request to arrive.
+ACCEPT_DRAIN = 0.3
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -80,13 +82,35 @@ def _run_worker(settings: Settings, sock: socket.socket, beat_fd: int, key_file:
     async def ready(app: web.Application) -> None:
         say(READY)
 
+    async def serve_until_stopped() -> None:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT, handle_signals=False)
+        await runner.setup()
+        try:
+            site = web.SockSite(runner, sock, backlog=2048)
+            await site.start()
+            stop = asyncio.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+            # Stop accepting first, then give the connections accepted just before a moment to send
+            # their request: aiohttp's shutdown closes a connection that has not sent one yet, and
+            # a reload (SIGHUP) must refuse nothing. Requests in progress are then waited for.
+            await site.stop()
+            await asyncio.sleep(ACCEPT_DRAIN)
+        finally:
+            await runner.cleanup()
+
     loop.call_soon(beat)
     app = create_app(settings, key_file=key_file)
     app.on_startup.append(ready)  # after the cleanup contexts' start: pools open, migrations done
-    web.run_app(
-        app, sock=sock, access_log=None, print=None, loop=loop,
-        shutdown_timeout=SHUTDOWN_TIMEOUT, handle_signals=True, backlog=2048,
-    )
+    try:
+        loop.run_until_complete(serve_until_stopped())
+    finally:
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*asyncio.all_tasks(loop), return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 class Supervisor:
@@ -210,6 +234,8 @@ class Supervisor:
             self._to_replace = [pid for pid in self.children if pid not in self.retiring]
             log.info("reloading workers one at a time", extra={"workers": len(self._to_replace)})
         if self._incoming is None and self._to_replace:
+            if self.retiring:
+                return  # one at a time: the previous old worker has not finished yet
             self._to_replace = [pid for pid in self._to_replace if pid in self.children]
             if self._to_replace:
                 self._incoming = self.spawn()

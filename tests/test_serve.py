@@ -312,7 +312,17 @@ async def _wait_for(predicate, timeout: float, step: float = 0.1):
 
 
 @pytest.mark.fault
-async def test_a_stopped_worker_is_killed_and_replaced_by_the_watchdog(external_env, db):
+async def _both_started(ks, pids) -> bool:
+    """Every worker has started its app (it reported its key ids): its beats flow."""
+    for _ in range(300):
+        rows = {r["node_id"] for r in await ks.fetch("SELECT node_id FROM nodes")}
+        if all(f"{socket.gethostname()}:{pid}" in rows for pid in pids):
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def test_a_stopped_worker_is_killed_and_replaced_by_the_watchdog(external_env, db, ks):
     from ingest.server import WATCHDOG_TIMEOUT
 
     server = ServeProcess(external_env, "--workers", "2")
@@ -320,6 +330,7 @@ async def test_a_stopped_worker_is_killed_and_replaced_by_the_watchdog(external_
         await server.wait_ready()
         pids = server.workers()
         assert len(pids) == 2
+        assert await _both_started(ks, pids)  # a worker stopped before its first beat gets the start grace instead
         os.kill(pids[0], signal.SIGSTOP)  # alive to waitpid, but answering nothing
         stopped = time.monotonic()
         replaced = await _wait_for(lambda: len(server.workers()) == 2 and pids[0] not in server.workers(), 40)
