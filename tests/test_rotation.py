@@ -17,7 +17,7 @@ from storage import installations, keystore
 from storage.databases import ensure_keystore_database, migrate_both
 from storage.keystore import count_not_wrapped_by, rewrap_batch
 from storage.pool import connect
-from ingest.keys import DATA_KEYS
+from ingest.keys import DATA_KEYS, NODES
 from tests.support import heartbeat_body, run_cli, start_service
 
 
@@ -321,3 +321,20 @@ async def test_a_node_that_meets_a_key_it_lacks_logs_the_key_id(service, db, ks,
     lines = [r.getMessage() for r in caplog.records if "crypto failure" in r.getMessage()]
     assert lines and "00000000deadbeef" in lines[0], lines
     assert service.settings.master_key not in caplog.text
+
+
+async def test_rotation_says_when_a_worker_still_wraps_under_the_old_primary(service, db, ks):
+    """A worker holding the new key second (`old,new`) can read everything, so rotation goes on,
+    but it still wraps new data keys under the old key: the old key must not be removed yet."""
+    await service.enroll()
+    old_id = key_id_of_setting(service.settings.master_key)
+    new = generate_key()
+    new_id = key_id_of_setting(new)
+    service.app[NODES].interval = 3600  # the running service of this test holds the old key only: off the list
+    await ks.execute("DELETE FROM nodes")
+    await ks.execute("INSERT INTO nodes (node_id, kek_ids) VALUES ('other:1', $1::text[])", [old_id, new_id])
+    env = {**service.env, "TELEMETRY_MASTER_KEY": f"{new},{service.settings.master_key}"}
+    out = run_cli("keys", "rotate", env=env).stdout
+    assert f"every data key is now wrapped by {new_id}" in out
+    assert f"other:1 holds {old_id}, {new_id}" in out and "can be removed" not in out
+    assert await kek_ids(ks) == {new_id: 1}
