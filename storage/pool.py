@@ -29,13 +29,25 @@ async def connect(dsn: str, *, timeout: float = 10, statement_cache_size: int = 
     return conn
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """A pooled connection's reset behind a pooler: nothing beyond asyncpg's rollback of an open transaction."""
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, statement_cache_size: int = 100) -> asyncpg.Pool:
-    """Open a pool; statement_cache_size=0 suits PgBouncer in transaction mode."""
+    """Open a pool; statement_cache_size=0 suits PgBouncer in transaction mode.
+
+    With statement_cache_size=0 (a pooler) a connection handed back is not reset with asyncpg's
+    `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`: behind PgBouncer in transaction
+    mode that runs on whichever server connection comes next and can drop a session lock or setting
+    another client holds there. This service keeps no session state to reset; an open transaction
+    is still rolled back (asyncpg does that before any reset).
+    """
     return await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         statement_cache_size=statement_cache_size,
+        reset=_keep_session if statement_cache_size == 0 else None,
         init=_init_connection,
         command_timeout=30,
         # A dead server must not hang a request forever: fail over to 503 fast.

@@ -313,3 +313,34 @@ async def test_two_nodes_migrating_at_once_behind_pgbouncer(bouncer, pg_server_d
         for db in (name, name + "_keys"):
             await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_a_pooled_connection_handed_back_leaves_other_sessions_alone(db_dsn, db):
+    """With the pooler setting the pool's reset does not run pg_advisory_unlock_all() and RESET ALL
+    (behind PgBouncer they would hit another client's server connection); an open transaction is
+    still rolled back."""
+    from storage.pool import create_pool
+
+    pool = await create_pool(db_dsn, min_size=1, max_size=1, statement_cache_size=0)
+    try:
+        async with pool.acquire() as conn:
+            pid = conn.get_server_pid()
+            await conn.execute("SELECT pg_advisory_lock(424242)")  # as another client's session lock on this server connection
+            await conn.execute("BEGIN")
+            await conn.execute("CREATE TEMP TABLE left_open (x int)")
+        async with pool.acquire() as conn:
+            assert conn.get_server_pid() == pid  # the same server connection
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT to_regclass('pg_temp.left_open')") is None  # rolled back
+        assert await db.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1 AND objid = 424242",
+                                 pid) == 1  # not unlocked by the reset
+    finally:
+        await pool.close()
+    default = await create_pool(db_dsn, min_size=1, max_size=1)  # the direct-connection setting resets as asyncpg does
+    try:
+        async with default.acquire() as conn:
+            pid = conn.get_server_pid()
+            await conn.execute("SELECT pg_advisory_lock(424243)")
+        assert await db.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1", pid) == 0
+    finally:
+        await default.close()
