@@ -7,8 +7,8 @@ functions (storage.sweeper):
 - ``retention.delete_day``: ``delete_in_batches`` empties one day, 5,000 rows per statement
   and transaction, as the sweeper deletes expired rows; ``.vacuum`` is the VACUUM that then
   makes the space reusable (a DELETE alone does not);
-- ``retention.drop_day``: ``detach_and_drop`` removes the other day whole (DETACH PARTITION
-  CONCURRENTLY, count, DROP TABLE), as the sweeper drops a partition past the maximum retention.
+- ``retention.drop_day``: ``detach_and_drop`` removes the other day whole (DETACH PARTITION,
+  count, DROP TABLE, in one transaction), as the sweeper drops a partition past the maximum retention.
 
 Each figure is wall-clock seconds, with the WAL it wrote in the details; drop_day is reported
 against delete_day, so its ratio is the fraction of the DELETE's time it takes.
@@ -139,7 +139,7 @@ async def retention(ctx: Context) -> list[Result]:
     delete = {**common, "statements": statements, "batch_rows": BATCH_ROWS, "wal_mb": delete_wal,
               "rows_per_s": round(ROWS_PER_DAY / delete_s),
               "note": f"{statements} x {BATCH_ROWS}-row DELETE, WAL {delete_wal} MB; then VACUUM {vacuum_s:.1f} s"}
-    drop = {**common, "wal_mb": drop_wal, "note": f"DETACH CONCURRENTLY + count + DROP of a {day_mb} MB day, WAL {drop_wal} MB"}
+    drop = {**common, "wal_mb": drop_wal, "note": f"DETACH + count + DROP (one transaction) of a {day_mb} MB day, WAL {drop_wal} MB"}
     vacuum = {**common, "note": "VACUUM of the emptied day (a DELETE leaves dead rows until then)"}
     return [
         Result("retention.delete_day", delete_s, "s", None, delete),

@@ -76,6 +76,13 @@ class KeyRing:
         """Build from the TELEMETRY_MASTER_KEY format."""
         return cls(parse_keys(value))
 
+    def adopt(self, other: "KeyRing") -> None:
+        """Take other's keys in place (a reloaded key file): every holder of this ring sees them at once."""
+        # The keys first: a concurrent wrap() that read the old primary id still finds it (a
+        # rotation keeps the old key after the new one).
+        self._keys = dict(other._keys)
+        self.primary_id = other.primary_id
+
     @property
     def key_ids(self) -> list[str]:
         """Ids of every key held, primary first."""

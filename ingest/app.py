@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from pathlib import Path
 
 from aiohttp import web
 
@@ -13,10 +14,11 @@ from ingest import deadline, openapi, routes_admin, routes_core, routes_ops, rou
 from ingest.auth import auth_ctx
 from ingest.batching import GroupCommitWriter
 from ingest.background import background
-from ingest.keys import DATA_KEYS, HEARTBEAT_WRITER, KEYRING, KEYSTORE_POOL, METRICS, POOL, SCAN_WRITER, SETTINGS
+from ingest.keys import DATA_KEYS, HEARTBEAT_WRITER, KEY_FILE, KEYRING, KEYSTORE_POOL, METRICS, POOL, SCAN_WRITER, SETTINGS
 from ingest.metrics import SAMPLE_INTERVAL, Metrics
 from ingest.middleware import errors_middleware, metrics_middleware
 from ingest.restrictions import restrictions_ctx
+from ingest.nodes import nodes_ctx
 from ingest.settings import Settings
 from ingest.sweeper_ctx import sweeper_ctx
 from storage import installations, keystore
@@ -39,6 +41,7 @@ async def storage_ctx(app: web.Application):
     try:
         async with pool.acquire() as conn:
             await check_durability(conn)
+            app[METRICS].set_build_info(await conn.fetchval("SHOW server_version"))
             if s.keystore_dsn is None:
                 await ensure_keystore_database(conn, ks_dsn)
             ks_pool = await create_pool(ks_dsn, max_size=KEYSTORE_POOL_SIZE, statement_cache_size=s.db_statement_cache)
@@ -106,8 +109,9 @@ async def gauges_ctx(app: web.Application):
         yield
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the service for resolved settings (dsn and master_key set)."""
+def create_app(settings: Settings, *, key_file: Path | None = None) -> web.Application:
+    """Build the service for resolved settings (dsn and master_key set); key_file: the embedded
+    mode's key file, watched for new keys (ingest.nodes)."""
     # auto_decompress off: bodies are inflated by ingest.body, within limits, never by the parser.
     # keepalive_timeout: aiohttp closes a connection that has not completed a request's headers
     # this long after it opened or after its last answer; read_timeout then bounds a client that
@@ -116,7 +120,8 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[metrics_middleware, errors_middleware], handler_args=handler_args)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app.cleanup_ctx.extend([storage_ctx, keys_ctx, auth_ctx, restrictions_ctx, writers_ctx, sweeper_ctx])
+    app[KEY_FILE] = key_file
+    app.cleanup_ctx.extend([storage_ctx, keys_ctx, nodes_ctx, auth_ctx, restrictions_ctx, writers_ctx, sweeper_ctx])
     routes_ops.setup(app)
     openapi.setup(app)
     routes_core.setup(app)

@@ -42,6 +42,7 @@ class Resolved:
         from crypto.keyring import KeyRing, load_or_create_key_file
 
         self.embedded = None
+        self.key_file = None  # embedded mode's key file, when the keys came from it
         if settings.dsn is None:
             from storage.embedded import EmbeddedPostgres
 
@@ -62,6 +63,7 @@ class Resolved:
                 print(f"warning: generated a new key-encryption key in {key_file} (mode 0600); back it up: "
                       "without it the stored e-mails and scans cannot be read", file=sys.stderr)
             settings = settings.replace(master_key=value)
+            self.key_file = key_file
         try:
             self.ring = KeyRing.from_setting(settings.master_key)
         except KeyError_ as exc:
@@ -88,7 +90,7 @@ async def _connect(resolved: Resolved):
 
     settings = resolved.settings
     try:
-        conn = await connect(settings.dsn)
+        conn = await connect(settings.dsn, statement_cache_size=settings.db_statement_cache)
     except asyncpg.ClientConfigurationError as exc:  # asyncpg's own check of the DSN's parameters; names no secret
         raise CliError(f"TELEMETRY_DSN: {exc}") from None
     except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
@@ -98,7 +100,7 @@ async def _connect(resolved: Resolved):
         if resolved.keystore_default:
             await ensure_keystore_database(conn, settings.keystore_dsn)
         try:
-            ks = await connect(settings.keystore_dsn)
+            ks = await connect(settings.keystore_dsn, statement_cache_size=settings.db_statement_cache)
         except asyncpg.InvalidCatalogNameError:
             raise CliError("TELEMETRY_KEYSTORE_DSN: the key store's database does not exist (create it, or leave "
                            "TELEMETRY_KEYSTORE_DSN unset for the default, which is created when missing)") from None
@@ -154,7 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         written = address.write(resolved.settings)
         try:
-            return serve(resolved.settings)
+            return serve(resolved.settings, key_file=resolved.key_file, reload=_reloader(resolved.key_file))
         finally:
             if written:
                 address.remove(resolved.settings)
@@ -166,6 +168,21 @@ def no_data_dir(settings: Settings) -> str:
     """The one line of a command that found neither TELEMETRY_DSN nor a data directory."""
     return (f"no data directory at {settings.data_dir.resolve()} and no TELEMETRY_DSN: run `telemetry-ingest serve` "
             "first (only serve creates one), or set TELEMETRY_DATA_DIR or TELEMETRY_DSN")
+
+
+def _reloader(key_file):
+    """What a SIGHUP gives the new workers: the same settings, with the key file read again (embedded mode)."""
+
+    def reload(settings: Settings) -> Settings:
+        if key_file is None:
+            return settings
+        from crypto.keyring import KeyRing
+
+        value = key_file.read_text().strip()
+        KeyRing.from_setting(value)  # checked here: a bad file keeps the workers as they are
+        return settings.replace(master_key=value)
+
+    return reload
 
 
 async def _prepare(resolved: Resolved) -> None:
@@ -494,7 +511,12 @@ class _SecretFlag(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import platform
+
+    from ingest import version
+
     parser = argparse.ArgumentParser(prog="telemetry-ingest", description="Secure telemetry ingestion service.")
+    parser.add_argument("--version", action="version", version=f"telemetry-ingest {version()} (Python {platform.python_version()})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the service", formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -50,20 +50,27 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_erase(args: argparse.Namespace) -> int:
     """Erase an installation (or finish an interrupted erasure)."""
-    from ingest.rights import begin_erasure, finish_erasure
+    from ingest.rights import begin_erasure, destroy_leftover_keys, finish_erasure
 
     install_id = _install_id(args.install_id)
 
     async def work(conn, resolved):
         state = await begin_erasure(conn, resolved.ks, install_id, "cli")
         if state is None:
-            return None
+            # Not in the data database, but its keys in the key store: a key store restored from a
+            # backup older than the erasure (docs/operations.md). Destroy them and write the tombstone again.
+            destroyed = await destroy_leftover_keys(conn, resolved.ks, install_id, "cli")
+            return None if destroyed is None else f"keys:{destroyed}"
         await finish_erasure(conn, install_id, "cli")
         return state
 
     state = _with_db(load_settings(), work)
     if state is None:
         raise CliError(f"no installation {install_id}")
+    if state.startswith("keys:"):
+        print(f"no installation {install_id} in the data database; destroyed its {state[5:]} key(s) left in the key store "
+              "and recorded its erasure there")
+        return 0
     print(f"erased {install_id}" + (" (an interrupted erasure was finished)" if state == "resumed" else ""))
     return 0
 

@@ -12,6 +12,9 @@ from ingest.cli import CliError, _with_db, load_settings
 ROTATE_BATCH = 1000
 # Rows another transaction holds are skipped by a batch and taken by a later one; give up after this.
 ROTATE_RETRIES = 50
+# `keys rotate --generate` waits this long (seconds) for the running workers to load the new key
+# file (they look every ingest.nodes.KEY_FILE_CHECK seconds and report at once).
+GENERATE_WAIT = 20.0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -26,7 +29,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     result = _with_db(settings, work)
     if not result.swept:
-        print("sweep skipped: another process holds the sweeper lock and is sweeping now")
+        print("sweep skipped: another process holds the sweeper lease and is sweeping now")
         return 0
     for table in sorted(result.rows_deleted):
         print(f"{table}: {result.rows_deleted[table]} row(s) deleted, {result.partitions_dropped[table]} partition(s) dropped")
@@ -41,11 +44,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _others_connected(conn) -> int:
-    return await conn.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
-    )
+def _describe(nodes) -> str:
+    return "; ".join(f"{n.node_id} holds {', '.join(n.kek_ids)}" for n in nodes)
+
+
+async def nodes_lacking(ks, primary_id: str) -> list:
+    """Live workers (storage.keystore.live_nodes) that do not hold the key primary_id."""
+    from storage.keystore import live_nodes
+
+    return [n for n in await live_nodes(ks) if primary_id not in n.kek_ids]
+
+
+async def wait_for_nodes(ks, primary_id: str, timeout: float) -> list:
+    """Wait up to timeout for every live worker to hold primary_id; returns those that still do not."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        lacking = await nodes_lacking(ks, primary_id)
+        if not lacking or loop.time() >= deadline:
+            return lacking
+        await asyncio.sleep(0.5)
 
 
 async def rotate(conn, ks, ring, *, batch: int) -> int:
@@ -59,6 +77,13 @@ async def rotate(conn, ks, ring, *, batch: int) -> int:
     if missing:
         raise CliError(f"TELEMETRY_MASTER_KEY: data keys are wrapped by key id(s) {', '.join(missing)}, "
                        "which are not configured; add them (after the new primary) and run again")
+    lacking = await nodes_lacking(ks, ring.primary_id)
+    if lacking:
+        # Re-wrapped under a key a running worker lacks, a data key it has not cached would be
+        # unreadable to it (503 "key material unavailable"): refuse until every one has the key.
+        raise CliError(f"keys rotate: {len(lacking)} running worker(s) do not hold the new primary key {ring.primary_id}: "
+                       f"{_describe(lacking)}. Restart them with it (TELEMETRY_MASTER_KEY, the new key first; in embedded "
+                       "mode they load the key file by themselves within seconds) and run `keys rotate` again")
     total = 0
     retries = 0
     while True:
@@ -93,19 +118,24 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
             new_id = prepend_key_to_file(key_file)
             ring = KeyRing.from_setting(key_file.read_text())
             print(f"added key {new_id} to {key_file} as the primary key", file=sys.stderr)
-            # A running `serve` holds the old keys in memory: data keys re-wrapped under the new one
-            # now would become unreadable to it. It loads the new key file when restarted.
-            if await _others_connected(conn):
-                return ring, None
-        return ring, await rotate(conn, resolved.ks, ring, batch=args.batch)
+            # A running `serve` loads the key file by itself (ingest.nodes): wait until every live
+            # worker says it holds the new key; rotate() refuses if one still does not.
+            lacking = await wait_for_nodes(resolved.ks, new_id, args.wait)
+            if lacking:
+                print(f"waited {args.wait:g} s for the running workers to load the new key", file=sys.stderr)
+        total = await rotate(conn, resolved.ks, ring, batch=args.batch)
+        from storage.keystore import live_nodes
 
-    ring, total = _with_db(settings, work)
-    if total is None:
-        print("the service is running: restart it so that it loads the new key, then run `telemetry-ingest keys rotate`")
-        return 0
+        return ring, total, [n for n in await live_nodes(resolved.ks) if n.primary != ring.primary_id]
+
+    ring, total, old_primary = _with_db(settings, work)
     others = [k for k in ring.key_ids if k != ring.primary_id]
     print(f"re-wrapped {total} data key(s); every data key is now wrapped by {ring.primary_id}")
-    if others:
+    if old_primary:
+        # They hold the new key but still wrap the data keys they make under another one.
+        print(f"running worker(s) still wrap new data keys under another primary: {_describe(old_primary)}; keep their "
+              f"keys until they run with {ring.primary_id} first, then run `keys rotate` again")
+    elif others:
         print(f"no data key needs key id(s) {', '.join(others)} any more: they can be removed from the keys")
     return 0
 
@@ -128,4 +158,6 @@ def add_commands(sub, keys) -> None:
     rotate.add_argument("--generate", action="store_true",
                         help="embedded mode: first add a new primary key to <data dir>/master.key")
     rotate.add_argument("--batch", type=_positive, default=ROTATE_BATCH, metavar="N", help="data keys per transaction")
+    rotate.add_argument("--wait", type=float, default=GENERATE_WAIT, metavar="SECONDS",
+                        help="with --generate: how long to wait for running workers to load the new key")
     rotate.set_defaults(func=cmd_keys_rotate)

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from ingest.auth import Authenticator
     from ingest.batching import GroupCommitWriter
     from ingest.metrics import Metrics
+    from ingest.nodes import NodeReporter
     from ingest.restrictions import Restrictions
     from ingest.routes_scans import Retentions
     from ingest.settings import Settings
@@ -34,6 +35,9 @@ SCAN_RETENTION = web.AppKey("scan_retention", "Retentions")
 SCAN_SLOTS = web.AppKey("scan_slots", "PrepareSlots")
 RESTRICTIONS = web.AppKey("restrictions", "Restrictions")
 SWEEPER = web.AppKey("sweeper", "Sweeper")
+# Embedded mode: the key file the worker's ring came from (watched: ingest.nodes); None otherwise.
+KEY_FILE = web.AppKey("key_file", object)
+NODES = web.AppKey("nodes", "NodeReporter")
 
 # Per request: the id (never the token) of the token that authenticated it, for the access line.
 TOKEN_ID = web.RequestKey("token_id", str)

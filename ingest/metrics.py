@@ -53,6 +53,9 @@ class Metrics:
         self.sweep_last_success = gauge("telemetry_sweep_last_success_timestamp_seconds", "Unix time of the last completed sweep.", mode="max")
         self.oldest_scan_age = gauge("telemetry_oldest_scan_age_seconds", "Age of the oldest stored scan.", mode="livemax")
         self.oldest_heartbeat_age = gauge("telemetry_oldest_heartbeat_age_seconds", "Age of the oldest heartbeat history row.", mode="livemax")
+        # 1, labelled with what runs: the service's version, Python's, and the PostgreSQL server's (set at start).
+        self.build_info = gauge("telemetry_build_info", "Versions of the running service, its Python and its PostgreSQL (value 1).",
+                                ("version", "python", "postgresql"), mode="max")
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._latency_children: dict[str, Histogram] = {}
         self._rejected_children: dict[str, Counter] = {}
@@ -75,6 +78,14 @@ class Metrics:
         if child is None:
             child = self._rejected_children[reason] = self.rejected.labels(reason)
         child.inc()
+
+    def set_build_info(self, postgresql: str) -> None:
+        """telemetry_build_info{version, python, postgresql} = 1 (postgresql: the server's version, as it reports it)."""
+        import platform
+
+        from ingest import version
+
+        self.build_info.labels(version(), platform.python_version(), postgresql).set(1)
 
     def sample(self, pool, writers) -> None:
         """Set the pool gauges (connections open, in use, the pool's maximum) and each writer's queue fill."""

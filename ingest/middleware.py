@@ -13,7 +13,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from crypto.errors import CryptoError
+from crypto.errors import CryptoError, KeyError_
 from crypto.tokens import role_of
 from ingest import deadline
 from ingest.errors import Invalid, MethodNotAllowed, NotFoundProblem, Problem, TooLarge, Unavailable
@@ -70,6 +70,10 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         request.app[METRICS].reject("overload")
         retry = str(request.app[SETTINGS].retry_after)
         return problem_response(Unavailable("database unavailable", headers={"Retry-After": retry}))
+    except KeyError_ as exc:  # a key-encryption key this node lacks: the message names its id, never key bytes
+        errlog.error("crypto failure on %s: %s", route_of(request), exc)
+        retry = str(request.app[SETTINGS].retry_after)
+        return problem_response(Unavailable("key material unavailable", headers={"Retry-After": retry}))
     except CryptoError:
         errlog.error("crypto failure on %s", route_of(request))
         retry = str(request.app[SETTINGS].retry_after)

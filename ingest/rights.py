@@ -35,6 +35,7 @@ from ingest.auth import POLL_INTERVAL
 from ingest.routes_core import email_context
 from ingest.scans_read import scan_context
 from storage import admin, keystore
+from storage.audit import record
 from storage import scans as scan_store
 from storage.audit import record
 from storage.policy import DEFAULT_HEARTBEAT_RETENTION_DAYS
@@ -209,6 +210,17 @@ async def begin_erasure(conn, ks, install_id: uuid.UUID, actor: str) -> str | No
         return None
     destroyed = await keystore.destroy_installation(ks, install_id)
     return await admin.begin_erasure(conn, install_id, actor, keys_destroyed=destroyed)
+
+
+async def destroy_leftover_keys(conn, ks, install_id: uuid.UUID, actor: str) -> int | None:
+    """An installation the data database no longer has but whose keys the key store holds (a key
+    store restored from a backup older than its erasure): destroy the keys, write the tombstone,
+    audit it; the number of keys destroyed, or None if the store has none of it."""
+    if not await keystore.holds_keys_of(ks, install_id):
+        return None
+    destroyed = await keystore.destroy_installation(ks, install_id)
+    await record(conn, actor, "installation.erase", install_id, {"keys_destroyed": destroyed, "reason": "leftover keys"})
+    return destroyed
 
 
 async def finish_erasure(conn, install_id: uuid.UUID, actor: str, *, grace: float = UNLINK_GRACE) -> bool:

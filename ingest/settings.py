@@ -110,7 +110,7 @@ class Settings:
     workers: int = _setting(os.cpu_count() or 1, _int(1, 256), "worker processes sharing the port")
     unknown_fields: str = _setting("drop", _choice("drop", "reject"), "what to do with undeclared fields: drop or reject")
     trusted_proxies: tuple[Network, ...] = _setting((), _networks, "CIDRs whose X-Forwarded-For is believed")
-    sweep_interval: float = _setting(60.0, _float(0.05, 86400), "seconds between sweeps")
+    sweep_interval: float = _setting(60.0, _float(0.05, 86400), "seconds between sweeps (the first runs at start)")
     keystore_dsn: str | None = _setting(None, _dsn, "PostgreSQL of the key store, a postgresql:// URI (unset: database <name>_keys on the TELEMETRY_DSN server; embedded: telemetry_keys)", secret=True)
     json_max_values: int = _setting(1_000_000, _int(1, 1 << 31), "most JSON values in one body (counted before parsing; over it: 413)")
     policy: Path | None = _setting(None, lambda v: Path(_nonempty(v)), "path of a policy file (TOML, docs/policy.md); unset: the built-in policy (policy/builtin.toml)")

@@ -1,13 +1,17 @@
-"""The sweeper inside `serve`: every worker runs the loop; only the holder of the sweeper lock sweeps.
+"""The sweeper inside `serve`: every worker runs the loop; only the holder of the sweeper lease sweeps.
 
-Each tick (every `sweep_interval` seconds) a worker:
+Each tick (at start, then every `sweep_interval` seconds) a worker:
 
 - adds the seals its data-key cache counted to the key store's `data_keys.uses` (storage.keystore.add_uses);
-- tries one sweep (storage.sweeper.sweep); if another process holds the lock it skips, so one
+- tries one sweep (storage.sweeper.sweep); if another process holds the lease it skips, so one
   sweeper works in the whole deployment, however many nodes and workers;
 - sets the oldest-scan and oldest-heartbeat age gauges. Every worker does this (two min() on
   an index), so the figure an operator alerts on is never older than one interval whichever
   worker swept; the gauges are `livemax`, so a dead worker's last value does not linger.
+
+The first tick runs as the worker starts, not one interval later: a fresh start reports a
+completed sweep (telemetry_sweep_last_success_timestamp_seconds) within seconds, like a healthy
+service, and what expired while the service was down goes at once.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class Sweeper:
         self.new_key = key_maker(ring)
         self._unflushed: Counter[tuple[uuid.UUID, int]] = Counter()
         self._expiries: dict[tuple[uuid.UUID, int], dt.datetime] = {}
+        self.first_tick_done = asyncio.Event()  # set once the tick at start is over, swept or not
 
     async def run_once(self, now: dt.datetime | None = None) -> SweepResult:
         """One tick at `now` (default: the current time); the result says whether this worker swept."""
@@ -106,9 +111,8 @@ class Sweeper:
             gauge.set(max(0.0, (now - at).total_seconds()) if at is not None else 0.0)
 
     async def loop(self) -> None:
-        """Tick every interval until cancelled; a failed tick is logged and the next one tries again."""
+        """Tick now, then every interval until cancelled; a failed tick is logged and the next one tries again."""
         while True:
-            await asyncio.sleep(self.interval)
             try:
                 await self.run_once()
             except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
@@ -116,6 +120,9 @@ class Sweeper:
                 log.warning("sweep failed: %s %s", type(exc).__name__, getattr(exc, "sqlstate", "") or "")
             except Exception:  # a bug must not stop retention for good: say so loudly, try again next time
                 log.exception("sweep failed")
+            finally:
+                self.first_tick_done.set()
+            await asyncio.sleep(self.interval)
 
 
 async def sweeper_ctx(app: web.Application):

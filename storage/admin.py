@@ -10,6 +10,7 @@ import asyncpg
 
 from storage.audit import record
 from storage.tokens import revoke_installation
+from storage.pool import cursor
 
 # ---------------------------------------------------------------- export
 
@@ -27,7 +28,8 @@ async def exportable(conn, install_id: uuid.UUID) -> asyncpg.Record | None:
 def heartbeat_history(conn, install_id: uuid.UUID, retention_days: int, *, prefetch: int = 1000):
     """A server-side cursor over the installation's heartbeat history within retention, oldest first
     (use inside a transaction): rows past retention are never served, swept yet or not."""
-    return conn.cursor(
+    return cursor(
+        conn,
         "SELECT received_at, license_type, version, asset_count, db_server_type, web_server_type, ip_prefix "
         "FROM heartbeats WHERE install_id = $1 AND received_at > now() - make_interval(days => $2) ORDER BY received_at",
         install_id,

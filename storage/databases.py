@@ -12,11 +12,13 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Iterable
+from contextlib import aclosing
 
 import asyncpg
 
 from storage import admin, keystore
 from storage.migrate import migrate
+from storage.pool import cursor
 
 # Tombstones are written with the key store's clock at the start of their transaction and may
 # commit a little later: replay re-reads this much before the last position.
@@ -104,10 +106,11 @@ async def check_keys(data: asyncpg.Connection, ks: asyncpg.Connection, kek_ids: 
     if unknown:
         raise KeysMissing(f"the key store holds data keys wrapped by key id(s) {', '.join(unknown)}, which are not configured")
     missing: list[tuple[uuid.UUID, int]] = []
-    async with data.transaction(isolation="repeatable_read", readonly=True), ks.transaction(readonly=True):
-        held = keystore.all_keys(ks)
+    async with data.transaction(isolation="repeatable_read", readonly=True), ks.transaction(readonly=True), \
+            aclosing(keystore.all_keys(ks)) as held, aclosing(cursor(data, _NEEDED_SQL, prefetch=10_000)) as needed:
+        # (aclosing: each cursor is closed inside its transaction even when the loop stops early)
         have = await anext(held, None)
-        async for r in data.cursor(_NEEDED_SQL, prefetch=10_000):
+        async for r in needed:
             need = (r[0], r[1])
             while have is not None and have < need:
                 have = await anext(held, None)

@@ -24,8 +24,11 @@ import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
+from dataclasses import dataclass
 
 import asyncpg
+
+from storage.pool import cursor
 
 EPOCH_KEY_BASE = 1 << 30  # key ids from here on are epoch keys (crypto.datakeys.epoch_key_id)
 EPOCH = dt.timedelta(days=1)  # the length of a retention epoch (crypto.datakeys.EPOCH)
@@ -59,7 +62,8 @@ async def create_database(server: asyncpg.Connection, name: str) -> bool:
         return False
     try:
         await server.execute('CREATE DATABASE "' + name.replace('"', '""') + '"')
-    except asyncpg.DuplicateDatabaseError:  # another process made it meanwhile
+    except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+        # Another process made it meanwhile (two at once collide on pg_database's unique index).
         return False
     return True
 
@@ -129,6 +133,11 @@ async def destroy_installation(conn, install_id: uuid.UUID) -> int:
             install_id,
         )
     return n
+
+
+async def holds_keys_of(conn, install_id: uuid.UUID) -> bool:
+    """Whether the store holds any data key of the installation."""
+    return bool(await conn.fetchval("SELECT true FROM data_keys WHERE install_id = $1 LIMIT 1", install_id))
 
 
 async def tombstones(conn, install_ids: Sequence[uuid.UUID] | None = None) -> dict[uuid.UUID, dt.datetime]:
@@ -337,8 +346,8 @@ async def badly_wrapped(conn, size: int, version: int) -> int:
 
 async def all_keys(conn, *, prefetch: int = 10_000) -> AsyncIterator[tuple[uuid.UUID, int]]:
     """(install_id, key_id) of every key that still has its material, sorted (inside a transaction)."""
-    async for r in conn.cursor(
-            "SELECT install_id, key_id FROM data_keys WHERE wrapped IS NOT NULL ORDER BY install_id, key_id", prefetch=prefetch):
+    async for r in cursor(conn, "SELECT install_id, key_id FROM data_keys WHERE wrapped IS NOT NULL ORDER BY install_id, key_id",
+                          prefetch=prefetch):
         yield r[0], r[1]
 
 
@@ -373,3 +382,49 @@ async def adopt_legacy_keys(data: asyncpg.Connection, keystore: asyncpg.Connecti
     # Emptied in the caller's (migrating) transaction: should it roll back, the keys are back too.
     await data.execute("DELETE FROM data_keys")
     return len(rows)
+
+
+# ---------------------------------------------------------------- the nodes and the keys they hold
+#
+# Each worker of `serve` says every NODE_REPORT_INTERVAL which KEK ids it holds (ingest.nodes);
+# one that has not said so for NODE_LIVE_SECONDS is taken for gone (killed without a goodbye).
+
+NODE_REPORT_INTERVAL = 10.0
+NODE_LIVE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Node:
+    """A live worker: its id (host:pid), the KEK ids it holds (primary first), when it last said so."""
+
+    node_id: str
+    kek_ids: tuple[str, ...]
+    seen_at: dt.datetime
+
+    @property
+    def primary(self) -> str:
+        return self.kek_ids[0]
+
+
+async def report_node(conn, node_id: str, kek_ids: Sequence[str]) -> None:
+    """Record that node_id holds kek_ids (primary first), now."""
+    await conn.execute(
+        "INSERT INTO nodes (node_id, kek_ids) VALUES ($1, $2::text[]) "
+        "ON CONFLICT (node_id) DO UPDATE SET kek_ids = excluded.kek_ids, seen_at = now()",
+        node_id, list(kek_ids),
+    )
+
+
+async def forget_node(conn, node_id: str) -> None:
+    """A worker stopping cleanly takes itself off the list."""
+    await conn.execute("DELETE FROM nodes WHERE node_id = $1", node_id)
+
+
+async def live_nodes(conn, live_seconds: float = NODE_LIVE_SECONDS) -> list[Node]:
+    """Workers that reported within live_seconds (the others' rows are deleted on the way)."""
+    await conn.execute("DELETE FROM nodes WHERE seen_at < now() - make_interval(secs => $1) * 10", live_seconds)
+    rows = await conn.fetch(
+        "SELECT node_id, kek_ids, seen_at FROM nodes WHERE seen_at >= now() - make_interval(secs => $1) ORDER BY node_id",
+        live_seconds,
+    )
+    return [Node(r["node_id"], tuple(r["kek_ids"]), r["seen_at"]) for r in rows]

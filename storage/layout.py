@@ -110,6 +110,8 @@ TABLES: dict[str, Table] = {
     "schema_migrations": Table(bookkeeping=("version", "name", "applied_at")),
     # How far the key store's erasure tombstones have been replayed here (storage.databases).
     "erasure_replay": Table(bookkeeping=("singleton", "erased_through")),
+    # Who sweeps now, until when (storage.sweeper, migration 0008): a process name and a time.
+    "sweeper_lease": Table(bookkeeping=("singleton", "holder", "expires_at")),
 }
 
 # Columns of key material: they belong in the key store (storage.keystore), never in the data database.

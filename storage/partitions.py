@@ -15,8 +15,13 @@ def partition_name(table: str, day: dt.date) -> str:
     return f"{table}_p{day:%Y%m%d}"
 
 
-async def ensure_partitions(conn: asyncpg.Connection, today: dt.date, *, days_back: int = 1, days_ahead: int = DAYS_AHEAD) -> int:
-    """Create any missing daily partition from today-days_back to today+days_ahead; returns how many were made."""
+async def ensure_partitions(conn: asyncpg.Connection, today: dt.date, *, days_back: int = 1, days_ahead: int = DAYS_AHEAD,
+                            lock_timeout_ms: int | None = None) -> int:
+    """Create any missing daily partition from today-days_back to today+days_ahead; returns how many were made.
+
+    With lock_timeout_ms each CREATE waits at most that long for the parent's lock (SET LOCAL in
+    its own transaction: no session state) and raises asyncpg.LockNotAvailableError past it.
+    """
     made = 0
     for table in PARTITIONED_TABLES:
         for offset in range(-days_back, days_ahead + 1):
@@ -28,10 +33,13 @@ async def ensure_partitions(conn: asyncpg.Connection, today: dt.date, *, days_ba
             end = start + dt.timedelta(days=1)
             # Concurrent creators race on the catalog; the loser's duplicate_table is harmless.
             try:
-                status = await conn.execute(
-                    f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} "
-                    f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
-                )
+                async with conn.transaction():
+                    if lock_timeout_ms is not None:
+                        await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+                    status = await conn.execute(
+                        f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} "
+                        f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
+                    )
             except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
                 continue
             made += status == "CREATE TABLE"

@@ -16,6 +16,7 @@ import asyncpg
 
 from storage.installations import GONE, RESTRICTED, REVOKED
 from storage.tokens import revoked_tokens
+from storage.pool import cursor
 
 # Outcomes of a scan in a batch, besides RESTRICTED, GONE and REVOKED (from storage.installations);
 # OVER_QUOTA: storing it would take its installation past its stored scan bytes.
@@ -254,7 +255,8 @@ def scan_history(conn, install_id: uuid.UUID, *, prefetch: int = 50):
 
     Rows: install_id, agent_id, scan_id, received_at, expires_at, key_id, ciphertext.
     """
-    return conn.cursor(
+    return cursor(
+        conn,
         "SELECT install_id, agent_id, scan_id, received_at, expires_at, key_id, ciphertext FROM scans "
         "WHERE install_id = $1 AND expires_at > now() ORDER BY received_at, scan_id",
         install_id,

@@ -2,15 +2,16 @@
 
 One sweep, `sweep(conn, now, rules)`, in this order:
 
-1. take the sweeper lock (a session advisory lock on `conn`); if another process holds it,
-   return at once with ``swept=False``: exactly one sweeper works in the whole deployment;
+1. take the sweeper lease (a row of `sweeper_lease` with an expiry, `Lease`); if another process
+   holds it, return at once with ``swept=False``: one sweeper works in the whole deployment;
 2. make the coming days' partitions (`storage.partitions.ensure_partitions`);
 3. finish what a killed sweep left half-way: a partition still pending a concurrent detach is
    finalized, an expired partition already detached but not dropped is dropped;
 4. drop whole daily partitions whose every row is past retention: heartbeats whose upper bound
    is <= now - heartbeat retention, scans whose upper bound is <= now - 720 h (the maximum
-   scan retention). `DETACH PARTITION ... CONCURRENTLY` takes only a SHARE UPDATE EXCLUSIVE
-   lock on the parent, so ingest goes on meanwhile; then the detached table is dropped;
+   scan retention). Detach and drop are one transaction that waits at most
+   PARTITION_LOCK_TIMEOUT_MS for the parent's lock (writers queue behind it only that long; a
+   partition behind a long transaction is left for the next sweep, its rows go by step 5);
 5. delete the remaining expired rows in batches of `batch_rows` (one statement and transaction
    each, by ctid within one partition): scans with expires_at <= now, heartbeat history with
    received_at <= now - retention. This is the guarantee: every row is gone within one sweep
@@ -29,12 +30,26 @@ One sweep, `sweep(conn, now, rules)`, in this order:
    of them); vacuum the key store's tables so the destroyed keys leave them now;
 8. give installations whose newest record key is worn a new one (storage.keystore); delete
    audit log rows older than `audit_retention` (never younger than 30 days: storage.audit);
-9. write an audit row if anything was removed; release the lock.
+9. write an audit row if anything was removed; release the lease.
+
+No session state, so all of this holds behind PgBouncer in transaction mode and across nodes:
+
+- The lease is a row, not a session advisory lock. A sweep is many transactions (each batch
+  commits on its own), so a transaction-scoped lock cannot cover it; a session lock stays on
+  whichever server connection the pooler picked, is "not owned" when unlocked from another,
+  and the pool's reset (pg_advisory_unlock_all()) can drop one another sweeper really holds.
+  The row is taken only when free or expired, renewed while the sweep works (every
+  LEASE_SECONDS / 4 at most, between steps and batches), and deleted at the end; a sweeper that
+  dies holds it at most LEASE_SECONDS. A sweeper that finds its lease taken (it stalled past the
+  expiry) stops. Every step is idempotent, so even two overlapping sweeps delete nothing twice.
+- Lock timeouts are `SET LOCAL` inside the transaction they bound, never a session `SET`: behind
+  a pooler a session setting lands on a server connection other clients then get.
 
 Every step commits on its own and is idempotent, so a sweep killed at any point leaves nothing
-inconsistent and the next one carries on. A step that waits longer than `Rules.lock_timeout`
-for a lock (a long transaction on the table) is left for the next sweep and listed in
-`SweepResult.deferred`; the other steps go on. `now` is an argument (tests use a fixed clock).
+inconsistent and the next one carries on. A step that waits longer than its lock timeout
+(`Rules.lock_timeout` for row deletions; PARTITION_LOCK_TIMEOUT_MS for making, detaching and
+dropping partitions, which need the parent table exclusively) for a lock (a long transaction on
+the table) is left for the next sweep and listed in `SweepResult.deferred`; the other steps go on. `now` is an argument (tests use a fixed clock).
 """
 
 from __future__ import annotations
@@ -42,10 +57,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import re
+import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 
@@ -58,8 +75,8 @@ from storage.policy import MAX_SCAN_RETENTION_HOURS
 
 log = logging.getLogger(__name__)
 
-# Any constant works; it only has to be the same in every process of the deployment.
-SWEEPER_LOCK = 0x7E1E_0004
+# A sweeper that dies keeps the others out at most this long (seconds); renewed every quarter of it.
+LEASE_SECONDS = 60.0
 BATCH_ROWS = 5000
 PARTITION_LOCK_TIMEOUT_MS = 100
 # What a killed sweep may have left: a partition table of ours, detached, not yet dropped.
@@ -83,6 +100,7 @@ class Rules:
     # (crypto.datakeys.DataKeyCache ttl, 300 s) and a retention (ingest.routes_scans.RETENTION_TTL,
     # 10 s) cached, plus a minute for requests in flight, so no worker still seals with it.
     retire_grace: dt.timedelta = dt.timedelta(seconds=370)
+    lease_seconds: float = LEASE_SECONDS  # how long the sweeper lease holds without renewal
 
     def partition_cutoff(self, table: str, now: dt.datetime) -> dt.datetime | None:
         """Partitions of table whose upper bound is <= this hold nothing still within retention."""
@@ -95,7 +113,7 @@ class Rules:
 
 @dataclass
 class SweepResult:
-    """What one sweep did. `swept` is False when another process held the sweeper lock."""
+    """What one sweep did. `swept` is False when another process held the sweeper lease."""
 
     swept: bool
     rows_deleted: dict[str, int] = field(default_factory=dict)
@@ -142,40 +160,45 @@ async def sweep(conn: asyncpg.Connection, ks: asyncpg.Connection, now: dt.dateti
     """
     from storage.databases import replay_erasures
     started = time.perf_counter()
-    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SWEEPER_LOCK):
+    lease = Lease(conn, seconds=rules.lease_seconds)
+    if not await lease.take():
         return SweepResult(swept=False)
     result = SweepResult(swept=True)
+    ms = int(rules.lock_timeout * 1000)
     try:
-        await conn.execute(f"SET lock_timeout = {int(rules.lock_timeout * 1000)}")
-        # A step that waits longer than lock_timeout for a lock (a long transaction on the table)
-        # is left for the next sweep; the sweep goes on with the others and says so.
+        # A step that waits longer than its lock timeout for a lock (a long transaction on the
+        # table) is left for the next sweep; the sweep goes on with the others and says so.
         async with _unless_locked(result, "creating partitions"):
             # CREATE TABLE ... PARTITION OF takes an ACCESS EXCLUSIVE lock on the parent: while it
             # waits, inserts queue behind it. So it waits briefly; partitions are made days ahead,
             # and every sweep tries again.
-            await conn.execute(f"SET lock_timeout = {PARTITION_LOCK_TIMEOUT_MS}")
-            result.partitions_created = await partitions.ensure_partitions(conn, now.date())
-        await conn.execute(f"SET lock_timeout = {int(rules.lock_timeout * 1000)}")
+            result.partitions_created = await partitions.ensure_partitions(
+                conn, now.date(), lock_timeout_ms=PARTITION_LOCK_TIMEOUT_MS)
         for table in partitions.PARTITIONED_TABLES:
             result.rows_deleted[table] = 0
             result.partitions_dropped[table] = 0
             cutoff = rules.partition_cutoff(table, now)
             if cutoff is None:
                 continue
+            await lease.renew()
             async with _unless_locked(result, f"dropping partitions of {table}"):
                 await _finish_detaches(conn, table, cutoff, result)
                 await _drop_expired_partitions(conn, table, cutoff, result)
         if "heartbeats" in result.rows_deleted:
             async with _unless_locked(result, "deleting heartbeats"):
-                await delete_expired_rows(conn, "heartbeats", "received_at", now - rules.heartbeat_retention, rules.batch_rows, result)
+                await delete_expired_rows(conn, "heartbeats", "received_at", now - rules.heartbeat_retention, rules.batch_rows,
+                                          result, lock_timeout_ms=ms, tick=lease.renew)
         if "scans" in result.rows_deleted:
             async with _unless_locked(result, "deleting scans"):
-                await delete_expired_rows(conn, "scans", "expires_at", now, rules.batch_rows, result)
+                await delete_expired_rows(conn, "scans", "expires_at", now, rules.batch_rows, result, lock_timeout_ms=ms,
+                                          tick=lease.renew)
         async with _unless_locked(result, "deleting audit rows"):
             result.audit_rows_deleted = await delete_older_than(conn, now - rules.audit_retention, batch=rules.batch_rows)
+        await lease.renew()
         replayed = await replay_erasures(conn, ks, grace=rules.erase_grace)
         await finish_interrupted_erasures(conn, grace=rules.erase_grace)
         result.installations_erased = replayed + await erase_inactive(conn, ks, now - rules.inactive, grace=rules.erase_grace)
+        await lease.renew()
         result.data_keys_destroyed = await keystore.destroy_expired(ks, now)
         result.data_keys_destroyed += await retire_spare_epoch_keys(conn, ks, now, rules.retire_grace)
         # Every sweep, whoever deleted keys since (this sweep, an admin erasure, a rotation): the
@@ -188,10 +211,61 @@ async def sweep(conn: asyncpg.Connection, ks: asyncpg.Connection, now: dt.dateti
         if result.removed_anything:
             await record(conn, "sweeper", "sweep", detail=result.audit_detail())
         return result
+    except LeaseLost as exc:
+        # This sweep stalled past its lease and another sweeper carries on: stop here.
+        log.warning("sweeper: %s; stopping this sweep", exc)
+        result.deferred.append("the rest of the sweep (lease lost)")
+        result.seconds = time.perf_counter() - started
+        return result
     finally:
-        # A broken connection has lost the lock already (and a pool resets what it gets back).
+        # A dead connection cannot release: the lease then runs out by itself.
         with suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-            await conn.execute(f"RESET lock_timeout; SELECT pg_advisory_unlock({SWEEPER_LOCK})")
+            await lease.release()
+
+
+class LeaseLost(Exception):
+    """The sweeper lease expired and another process took it: this sweep stops."""
+
+
+def _holder_name() -> str:
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Lease:
+    """The sweeper lease: one row of `sweeper_lease`, held until its expiry (the database's clock)."""
+
+    def __init__(self, conn: asyncpg.Connection, *, seconds: float = LEASE_SECONDS, holder: str | None = None) -> None:
+        self.conn = conn
+        self.seconds = seconds
+        self.holder = holder or _holder_name()
+        self._renewed = 0.0
+
+    async def take(self) -> bool:
+        """Take the lease if it is free or expired; True if this holder has it now."""
+        taken = await self.conn.fetchval(
+            "INSERT INTO sweeper_lease (holder, expires_at) VALUES ($1, now() + make_interval(secs => $2)) "
+            "ON CONFLICT (singleton) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at "
+            "WHERE sweeper_lease.expires_at <= now() OR sweeper_lease.holder = excluded.holder RETURNING true",
+            self.holder, self.seconds,
+        )
+        if taken:
+            self._renewed = time.monotonic()
+        return bool(taken)
+
+    async def renew(self, *, force: bool = False) -> None:
+        """Push the expiry out again (at most every quarter of the lease); LeaseLost if another holder has it."""
+        if not force and time.monotonic() - self._renewed < self.seconds / 4:
+            return
+        if not await self.conn.fetchval(
+            "UPDATE sweeper_lease SET expires_at = now() + make_interval(secs => $2) WHERE holder = $1 RETURNING true",
+            self.holder, self.seconds,
+        ):
+            raise LeaseLost(f"the sweeper lease of {self.holder} expired and was taken")
+        self._renewed = time.monotonic()
+
+    async def release(self) -> None:
+        """Give the lease back at once (the next sweeper need not wait for the expiry)."""
+        await self.conn.execute("DELETE FROM sweeper_lease WHERE holder = $1", self.holder)
 
 
 @asynccontextmanager
@@ -214,8 +288,9 @@ async def _finish_detaches(conn: asyncpg.Connection, table: str, cutoff: dt.date
         "WHERE i.inhparent = to_regclass($1) AND i.inhdetachpending",
         table,
     )
-    for r in pending:
-        await conn.execute(f"ALTER TABLE {table} DETACH PARTITION {r['relname']} FINALIZE")
+    for r in pending:  # left by a concurrent detach (an older version, or an operator)
+        async with _transaction(conn, PARTITION_LOCK_TIMEOUT_MS):
+            await conn.execute(f"ALTER TABLE {table} DETACH PARTITION {r['relname']} FINALIZE")
     leftovers = await conn.fetch(
         "SELECT c.relname FROM pg_class c WHERE c.relkind = 'r' AND NOT c.relispartition "
         "AND c.relnamespace = current_schema()::regnamespace AND starts_with(c.relname, $1)",
@@ -238,53 +313,73 @@ async def _drop_expired_partitions(conn: asyncpg.Connection, table: str, cutoff:
         try:
             rows = await detach_and_drop(conn, table, name)
         except asyncpg.LockNotAvailableError:
-            # A transaction that started before the detach still runs after lock_timeout: the partition
-            # is left pending (finished next sweep) and its rows go by DELETE meanwhile.
-            log.warning("sweeper: detaching %s waited too long; finishing it next sweep", name)
+            # A transaction on the table outlasted the lock timeout: the partition stays (dropped
+            # next sweep) and its rows go by DELETE meanwhile.
+            log.warning("sweeper: detaching %s waited too long; dropping it next sweep", name)
             result.deferred.append(f"dropping partitions of {table}")
             break
         result.rows_deleted[table] += rows
         result.partitions_dropped[table] += 1
 
 
-async def detach_and_drop(conn: asyncpg.Connection, table: str, name: str) -> int:
-    """Remove partition `name` of `table` whole, without blocking readers and writers of table; returns its rows."""
-    # Two transactions inside; killed between them, the partition stays "detach pending"
-    # (invisible to new queries) and _finish_detaches completes it next time.
-    await conn.execute(f"ALTER TABLE {table} DETACH PARTITION {name} CONCURRENTLY")
-    return await _count_and_drop(conn, name)
-
-
-async def _count_and_drop(conn: asyncpg.Connection, name: str) -> int:
-    async with conn.transaction():
+async def detach_and_drop(conn: asyncpg.Connection, table: str, name: str,
+                          lock_timeout_ms: int = PARTITION_LOCK_TIMEOUT_MS) -> int:
+    """Remove partition `name` of `table` whole; returns its rows. One transaction, waiting at most
+    lock_timeout_ms for the parent's lock (asyncpg.LockNotAvailableError past it)."""
+    # Not DETACH ... CONCURRENTLY: it cannot run inside a transaction, so its lock timeout would be
+    # a session SET, which a pooler in transaction mode hands on to other clients.
+    async with _transaction(conn, lock_timeout_ms):
+        await conn.execute(f"ALTER TABLE {table} DETACH PARTITION {name}")
         rows = await conn.fetchval(f"SELECT count(*) FROM {name}")
         await conn.execute(f"DROP TABLE {name}")
     return rows
 
 
+async def _count_and_drop(conn: asyncpg.Connection, name: str) -> int:
+    async with _transaction(conn, PARTITION_LOCK_TIMEOUT_MS):
+        rows = await conn.fetchval(f"SELECT count(*) FROM {name}")
+        await conn.execute(f"DROP TABLE {name}")
+    return rows
+
+
+@asynccontextmanager
+async def _transaction(conn: asyncpg.Connection, lock_timeout_ms: int | None) -> AsyncIterator[None]:
+    """A transaction whose statements wait at most lock_timeout_ms for a lock (SET LOCAL: it ends with it)."""
+    async with conn.transaction():
+        if lock_timeout_ms is not None:
+            await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+        yield
+
+
 async def delete_expired_rows(conn: asyncpg.Connection, table: str, column: str, cutoff: dt.datetime, batch: int,
-                              result: SweepResult) -> None:
+                              result: SweepResult, *, lock_timeout_ms: int | None = None,
+                              tick: Callable[[], Awaitable[None]] | None = None) -> None:
     """Delete rows of table with column <= cutoff, at most `batch` rows per statement, counted in result.
 
     Per partition (oldest first), by ctid: each statement is a short transaction that locks only
     the rows it deletes. The outer condition is checked again on the row as the DELETE finds it.
+    `tick` runs before each batch (the sweeper renews its lease there).
     """
     for name, day in await partitions.partitions_of(conn, table):
         if column == "received_at" and dt.datetime.combine(day, dt.time(), dt.timezone.utc) > cutoff:
             break  # received later than the cutoff: nothing to delete here or after
-        async for deleted in delete_in_batches(conn, name, column, cutoff, batch):
+        async for deleted in delete_in_batches(conn, name, column, cutoff, batch, lock_timeout_ms=lock_timeout_ms, tick=tick):
             result.rows_deleted[table] += deleted
 
 
 async def delete_in_batches(conn: asyncpg.Connection, name: str, column: str, cutoff: dt.datetime,
-                            batch: int) -> AsyncIterator[int]:
+                            batch: int, *, lock_timeout_ms: int | None = None,
+                            tick: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[int]:
     """Delete the rows of one partition (or table) with column <= cutoff, `batch` per statement; yields each count."""
     while True:
-        status = await conn.execute(
-            f"DELETE FROM {name} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {name} WHERE {column} <= $1 LIMIT $2)) "
-            f"AND {column} <= $1",
-            cutoff, batch,
-        )
+        if tick is not None:
+            await tick()
+        async with _transaction(conn, lock_timeout_ms):
+            status = await conn.execute(
+                f"DELETE FROM {name} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {name} WHERE {column} <= $1 LIMIT $2)) "
+                f"AND {column} <= $1",
+                cutoff, batch,
+            )
         deleted = int(status.split()[-1])
         if deleted:
             yield deleted

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from storage.pool import cursor
+
 
 @dataclass(frozen=True, slots=True)
 class TokenRow:
@@ -41,7 +43,8 @@ async def use_enrollment(conn, token_id: str) -> bool:
 
 def token_list(conn, *, prefetch: int = 500):
     """A cursor over every token's public facts, oldest first (use inside a transaction); never a hash."""
-    return conn.cursor(
+    return cursor(
+        conn,
         "SELECT token_id, role, install_id, agent_id, uses, max_uses, expires_at, created_at, revoked_at "
         "FROM tokens ORDER BY created_at, token_id",
         prefetch=prefetch,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
@@ -103,6 +104,11 @@ async def start_service(dsn: str, master_key: str, data_dir: Path, port: int = 0
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
+    from ingest.keys import SWEEPER
+    # The sweeper's first tick runs at start: let it finish, so that a test's own sweeps and data
+    # do not race with it.
+    with contextlib.suppress(TimeoutError):  # a test whose database is made to hang goes on regardless
+        await asyncio.wait_for(app[SWEEPER].first_tick_done.wait(), 30)
     env = {"TELEMETRY_DSN": dsn, "TELEMETRY_MASTER_KEY": master_key, "TELEMETRY_DATA_DIR": str(data_dir)}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         try:

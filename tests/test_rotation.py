@@ -17,6 +17,7 @@ from storage import installations, keystore
 from storage.databases import ensure_keystore_database, migrate_both
 from storage.keystore import count_not_wrapped_by, rewrap_batch
 from storage.pool import connect
+from ingest.keys import DATA_KEYS, NODES
 from tests.support import heartbeat_body, run_cli, start_service
 
 
@@ -183,6 +184,7 @@ async def test_rotate_generate_in_embedded_mode(tmp_path):
             await conn.close()
             await ks.close()
 
+        first_id = key_id_of_setting(first)
         out = (await asyncio.to_thread(run_cli, "keys", "rotate", "--generate", env=env)).stdout
         keys = key_file.read_text().strip().split(",")
         assert len(keys) == 2 and keys[1] == first
@@ -198,12 +200,21 @@ async def test_rotate_generate_in_embedded_mode(tmp_path):
             raw = ring.unwrap(r["kek_id"], bytes(r["wrapped"]), wrap_context(install_id, 1))
             assert open_(DataKey.from_bytes(1, raw), sealed, email_context(install_id)) == b"admin@example.org"
 
-            # With the service running (here: a connection held open), the new key is added but nothing is
-            # re-wrapped: the running service does not have the new key until it is restarted.
-            proc = await asyncio.to_thread(run_cli, "keys", "rotate", "--generate", env=env)
-            assert "restart" in proc.stdout
-            assert len(key_file.read_text().strip().split(",")) == 3
+            # A connection held open is no running service: nothing refuses for it any more.
+            # A live worker that does not load the new key (here: its row in the key store's list of
+            # nodes, holding the two older keys) makes the rotation wait, then refuse, naming it.
+            await ks.execute("INSERT INTO nodes (node_id, kek_ids) VALUES ('elsewhere:4242', $1::text[])", [new_id, first_id])
+            proc = await asyncio.to_thread(run_cli, "keys", "rotate", "--generate", "--wait", "1", env=env, check=False)
+            newest = key_file.read_text().strip().split(",")
+            assert len(newest) == 3  # the key is added all the same
+            newest_id = key_id_of_setting(newest[0])
+            assert proc.returncode == 1 and "elsewhere:4242" in proc.stderr
+            assert f"new primary key {newest_id}" in proc.stderr and f"holds {new_id}, {first_id}" in proc.stderr
             assert await ks.fetchval("SELECT kek_id FROM data_keys WHERE install_id = $1", install_id) == new_id
+            # ...and so does `keys rotate` until that worker holds the key (or is gone)
+            proc = await asyncio.to_thread(run_cli, "keys", "rotate", env=env, check=False)
+            assert proc.returncode == 1 and "elsewhere:4242" in proc.stderr
+            await ks.execute("UPDATE nodes SET kek_ids = $1::text[] WHERE node_id = 'elsewhere:4242'", [newest_id, new_id, first_id])
         finally:
             await conn.close()
             await ks.close()
@@ -217,3 +228,113 @@ def test_no_key_material_is_printed(service):
     procs = [service.cli("keys", "rotate"), service.cli("sweep", "--once")]
     for key in service.settings.master_key.split(","):
         assert not any(key in p.stdout or key in p.stderr for p in procs)
+
+
+@pytest.mark.slow
+async def test_rotating_while_embedded_serve_runs_answers_no_503(tmp_path):
+    """The operator's sequence from issue 14: `keys rotate --generate`, then `keys rotate`, while an
+    embedded `serve` runs and takes traffic. Its workers load the new key file by themselves."""
+    import aiohttp
+
+    from tests.test_serve import ServeProcess
+
+    data_dir = tmp_path / "data"
+    env = {"TELEMETRY_DATA_DIR": str(data_dir)}
+    server = ServeProcess(env, "--workers", "2")
+    statuses: list[object] = []
+    try:
+        await server.wait_ready(120)
+        secret = run_cli("enroll-secret", "create", env=env).stdout.strip().splitlines()[-1]
+        installs = []
+        async with aiohttp.ClientSession() as http:
+            for _ in range(12):
+                install_id = uuid.uuid4()
+                async with http.post(server.url + "/v1/enroll", json={"install_id": str(install_id)},
+                                     headers={"Authorization": f"Bearer {secret}"}) as r:
+                    assert r.status == 201
+                    installs.append((install_id, (await r.json())["token"]))
+
+        async def beat(install_id, token):  # an e-mail: the installation's data key must be unwrapped
+            try:
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+                    async with http.post(server.url + "/v1/heartbeats", json=heartbeat_body(install_id, email="a@example.org"),
+                                         headers={"Authorization": f"Bearer {token}"}) as r:
+                        statuses.append(r.status)
+            except aiohttp.ClientError as exc:
+                statuses.append(type(exc).__name__)
+
+        done = asyncio.Event()
+
+        async def traffic():  # the first four, all along (their keys cached in the workers)
+            while not done.is_set():
+                for install_id, token in installs[:4]:
+                    await beat(install_id, token)
+
+        load = asyncio.create_task(traffic())
+        old_id = key_id_of_setting((data_dir / "master.key").read_text().strip())
+        out = (await asyncio.to_thread(run_cli, "keys", "rotate", "--generate", env=env)).stdout
+        new_id = key_id_of_setting((data_dir / "master.key").read_text().strip().split(",")[0])
+        assert new_id != old_id
+        assert f"re-wrapped 12 data key(s); every data key is now wrapped by {new_id}" in out  # a record key each
+        out = (await asyncio.to_thread(run_cli, "keys", "rotate", env=env)).stdout
+        assert "re-wrapped 0 data key(s)" in out and old_id in out.splitlines()[-1]  # the old key may go now
+        # Installations never seen by a worker since the rotation: their keys are loaded and unwrapped
+        # under the new key now.
+        for install_id, token in installs[4:]:
+            await beat(install_id, token)
+        done.set()
+        await load
+        stderr = server.stderr
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert len(statuses) > 12 and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    assert stderr.count("key file reloaded") == 2  # each worker
+
+
+async def test_rotation_refuses_while_a_running_worker_lacks_the_new_primary(service, db, ks):
+    """The running service (this test process: one worker) holds only the old key."""
+    import os
+    import socket
+
+    await service.enroll()
+    old_id = key_id_of_setting(service.settings.master_key)
+    new = generate_key()
+    env = {**service.env, "TELEMETRY_MASTER_KEY": f"{new},{service.settings.master_key}"}
+    proc = run_cli("keys", "rotate", env=env, check=False)
+    assert proc.returncode == 1
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    assert f"{me} holds {old_id}" in proc.stderr and key_id_of_setting(new) in proc.stderr
+    assert await kek_ids(ks) == {old_id: 1}  # nothing re-wrapped
+    nodes = await ks.fetch("SELECT node_id, kek_ids FROM nodes")
+    assert [(r["node_id"], r["kek_ids"]) for r in nodes] == [(me, [old_id])]
+
+
+async def test_a_node_that_meets_a_key_it_lacks_logs_the_key_id(service, db, ks, caplog):
+    install_id, token = await service.enroll()
+    await ks.execute("UPDATE data_keys SET kek_id = '00000000deadbeef' WHERE install_id = $1", install_id)
+    service.app[DATA_KEYS].evict(install_id)
+    with caplog.at_level("ERROR"):
+        status, body, _ = await service.request("POST", "/v1/heartbeats", token=token,
+                                                json=heartbeat_body(install_id, email="a@example.org"))
+    assert status == 503 and body["detail"] == "key material unavailable"
+    lines = [r.getMessage() for r in caplog.records if "crypto failure" in r.getMessage()]
+    assert lines and "00000000deadbeef" in lines[0], lines
+    assert service.settings.master_key not in caplog.text
+
+
+async def test_rotation_says_when_a_worker_still_wraps_under_the_old_primary(service, db, ks):
+    """A worker holding the new key second (`old,new`) can read everything, so rotation goes on,
+    but it still wraps new data keys under the old key: the old key must not be removed yet."""
+    await service.enroll()
+    old_id = key_id_of_setting(service.settings.master_key)
+    new = generate_key()
+    new_id = key_id_of_setting(new)
+    service.app[NODES].interval = 3600  # the running service of this test holds the old key only: off the list
+    await ks.execute("DELETE FROM nodes")
+    await ks.execute("INSERT INTO nodes (node_id, kek_ids) VALUES ('other:1', $1::text[])", [old_id, new_id])
+    env = {**service.env, "TELEMETRY_MASTER_KEY": f"{new},{service.settings.master_key}"}
+    out = run_cli("keys", "rotate", env=env).stdout
+    assert f"every data key is now wrapped by {new_id}" in out
+    assert f"other:1 holds {old_id}, {new_id}" in out and "can be removed" not in out
+    assert await kek_ids(ks) == {new_id: 1}

@@ -33,7 +33,7 @@ def free_port() -> int:
 class ServeProcess:
     """A `serve` subprocess with its environment."""
 
-    def __init__(self, env: dict[str, str], *args: str) -> None:
+    def __init__(self, env: dict[str, str], *args: str, entry: tuple[str, ...] = ("-m", "ingest")) -> None:
         import tempfile
 
         self.port = free_port()
@@ -44,7 +44,7 @@ class ServeProcess:
         self.env.update(env)
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ingest", "serve", "--port", str(self.port), *args],
+            [sys.executable, *entry, "serve", "--port", str(self.port), *args],
             env=self.env, cwd=ROOT, stdout=self._out, stderr=self._err, text=True,
         )
 
@@ -309,3 +309,195 @@ async def test_migrations_are_safe_when_processes_start_at_once(pg_server_dsn):
     finally:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await admin.close()
+
+
+# ------------------------------------------------------------------ watchdog, reload, version
+
+
+async def _wait_for(predicate, timeout: float, step: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(step)
+    return predicate()
+
+
+@pytest.mark.fault
+async def _both_started(ks, pids) -> bool:
+    """Every worker has started its app (it reported its key ids): its beats flow."""
+    for _ in range(300):
+        rows = {r["node_id"] for r in await ks.fetch("SELECT node_id FROM nodes")}
+        if all(f"{socket.gethostname()}:{pid}" in rows for pid in pids):
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def test_a_stopped_worker_is_killed_and_replaced_by_the_watchdog(external_env, db, ks):
+    from ingest.server import WATCHDOG_TIMEOUT
+
+    server = ServeProcess(external_env, "--workers", "2")
+    try:
+        await server.wait_ready()
+        pids = server.workers()
+        assert len(pids) == 2
+        assert await _both_started(ks, pids)  # a worker stopped before its first beat gets the start grace instead
+        os.kill(pids[0], signal.SIGSTOP)  # alive to waitpid, but answering nothing
+        stopped = time.monotonic()
+        replaced = await _wait_for(lambda: len(server.workers()) == 2 and pids[0] not in server.workers(), 40)
+        took = time.monotonic() - stopped
+        assert replaced, "a stopped worker was not replaced"
+        assert WATCHDOG_TIMEOUT - 1 <= took <= WATCHDOG_TIMEOUT + 10, took  # the watchdog's bound, not an exit
+        assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE
+        assert pids[1] in server.workers()  # the healthy one was left alone
+        await server.wait_ready()
+        async with aiohttp.ClientSession() as http:
+            install_id, token = await enroll(http, server.url, external_env)
+            async with http.post(server.url + "/v1/heartbeats", json=heartbeat_body(install_id),
+                                 headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == 200
+        stderr = server.stderr
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert "stopped answering" in stderr
+
+
+# `serve`, with one fault injected: the first worker to start blocks its event loop 2 s later
+# (time.sleep inside the loop, as a runaway synchronous call would), and writes its pid to FLAG.
+_BLOCKER = """
+import asyncio, os, sys, time
+from pathlib import Path
+
+import ingest.server
+
+flag = Path(sys.argv.pop(1))
+real_run = ingest.server._run_worker
+
+
+def run_worker(*args, **kw):  # in the worker, after the metrics directory is set
+    import ingest.app
+
+    real = ingest.app.create_app
+
+    def create_app(settings, **kw):
+        app = real(settings, **kw)
+
+        async def block_later(app):
+            try:  # only the first worker (O_EXCL: two starting at once cannot both win)
+                fd = os.open(flag, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                return
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            asyncio.get_running_loop().call_later(2, time.sleep, 3600)
+
+        app.on_startup.append(block_later)
+        return app
+
+    ingest.app.create_app = create_app
+    return real_run(*args, **kw)
+
+
+ingest.server._run_worker = run_worker
+from ingest.cli import main
+
+sys.exit(main())
+"""
+
+
+@pytest.mark.fault
+async def test_a_worker_whose_event_loop_blocks_is_killed_and_replaced(external_env, db, tmp_path):
+    from ingest.server import WATCHDOG_TIMEOUT
+
+    script, flag = tmp_path / "blocker.py", tmp_path / "blocked.pid"
+    script.write_text(_BLOCKER)
+    server = ServeProcess(external_env, "--workers", "2", entry=(str(script), str(flag)))
+    try:
+        await server.wait_ready()
+        assert await _wait_for(flag.exists, 30)
+        await asyncio.sleep(0.2)
+        blocked = int(flag.read_text())
+        assert blocked in server.workers()
+        since = time.monotonic()
+        replaced = await _wait_for(lambda: len(server.workers()) == 2 and blocked not in server.workers(), 40)
+        took = time.monotonic() - since
+        assert replaced, "a worker with a blocked event loop was not replaced"
+        assert WATCHDOG_TIMEOUT <= took <= WATCHDOG_TIMEOUT + 12, took  # blocked 2 s after the flag, then 10 s silent
+        await server.wait_ready()
+        stderr = server.stderr
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert "stopped answering" in stderr and f"worker_pid={blocked}" in stderr
+
+
+async def test_sighup_replaces_workers_one_at_a_time_refusing_nothing(external_env, db):
+    server = ServeProcess(external_env, "--workers", "2")
+    try:
+        await server.wait_ready()
+        old = set(server.workers())
+        async with aiohttp.ClientSession() as http:
+            install_id, token = await enroll(http, server.url, external_env)
+        statuses: list[object] = []
+        done = asyncio.Event()
+
+        async def traffic():  # a new connection per request: each one goes through accept()
+            while not done.is_set():
+                try:
+                    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+                        async with http.post(server.url + "/v1/heartbeats", json=heartbeat_body(install_id),
+                                             headers={"Authorization": f"Bearer {token}"}) as r:
+                            statuses.append(r.status)
+                except aiohttp.ClientError as exc:
+                    statuses.append(type(exc).__name__)
+
+        clients = [asyncio.create_task(traffic()) for _ in range(3)]
+        await asyncio.sleep(0.5)
+        server.proc.send_signal(signal.SIGHUP)
+        seen_at_once = []
+
+        def reloaded():
+            now = set(server.workers())
+            seen_at_once.append(len(now))
+            return len(now) == 2 and not (now & old)
+
+        assert await _wait_for(reloaded, 60), f"workers not all replaced: {old} -> {server.workers()}"
+        await asyncio.sleep(0.5)
+        done.set()
+        await asyncio.gather(*clients)
+        stderr = server.stderr
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert len(statuses) > 20 and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    assert await db.fetchval("SELECT count(*) FROM heartbeats") == len(statuses)
+    assert max(seen_at_once) <= 3  # one at a time: never more than one extra worker
+    assert "workers reloaded" in stderr
+
+
+def test_version(external_env):
+    from importlib.metadata import version
+
+    proc = run_cli("--version", env=external_env)
+    assert proc.stdout.strip().startswith(f"telemetry-ingest {version('telemetry-ingest')} ")
+
+
+async def test_build_info_metric(external_env, db):
+    import platform
+    from importlib.metadata import version
+
+    server = ServeProcess(external_env, "--workers", "2")
+    try:
+        await server.wait_ready()
+        async with aiohttp.ClientSession() as http, http.get(server.url + "/metrics") as r:
+            text = await r.text()
+    finally:
+        server.stop()
+    pg = await db.fetchval("SHOW server_version")
+    lines = [l for l in text.splitlines() if l.startswith("telemetry_build_info{")]
+    assert len(lines) == 1, lines  # one series however many workers
+    assert f'postgresql="{pg}"' in lines[0] and f'python="{platform.python_version()}"' in lines[0]
+    assert f'version="{version("telemetry-ingest")}"' in lines[0] and lines[0].endswith(" 1.0")

@@ -23,7 +23,7 @@ from ingest.routes_core import email_context
 from storage import installations, keystore
 from storage.partitions import ensure_partitions, partition_name, partitions_of
 from storage.pool import connect
-from storage.sweeper import SWEEPER_LOCK, Rules, sweep
+from storage.sweeper import Lease, Rules, sweep
 from tests.support import heartbeat_body, start_service
 
 UTC = dt.timezone.utc
@@ -346,8 +346,7 @@ async def test_two_sweepers_at_once_only_one_works(db_dsn, db, ring, ks):
         await blocker.execute("LOCK TABLE installations IN ACCESS EXCLUSIVE MODE")
         first = asyncio.create_task(sweep(a, ks, T0))
         for _ in range(100):
-            if await db.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1 AND granted",
-                                 SWEEPER_LOCK & 0xFFFFFFFF):
+            if await db.fetchval("SELECT count(*) FROM sweeper_lease WHERE expires_at > now()"):
                 break
             await asyncio.sleep(0.02)
         second = await sweep(b, ks, T0)
@@ -362,17 +361,58 @@ async def test_two_sweepers_at_once_only_one_works(db_dsn, db, ring, ks):
             await c.close()
 
 
-async def test_a_sweeper_whose_connection_dies_releases_the_lock(db_dsn, db, ks):
+async def test_the_lease_of_a_sweeper_that_died_runs_out(db_dsn, db, ks):
     holder = await connect(db_dsn)
-    assert await holder.fetchval("SELECT pg_try_advisory_lock($1)", SWEEPER_LOCK)
+    assert await Lease(holder, seconds=1.5, holder="dead-node:1").take()
+    holder.terminate()  # a killed process: nothing releases the lease, its expiry does
     assert not (await sweep(db, ks, T0)).swept
-    holder.terminate()  # a killed process: its session, and the lock, end with it
-    for _ in range(50):
+    started = time.monotonic()
+    for _ in range(100):
         if (await sweep(db, ks, T0)).swept:
             break
         await asyncio.sleep(0.05)
     else:
-        pytest.fail("the lock of a dead session was not released")
+        pytest.fail("the lease of a dead sweeper did not run out")
+    assert time.monotonic() - started < 3
+    assert await db.fetchval("SELECT count(*) FROM sweeper_lease") == 0  # released at the end of the sweep
+
+
+async def test_a_sweeper_that_outlived_its_lease_stops(db_dsn, db, ks):
+    """A stalled sweeper whose lease was taken over must not go on as if it still held it."""
+    mine = Lease(db, seconds=0.2, holder="stalled")
+    assert await mine.take()
+    await asyncio.sleep(0.3)
+    other = await connect(db_dsn)
+    try:
+        assert await Lease(other, seconds=30, holder="other").take()  # expired: taken over
+        with pytest.raises(Exception, match="expired and was taken"):
+            await mine.renew(force=True)
+        assert not await Lease(db, seconds=30, holder="third").take()  # the new holder keeps it
+    finally:
+        await other.close()
+
+
+async def test_the_sweeper_keeps_no_session_state(db_dsn, db, ks):
+    """No session advisory lock and no session setting outlive a sweep on its connection."""
+    conn = await connect(db_dsn)
+    try:
+        seen: list[int] = []
+        done = asyncio.Event()
+
+        async def watch():  # session advisory locks of the sweeping connection, while it sweeps
+            while not done.is_set():
+                seen.append(await db.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1", conn.get_server_pid()))
+                await asyncio.sleep(0.005)
+        watcher = asyncio.create_task(watch())
+        result = await sweep(conn, ks, T0, Rules(lock_timeout=0.7))
+        done.set()
+        await watcher
+        assert result.swept and seen and max(seen) == 0
+        assert await conn.fetchval("SHOW lock_timeout") == "0"
+        assert await conn.fetch("SELECT name FROM pg_settings WHERE source = 'session'") == []
+    finally:
+        await conn.close()
 
 
 async def test_a_detach_cut_short_is_finished_by_the_next_sweep(db_dsn, db, ring, ks):
@@ -468,7 +508,7 @@ async def test_a_partition_detached_but_not_dropped_is_dropped_by_the_next_sweep
 async def test_a_sweep_killed_at_any_point_is_finished_by_the_next(db_dsn, db, ring, ks):
     """Kill the sweeper's session after its n-th statement, for n across a whole sweep; the next sweep always
     ends in the same state, and the state in between is never inconsistent."""
-    rules = Rules(batch_rows=3, erase_grace=0)
+    rules = Rules(batch_rows=3, erase_grace=0, lease_seconds=0.5)  # a killed sweeper's lease runs out fast
     cutoff = T0 - 30 * DAY
 
     async def setup():
@@ -518,7 +558,7 @@ async def test_a_sweep_killed_at_any_point_is_finished_by_the_next(db_dsn, db, r
             await k
         victim.terminate()
         await consistent(gone)
-        for _ in range(100):  # the killed session's lock goes with it
+        for _ in range(100):  # the killed sweeper's lease runs out
             result = await sweep(db, ks, T0, rules)
             if result.swept:
                 break
@@ -588,16 +628,34 @@ async def test_a_worker_that_does_not_get_the_lock_still_reports_the_ages(servic
     ring = KeyRing.from_setting(service.settings.master_key)
     install_id = await add_installation(db, ks, ring, last_seen_at=now)
     await add_heartbeat(db, install_id, now - 2 * HOUR)
-    assert await db.fetchval("SELECT pg_try_advisory_lock($1)", SWEEPER_LOCK)
+    _, text, _ = await service.request("GET", "/metrics")
+    last_success = metric(text, "telemetry_sweep_last_success_timestamp_seconds")  # the sweep at start
+    other = Lease(db, holder="another node")
+    assert await other.take()
     try:
         result = await service.app[SWEEPER].run_once(now)
     finally:
-        await db.fetchval("SELECT pg_advisory_unlock($1)", SWEEPER_LOCK)
+        await other.release()
     assert not result.swept
     _, text, _ = await service.request("GET", "/metrics")
     assert metric(text, "telemetry_oldest_heartbeat_age_seconds") == (2 * HOUR).total_seconds()
     assert metric(text, "telemetry_oldest_scan_age_seconds") == 0
-    assert metric(text, "telemetry_sweep_last_success_timestamp_seconds") == 0
+    assert metric(text, "telemetry_sweep_last_success_timestamp_seconds") == last_success  # a skipped tick is no success
+
+
+async def test_the_first_sweep_runs_at_start(db_dsn, master_key, tmp_path, db, ks):
+    """Not one interval later: what expired while the service was down goes at once, and the
+    last-success gauge an alert watches is set within seconds of a start."""
+    now = dt.datetime.now(UTC)
+    await partitions_around(db, now, back=32)
+    ring = KeyRing.from_setting(master_key)
+    install_id = await add_installation(db, ks, ring, last_seen_at=now)
+    await add_heartbeat(db, install_id, now - 31 * DAY)
+    started = time.time()
+    async with start_service(db_dsn, master_key, tmp_path, sweep_interval=3600) as svc:
+        assert await heartbeat_times(db) == []
+        _, text, _ = await svc.request("GET", "/metrics")
+    assert started <= metric(text, "telemetry_sweep_last_success_timestamp_seconds") <= time.time()
 
 
 async def test_sweep_once_from_the_command_line(service, db, ks):
@@ -610,11 +668,12 @@ async def test_sweep_once_from_the_command_line(service, db, ks):
     out = service.cli("sweep", "--once").stdout
     assert "heartbeats: 1 row(s) deleted" in out and await heartbeat_times(db) == []
 
-    assert await db.fetchval("SELECT pg_try_advisory_lock($1)", SWEEPER_LOCK)
+    other = Lease(db, holder="another node")
+    assert await other.take()
     try:
         proc = service.cli("sweep", "--once")
     finally:
-        await db.fetchval("SELECT pg_advisory_unlock($1)", SWEEPER_LOCK)
+        await other.release()
     assert proc.returncode == 0 and "skipped" in proc.stdout
 
 
@@ -683,3 +742,28 @@ async def test_the_data_key_cache_picks_up_a_new_key_after_its_ttl(db, ring, ks)
     assert (await cache.current(install_id)).key_id == 2
     assert cache.drain_uses() == {(install_id, 1): 2, (install_id, 2): 1}
     assert cache.drain_uses() == {}
+
+
+async def test_erase_destroys_keys_a_restored_key_store_brought_back(service, db, ks):
+    """docs/operations.md, restoring an older key store: the installation is gone from the data
+    database, its keys (and no tombstone) are back in the store; `erase ID` destroys them again."""
+    install_id, _ = await service.enroll()
+    saved = await ks.fetch("SELECT * FROM data_keys WHERE install_id = $1", install_id)
+    assert saved
+    service.cli("erase", str(install_id))
+    assert await ks.fetchval("SELECT count(*) FROM data_keys WHERE install_id = $1", install_id) == 0
+    # the older key store: the keys as they were, the tombstone not yet written
+    await ks.execute("DELETE FROM erasures WHERE install_id = $1", install_id)
+    for r in saved:
+        await ks.execute("INSERT INTO data_keys SELECT (r).* FROM (SELECT $1::data_keys AS r) s", tuple(r.values()))
+    assert await ks.fetchval("SELECT count(*) FROM data_keys WHERE install_id = $1", install_id) == len(saved)
+
+    out = service.cli("erase", str(install_id)).stdout
+    assert f"destroyed its {len(saved)} key(s)" in out
+    assert await ks.fetchval("SELECT count(*) FROM data_keys WHERE install_id = $1", install_id) == 0
+    assert await ks.fetchval("SELECT count(*) FROM erasures WHERE install_id = $1", install_id) == 1
+    assert await db.fetchval("SELECT count(*) FROM audit_log WHERE action = 'installation.erase' AND install_id = $1",
+                             install_id) == 2
+    # an id the store holds nothing of is still "no installation"
+    proc = service.cli("erase", str(uuid.uuid4()), check=False)
+    assert proc.returncode == 1 and "no installation" in proc.stderr

@@ -25,9 +25,9 @@ SELECT create_distributed_table('scan_usage',    'install_id', colocate_with => 
 SELECT create_reference_table('tokens');
 -- The audit log is small, append-only and read by operators: keep it whole on every node.
 SELECT create_reference_table('audit_log');
--- schema_migrations and erasure_replay (one row: how far the key store's erasures were replayed)
--- stay local tables on the coordinator.
---
--- The data keys are not here: they live in the key store, a database of its own
--- (TELEMETRY_KEYSTORE_DSN), which stays a plain PostgreSQL database: it is small (about
--- 220 bytes a key) and only read on a data-key cache miss.
+-- One-row bookkeeping: the key store's erasure replay position and the sweeper lease (migration
+-- 0008). Reference tables, so that every node sees the same row.
+SELECT create_reference_table('erasure_replay');
+SELECT create_reference_table('sweeper_lease');
+-- schema_migrations stays a local table on the coordinator. The data keys are not here: they
+-- live in the key store, a database of its own (TELEMETRY_KEYSTORE_DSN), which is not distributed.
