@@ -40,16 +40,16 @@ def heartbeat_history(conn, install_id: uuid.UUID, retention_days: int, *, prefe
 
 def agents_of(conn, install_id: uuid.UUID, *, prefetch: int = 1000):
     """A server-side cursor over the installation's agents (no token material; inside a transaction)."""
-    return conn.cursor(
-        "SELECT agent_id, name, created_at, revoked_at FROM agents WHERE install_id = $1 ORDER BY created_at, agent_id",
+    return cursor(
+        conn, "SELECT agent_id, name, created_at, revoked_at FROM agents WHERE install_id = $1 ORDER BY created_at, agent_id",
         install_id, prefetch=prefetch,
     )
 
 
 def tokens_of(conn, install_id: uuid.UUID, *, prefetch: int = 1000):
     """A server-side cursor over public handles of the installation's tokens (ids and dates; never a hash)."""
-    return conn.cursor(
-        "SELECT token_id, role, agent_id, created_at, revoked_at FROM tokens WHERE install_id = $1 ORDER BY created_at, token_id",
+    return cursor(
+        conn, "SELECT token_id, role, agent_id, created_at, revoked_at FROM tokens WHERE install_id = $1 ORDER BY created_at, token_id",
         install_id, prefetch=prefetch,
     )
 
@@ -57,7 +57,7 @@ def tokens_of(conn, install_id: uuid.UUID, *, prefetch: int = 1000):
 def audit_of(conn, install_id: uuid.UUID, *, prefetch: int = 1000):
     """A server-side cursor over what was done to the installation, and when (without who: admin
     token ids are ours, not theirs; inside a transaction)."""
-    return conn.cursor("SELECT at, action FROM audit_log WHERE install_id = $1 ORDER BY id", install_id, prefetch=prefetch)
+    return cursor(conn, "SELECT at, action FROM audit_log WHERE install_id = $1 ORDER BY id", install_id, prefetch=prefetch)
 
 
 # ---------------------------------------------------------------- restriction
