@@ -92,6 +92,16 @@ async def drop(server_dsn: str, *dsns: str) -> None:
         await admin.close()
 
 
+async def schema_before_the_key_store(conn) -> None:
+    """The data database as the schema on main before the key store made it: migrations 0001-0004 (keys in data_keys)."""
+    await conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL, "
+                       "applied_at timestamptz NOT NULL DEFAULT now())")
+    for entry in sorted(resources.files("storage.migrations").iterdir(), key=lambda e: e.name):
+        if entry.name[:4] in ("0001", "0002", "0003", "0004"):
+            await conn.execute(entry.read_text())
+            await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2)", int(entry.name[:4]), entry.name)
+
+
 async def populated(svc, email: str) -> tuple[uuid.UUID, str, str]:
     """An installation with an e-mail and one scan: (install_id, installation token, scan_id)."""
     install_id, token = await svc.enroll()
@@ -324,12 +334,7 @@ async def test_upgrade_from_a_data_database_that_held_the_keys(pg_server_dsn, ma
     conn = await connect(dsn)
     made = {}
     try:
-        await conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL, "
-                           "applied_at timestamptz NOT NULL DEFAULT now())")
-        for entry in sorted(resources.files("storage.migrations").iterdir(), key=lambda e: e.name):
-            if entry.name[:4] in ("0001", "0002", "0003", "0004"):
-                await conn.execute(entry.read_text())
-                await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2)", int(entry.name[:4]), entry.name)
+        await schema_before_the_key_store(conn)
         now = dt.datetime.now(UTC)
         day = now.date()
         await conn.execute(f"CREATE TABLE scans_p{day:%Y%m%d} PARTITION OF scans FOR VALUES FROM ('{day}') TO ('{day + DAY}')")
@@ -542,12 +547,7 @@ async def test_migrating_the_data_database_without_the_key_store_keeps_its_keys(
     dsn = await new_database(pg_server_dsn, "ti_nokeystore")
     conn = await connect(dsn)
     try:
-        await conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL, "
-                           "applied_at timestamptz NOT NULL DEFAULT now())")
-        for entry in sorted(resources.files("storage.migrations").iterdir(), key=lambda e: e.name):
-            if entry.name[:4] in ("0001", "0002", "0003", "0004"):
-                await conn.execute(entry.read_text())
-                await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2)", int(entry.name[:4]), entry.name)
+        await schema_before_the_key_store(conn)
         await conn.execute("INSERT INTO data_keys (install_id, key_id, kek_id, wrapped) VALUES (gen_random_uuid(), 1, 'k', '\\x01')")
         with pytest.raises(asyncpg.RaiseError, match="migrate together with the key store"):
             await migrate(conn)
