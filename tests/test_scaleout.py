@@ -13,8 +13,7 @@ async def test_every_table_is_distributed_or_replicated(db):
     tables = {r["relname"] for r in await db.fetch(
         "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relispartition")}
-    # schema_migrations and erasure_replay (one row each) stay local on the coordinator
-    assert tables - {"schema_migrations", "erasure_replay"} == DISTRIBUTED | REFERENCE
+    assert tables - {"schema_migrations"} == DISTRIBUTED | REFERENCE
     assert "installations" in DISTRIBUTED and not DISTRIBUTED & REFERENCE
 
 
