@@ -17,7 +17,7 @@ from ingest.body import read_json
 from ingest.errors import Conflict, Forbidden, Invalid, RestrictedProblem, Unauthorized
 from ingest.filter import Allowlist
 from ingest.keys import AUTH, DATA_KEYS, HEARTBEAT_WRITER, KEYRING, KEYSTORE_POOL, METRICS, POOL, RESTRICTIONS, SETTINGS
-from ingest.net import anonymise, client_ip
+from ingest.net import anonymised_text, client_ip
 from storage import installations, keystore
 from storage import tokens as token_store
 from storage.errors import AlreadyExists
@@ -110,7 +110,7 @@ class Heartbeats:
             kept.get("db_server_type"),
             kept.get("web_server_type"),
             email_ct,
-            anonymise(client_ip(request, settings.trusted_proxies)),
+            anonymised_text(client_ip(request, settings.trusted_proxies)),
             principal.token_id,
         )
         outcome = await app[HEARTBEAT_WRITER].submit(row, decoded)
