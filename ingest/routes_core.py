@@ -35,6 +35,10 @@ def json_response(body: dict, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
+# The usual heartbeat answer, encoded once.
+_STORED_NOTHING_DROPPED = orjson.dumps({"stored": True, "dropped_fields": []})
+
+
 async def enroll(request: web.Request) -> web.Response:
     """POST /v1/enroll: an enrollment secret buys an installation token for a new install_id."""
     app = request.app
@@ -120,6 +124,8 @@ class Heartbeats:
             raise Unauthorized("this installation no longer exists")
         if outcome == installations.REVOKED:
             raise Unauthorized("this token was revoked; nothing was stored")
+        if not dropped:
+            return web.Response(body=_STORED_NOTHING_DROPPED, content_type="application/json")
         return json_response({"stored": True, "dropped_fields": dropped})
 
 
