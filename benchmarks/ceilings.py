@@ -71,7 +71,8 @@ async def reference_app(ctx: Context, kind: str, workers: int) -> AsyncIterator[
     env = {**os.environ, apps.DSN_ENV: ctx.dsn}
     argv = [sys.executable, "-m", "benchmarks.apps", kind, "--port", str(port), "--workers", str(workers)]
     async with server_process(
-        argv, name=f"{kind}-w{workers}", port=port, workdir=ctx.workdir, env=env, distinct_pids=workers
+        argv, name=f"{kind}-w{workers}", port=port, workdir=ctx.workdir, env=env, distinct_pids=workers,
+        cores=ctx.server_cores,
     ) as server:
         yield server
 
@@ -91,6 +92,10 @@ def heartbeat_requests(url: str, installations: Sequence[tuple[str, str]], expec
     return lambda i: requests[i % len(requests)]
 
 
+STORED_NEEDLE = b'"stored":true'  # what wrk looks for in a heartbeat answer (stored_answer's test)
+NAIVE_STORED_NEEDLE = b'"stored": true'  # the naive app answers with stdlib json's separators
+
+
 def stored_answer(body: bytes) -> bool:
     """A heartbeat answer says it was stored."""
     try:
@@ -106,7 +111,8 @@ async def http_ceiling(ctx: Context) -> list[Result]:
     for workers in ctx.workers:
         async with reference_app(ctx, "http", workers) as srv:
             factory = heartbeat_requests(srv.url + "/v1/heartbeats", fake_installations(), 204)
-            found, _ = await measure(ctx, http_ceiling_name(workers), factory, server_pid=srv.pid)
+            found, _ = await measure(ctx, http_ceiling_name(workers), factory, server_pid=srv.pid,
+                                     cycle=INSTALLATIONS)
             results += found
             if workers == max(ctx.workers):  # the scan figures are taken at the largest worker count
                 results += await _http_scan_ceiling(ctx, srv, workers)
@@ -340,6 +346,7 @@ async def naive_baseline(ctx: Context) -> list[Result]:
                     found, closed = await measure(
                         ctx, f"naive_baseline.w{workers}", factory,
                         ceiling=http_ceiling_name(workers), server_pid=srv.pid,
+                        cycle=INSTALLATIONS, needle=NAIVE_STORED_NEEDLE,
                     )
                     committed = await conn.fetchval(f"SELECT count(*) FROM {qualified}") - before
                 finally:

@@ -37,6 +37,11 @@ class Context:
     workdir: Path  # scratch directory, deleted after the run
     open_fraction: float | None = None  # open-loop rate as a fraction of closed-loop rps
     open_rate: float | None = None  # open-loop rate in requests/s
+    pg_pid: int | None = None  # PostgreSQL's postmaster, when it runs on this machine (CPU read from /proc)
+    server_cores: tuple[int, ...] = ()  # servers are pinned here (empty: not pinned)
+    client_cores: tuple[int, ...] = ()  # the load generator is pinned here
+    wrk: str | None = None  # path of wrk; None: the aiohttp driver does the closed loop
+    driver: str = "aiohttp driver"  # how the closed loop was driven, for the notes
 
     @property
     def micro_duration(self) -> float:

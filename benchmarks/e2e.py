@@ -35,6 +35,7 @@ import orjson
 
 from .ceilings import (
     INSTALLATIONS,
+    STORED_NEEDLE,
     filter_scan_json,
     heartbeat_requests,
     http_ceiling_name,
@@ -131,6 +132,7 @@ async def service(ctx: Context, workers: int) -> AsyncIterator[Server]:
         env=service_env(ctx, host="127.0.0.1", port=str(port), workers=str(workers)),
         ready_path="/readyz",
         timeout=STARTUP_TIMEOUT,
+        cores=ctx.server_cores,
     ) as server:
         yield server
 
@@ -254,6 +256,8 @@ async def e2e_heartbeats(ctx: Context) -> list[Result]:
                     factory,
                     ceiling=http_ceiling_name(workers),
                     server_pid=srv.pid,
+                    cycle=len(installations),
+                    needle=STORED_NEEDLE,
                 )
             results += [*found, rss.result(f"e2e_heartbeats.w{workers}")]
     return results

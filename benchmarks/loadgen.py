@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -63,6 +65,8 @@ class LoadStats:
     error_samples: list[str] = field(default_factory=list)
     target_rate: float | None = None
     last_done: float = 0.0
+    fixed_percentiles: dict[int, float] | None = None  # ms by percentile, when only those are known (wrk)
+    answered: int | None = None  # requests answered, when latencies are not kept one by one (wrk)
 
     def add(self, latency: float, outcome: str, ok: bool, sample: str | None) -> None:
         self.latencies.append(latency)
@@ -86,6 +90,8 @@ class LoadStats:
 
     def percentile_ms(self, q: float) -> float:
         """Nearest-rank percentile of all answered requests, in milliseconds."""
+        if self.fixed_percentiles is not None:
+            return self.fixed_percentiles.get(round(q), float("nan"))
         if not self.latencies:
             return float("nan")
         ordered = sorted(self.latencies)
@@ -96,7 +102,7 @@ class LoadStats:
         out: dict[str, object] = {
             "mode": self.mode,
             "seconds": round(self.elapsed, 3),
-            "requests": len(self.latencies),
+            "requests": self.answered if self.answered is not None else len(self.latencies),
             "ok": self.ok,
             "errors": self.errors,
             "statuses": dict(self.statuses),
@@ -104,7 +110,8 @@ class LoadStats:
             "p50_ms": round(self.percentile_ms(50), 3),
             "p95_ms": round(self.percentile_ms(95), 3),
             "p99_ms": round(self.percentile_ms(99), 3),
-            "max_ms": round(max(self.latencies, default=float("nan")) * 1000, 3),
+            "max_ms": round(self.percentile_ms(100) if self.fixed_percentiles is not None
+                            else max(self.latencies, default=float("nan")) * 1000, 3),
         }
         if self.target_rate is not None:
             out["target_rate"] = round(self.target_rate, 1)
@@ -221,6 +228,20 @@ async def open_loop(
     return stats
 
 
+@contextmanager
+def _pinned(cores: Sequence[int]) -> Iterator[None]:
+    """Pin this thread (the aiohttp driver's event loop) to ``cores`` for the block."""
+    if not cores:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 async def measure(
     ctx: Context,
     name: str,
@@ -228,28 +249,64 @@ async def measure(
     *,
     ceiling: str | None = None,
     server_pid: int | None = None,
+    cycle: int | None = None,
+    needle: bytes | None = None,
 ) -> tuple[list[Result], LoadStats]:
-    """Closed-loop rps as ``name`` (plus ``name.open`` p99 when the run asks for open loop)."""
-    async with make_session(ctx.concurrency) as session:
-        meter = CpuMeter(server_pid)
-        closed = await closed_loop(
-            session, factory, concurrency=ctx.concurrency, duration=ctx.duration, warmup=ctx.warmup
-        )
-        details = {**closed.summary(), "concurrency": ctx.concurrency, **meter.read()}
-        results = [Result(name, closed.rps, "req/s", ceiling, details)]
+    """Closed-loop rps as ``name`` (plus ``name.open`` p99 when the run asks for open loop).
 
-        rate = ctx.open_rate or (ctx.open_fraction * closed.rps if ctx.open_fraction else None)
-        if rate:
-            meter = CpuMeter(server_pid)
-            opened = await open_loop(
-                session,
-                factory,
-                rate=rate,
-                duration=ctx.duration,
-                warmup=ctx.warmup,
-                max_outstanding=max(1000, 10 * ctx.concurrency),
-            )
-            details = {**opened.summary(), **meter.read()}
-            results.append(Result(f"{name}.open", opened.percentile_ms(99), "ms p99", None, details))
+    ``cycle``: the factory repeats with this period, so wrk can send the same
+    requests from a script (``needle``: a substring every expected answer holds,
+    wrk's stand-in for ``Request.check``). Without it, or without wrk, the
+    aiohttp driver runs the closed loop. The open loop is always the aiohttp
+    driver (wrk has no fixed arrival rate).
+    """
+    driver = "aiohttp driver"
+    if ctx.wrk and cycle:
+        from . import wrk
+
+        requests = [factory(i) for i in range(cycle)]
+        script = ctx.workdir / f"{name}.lua"
+        wrk.write_script(script, requests, needle)
+        base = requests[0].url.split("/", 3)
+        url = "/".join(base[:3])
+        if ctx.warmup > 0:
+            await wrk.run(ctx.wrk, script, url, concurrency=ctx.concurrency, duration=ctx.warmup,
+                          cores=ctx.client_cores, expect=requests[0].expect)
+        meter = CpuMeter(server_pid, ctx.pg_pid)
+        closed, client_cpu = await wrk.run(ctx.wrk, script, url, concurrency=ctx.concurrency,
+                                           duration=ctx.duration, cores=ctx.client_cores,
+                                           expect=requests[0].expect)
+        usage = meter.read(closed.ok, client_seconds=client_cpu)
+        driver = ctx.driver
+    else:
+        async with make_session(ctx.concurrency) as session:
+            with _pinned(ctx.client_cores):
+                meter = CpuMeter(server_pid, ctx.pg_pid)
+                closed = await closed_loop(
+                    session, factory, concurrency=ctx.concurrency, duration=ctx.duration, warmup=ctx.warmup
+                )
+                usage = meter.read(closed.ok)
+        if ctx.wrk is None and cycle:
+            driver = ctx.driver
+    pinned = f"server on cpu {','.join(map(str, ctx.server_cores))}, load on cpu " \
+             f"{','.join(map(str, ctx.client_cores))}" if ctx.server_cores else "not pinned"
+    details = {**closed.summary(), "concurrency": ctx.concurrency, **usage, "driver": driver, "pinning": pinned}
+    results = [Result(name, closed.rps, "req/s", ceiling, details)]
+
+    rate = ctx.open_rate or (ctx.open_fraction * closed.rps if ctx.open_fraction else None)
+    if rate:
+        async with make_session(ctx.concurrency) as session:
+            with _pinned(ctx.client_cores):
+                meter = CpuMeter(server_pid, ctx.pg_pid)
+                opened = await open_loop(
+                    session,
+                    factory,
+                    rate=rate,
+                    duration=ctx.duration,
+                    warmup=ctx.warmup,
+                    max_outstanding=max(1000, 10 * ctx.concurrency),
+                )
+                usage = meter.read(opened.ok)
+        details = {**opened.summary(), **usage, "driver": "aiohttp driver (open loop)", "pinning": pinned}
+        results.append(Result(f"{name}.open", opened.percentile_ms(99), "ms p99", None, details))
     return results, closed
-

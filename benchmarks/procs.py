@@ -27,36 +27,94 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tree_cpu_seconds(pid: int) -> float:
-    import psutil
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
+
+def _proc_stats() -> dict[int, tuple[int, float]]:
+    """pid -> (ppid, CPU seconds of the process and its reaped children), from /proc/<pid>/stat."""
+    out: dict[int, tuple[int, float]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: fields start after the last ')'.
+        fields = raw[raw.rindex(b")") + 2:].split()
+        ppid = int(fields[1])
+        utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+        out[int(entry.name)] = (ppid, (utime + stime + cutime + cstime) / _CLK_TCK)
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and every descendant, live or reaped, read from /proc.
+
+    Reaped children count through their parent's cutime/cstime, so a PostgreSQL
+    backend that exited or a worker that was replaced is not lost.
+    """
+    stats = _proc_stats()
+    if pid not in stats:
         return 0.0
-    total = 0.0
-    for proc in procs:
-        with suppress(psutil.NoSuchProcess):
-            times = proc.cpu_times()
-            total += times.user + times.system
+    children: dict[int, list[int]] = {}
+    for child, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(child)
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += stats[current][1]
+        todo += children.get(current, [])
     return total
 
 
-class CpuMeter:
-    """CPU cores used since creation, by this process (the client) and a server's process tree."""
+def core_split() -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(server cores, load-generator cores) when this process may use at least two cores, else None.
 
-    def __init__(self, server_pid: int | None = None) -> None:
+    The server gets the first allowed core, the load generator the second;
+    PostgreSQL is left floating (on a 2-core machine it shares both).
+    """
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    if len(allowed) < 2:
+        return None
+    return (allowed[0],), (allowed[1],)
+
+
+class CpuMeter:
+    """CPU used since creation, by this process (the client), a server's process tree and PostgreSQL's."""
+
+    def __init__(self, server_pid: int | None = None, pg_pid: int | None = None) -> None:
         self._server_pid = server_pid
+        self._pg_pid = pg_pid
         self._wall = time.perf_counter()
         self._client = time.process_time()
-        self._server = _tree_cpu_seconds(server_pid) if server_pid else 0.0
+        self._server = tree_cpu_seconds(server_pid) if server_pid else 0.0
+        self._pg = tree_cpu_seconds(pg_pid) if pg_pid else 0.0
 
-    def read(self) -> dict[str, float]:
-        wall = time.perf_counter() - self._wall
-        out = {"client_cpu": round((time.process_time() - self._client) / wall, 2)}
+    def seconds(self) -> dict[str, float]:
+        """CPU seconds since creation: wall, client, server tree, PostgreSQL tree."""
+        out = {"wall": time.perf_counter() - self._wall, "client": time.process_time() - self._client}
         if self._server_pid:
-            out["server_cpu"] = round((_tree_cpu_seconds(self._server_pid) - self._server) / wall, 2)
+            out["server"] = tree_cpu_seconds(self._server_pid) - self._server
+        if self._pg_pid:
+            out["pg"] = tree_cpu_seconds(self._pg_pid) - self._pg
+        return out
+
+    def read(self, requests: int | None = None, client_seconds: float | None = None) -> dict[str, float]:
+        """Cores used (and, given the number of requests answered, CPU microseconds per request)."""
+        used = self.seconds()
+        if client_seconds is not None:
+            used["client"] = client_seconds
+        wall = used.pop("wall")
+        out: dict[str, float] = {}
+        for who, secs in used.items():
+            out[f"{who}_cpu"] = round(secs / wall, 2)
+            if requests:
+                out[f"{who}_us_per_req"] = round(secs / requests * 1e6, 1)
         return out
 
 
@@ -137,11 +195,13 @@ async def server_process(
     ready_path: str = "/healthz",
     distinct_pids: int = 1,
     timeout: float = 60.0,
+    cores: Sequence[int] | None = None,
 ) -> AsyncIterator[Server]:
     """Run ``argv`` as a server on ``port`` for the duration of the block; output goes to a log file.
 
     ``distinct_pids > 1`` waits until that many different bodies (the bare apps
-    answer their pid) came back from ``ready_path``.
+    answer their pid) came back from ``ready_path``. ``cores`` pins the server
+    (and every process it starts) to those cores.
     """
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
@@ -153,6 +213,7 @@ async def server_process(
             env=dict(env) if env is not None else None,
             cwd=REPO_ROOT,
             start_new_session=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
         )
     try:
         url = f"http://127.0.0.1:{port}"

@@ -25,7 +25,8 @@ from typing import Any
 import asyncpg
 
 from .core import BENCH_SCHEMA, REGISTRY, Benchmark, Context, Result, Unavailable
-from .procs import REPO_ROOT
+from .procs import REPO_ROOT, core_split
+from .wrk import ensure_wrk
 
 # Importing these fills the registry, in this order (the order of the table).
 MODULES = ("benchmarks.ceilings", "benchmarks.e2e", "benchmarks.retention_bench", "benchmarks.bounded_bench")
@@ -129,6 +130,31 @@ async def environment(ctx: Context) -> dict[str, Any]:
     }
 
 
+def postmaster_pid(dsn: str) -> int | None:
+    """PostgreSQL's postmaster pid when it runs on this machine (the parent of our backend), else None."""
+
+    async def parent_of_backend() -> int | None:
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            pid = int(await conn.fetchval("SELECT pg_backend_pid()"))
+            try:  # read while the backend lives; a remote server's pid means nothing here
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    raw = f.read()
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                return None
+            if b"postgres" not in cmdline and b"postgres" not in raw:
+                return None
+            return int(raw[raw.rindex(b")") + 2:].split()[1])
+        finally:
+            await conn.close()
+
+    try:
+        return asyncio.run(parent_of_backend())
+    except (OSError, ValueError, asyncpg.PostgresError):
+        return None
+
+
 def budget(ctx: Context) -> float:
     """Wall-clock bound of one benchmark: generous, but a hang cannot last for ever."""
     return 180 + 12 * (ctx.duration + ctx.warmup) * len(ctx.workers) * (2 if ctx.open_fraction or ctx.open_rate else 1)
@@ -201,7 +227,14 @@ def describe(details: dict[str, Any]) -> str:
             parts.append(f"ERRORS {details['errors']} {details['statuses']}")
         if "client_cpu" in details:
             server = f" server {details['server_cpu']:.2f}" if "server_cpu" in details else ""
-            parts.append(f"cpu client {details['client_cpu']:.2f}{server}")
+            pg = f" pg {details['pg_cpu']:.2f}" if "pg_cpu" in details else ""
+            parts.append(f"cores client {details['client_cpu']:.2f}{server}{pg}")
+        per_req = [f"{who} {details[f'{who}_us_per_req']:.0f}" for who in ("server", "pg")
+                   if f"{who}_us_per_req" in details]
+        if per_req:
+            parts.append(f"CPU/req µs {' '.join(per_req)}")
+        if "driver" in details:
+            parts.append(str(details["driver"]))
     if "note" in details:
         parts.append(str(details["note"]))
     return "; ".join(parts)
@@ -270,7 +303,16 @@ def main(args: Any) -> int:
     keep_workdir = False
     try:
         with database(args.dsn) as dsn:
+            cores = core_split()
+            wrk_path, driver = ensure_wrk()
+            if wrk_path is None:
+                print(f"benchmarks: closed loops use the {driver}", file=sys.stderr)
             ctx = Context(
+                pg_pid=postmaster_pid(dsn),
+                server_cores=cores[0] if cores else (),
+                client_cores=cores[1] if cores else (),
+                wrk=wrk_path,
+                driver=driver,
                 dsn=dsn,
                 duration=args.duration,
                 warmup=args.warmup,

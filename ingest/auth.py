@@ -27,7 +27,7 @@ from ingest import deadline
 from ingest.background import background
 from ingest.errors import AddressRateLimited, Forbidden, RateLimited, Unauthorized
 from ingest.keys import TOKEN_ID
-from ingest.net import anonymise, client_ip
+from ingest.net import anonymised_text, client_ip
 from ingest.ratelimit import TokenBuckets, retry_after_seconds
 from storage import tokens as token_store
 from storage.pool import acquire_until
@@ -149,7 +149,7 @@ class Authenticator:
         # client one sender, and local tools (demo, send, health checks) are not the threat.
         if ip is None or ip.is_loopback:
             return
-        wait = self._address_limiter.take(str(anonymise(ip)))
+        wait = self._address_limiter.take(str(anonymised_text(ip)))
         if wait:
             raise AddressRateLimited("too many requests from this address range", headers={"Retry-After": retry_after_seconds(wait)})
 

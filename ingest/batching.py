@@ -35,6 +35,15 @@ _BYTES_PER_SECOND = 10_000_000  # commit time allowed for a record's size, on to
 DATABASE_TROUBLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
+class _Expired(Exception):
+    """A record's deadline passed before its batch answered."""
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())
+
+
 class GroupCommitWriter(Generic[T]):
     """A bounded queue of records and the flushers that commit them in batches."""
 
@@ -105,17 +114,18 @@ class GroupCommitWriter(Generic[T]):
             raise Unavailable("ingest queue is full", headers={"Retry-After": str(self._retry_after)}) from None
         self._queued_bytes += size
         self._depth.inc()
+        # One timer handle instead of asyncio.timeout_at + shield (a Timeout and a shield future per request): at the
+        # deadline the future itself fails, unless its batch has answered by then. A failed future is
+        # withdrawn: a flusher that has not taken it skips it (nothing is stored); one that has may
+        # still commit it, unacknowledged, like a commit whose answer a cut connection lost.
+        timer = None if deadline is None else loop.call_at(deadline, _expire, fut)
         try:
-            async with asyncio.timeout_at(deadline):
-                # Shielded: if the client goes away, the record is still committed (or failed) cleanly.
-                return await asyncio.shield(fut)
-        except TimeoutError:
-            if fut.done():
-                return fut.result()
-            # Withdrawn if no flusher has taken it yet (nothing is stored); if one has, it may still
-            # commit, unacknowledged, like a commit whose answer a cut connection lost.
-            fut.cancel()
+            return await fut
+        except _Expired:
             raise Unavailable("the database did not commit in time", headers={"Retry-After": str(self._retry_after)}) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _take_batch(self, first: Item) -> tuple[list[Item], bool]:
         """The batch starting with first, and whether a stop sentinel was met while taking it."""

@@ -43,6 +43,12 @@ async def read_raw(request: web.Request, limit: int, timeout: float | None = Non
     declared = request.content_length
     if declared is not None and declared > limit:
         raise TooLarge(f"body is larger than {limit} bytes")
+    content = request.content
+    if content.is_eof():  # the whole body came with the headers (a usual heartbeat): no wait, no timer
+        whole = content.read_nowait()
+        if len(whole) > limit:
+            raise TooLarge(f"body is larger than {limit} bytes")
+        return whole
     buf = bytearray()
     try:
         async with asyncio.timeout(timeout):

@@ -18,9 +18,9 @@ from crypto.tokens import role_of
 from ingest import deadline
 from ingest.errors import Invalid, MethodNotAllowed, NotFoundProblem, Problem, TooLarge, Unavailable
 from ingest.keys import METRICS, SETTINGS, TOKEN_ID
+from ingest.logs import ACCESS
 from storage.errors import DatabaseUnavailable
 
-log = logging.getLogger("ingest.access")
 errlog = logging.getLogger("ingest.errors")
 
 PROBLEM_TYPE_BASE = "https://telemetry-ingest.dev/problems/"
@@ -150,10 +150,9 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
         route = route_of(request)
         method = method_of(request)
         request.app[METRICS].observe_request(route, method, status, elapsed)
-        if log.isEnabledFor(logging.INFO):
-            extra = {"route": route, "method": method, "status": status, "latency_ms": round(elapsed * 1000, 2),
-                     "request_id": request_id}
-            token_id = request.get(TOKEN_ID)
-            if token_id is not None:  # set by ingest.auth once a token is known: its id (tid_...), never the token
-                extra["token_id"] = token_id
-            log.info("request", extra=extra)
+        extra = {"route": route, "method": method, "status": status, "latency_ms": round(elapsed * 1000, 2),
+                 "request_id": request_id}
+        token_id = request.get(TOKEN_ID)
+        if token_id is not None:  # set by ingest.auth once a token is known: its id (tid_...), never the token
+            extra["token_id"] = token_id
+        ACCESS.write(extra)

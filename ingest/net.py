@@ -47,3 +47,10 @@ def anonymise(ip: Address | None) -> Network | None:
         return None
     prefix = 24 if ip.version == 4 else 48
     return ipaddress.ip_network(f"{ip}/{prefix}", strict=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def anonymised_text(ip: Address | None) -> str | None:
+    """anonymise(ip) as text ("192.0.2.0/24"): what is stored (cast to cidr in SQL) and rate-limited by."""
+    net = anonymise(ip)
+    return None if net is None else str(net)

@@ -17,7 +17,7 @@ from ingest.body import read_json
 from ingest.errors import Conflict, Forbidden, Invalid, RestrictedProblem, Unauthorized
 from ingest.filter import Allowlist
 from ingest.keys import AUTH, DATA_KEYS, HEARTBEAT_WRITER, KEYRING, KEYSTORE_POOL, METRICS, POOL, RESTRICTIONS, SETTINGS
-from ingest.net import anonymise, client_ip
+from ingest.net import anonymised_text, client_ip
 from storage import installations, keystore
 from storage import tokens as token_store
 from storage.errors import AlreadyExists
@@ -33,6 +33,10 @@ def email_context(install_id: uuid.UUID) -> bytes:
 
 def json_response(body: dict, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+# The usual heartbeat answer, encoded once.
+_STORED_NOTHING_DROPPED = orjson.dumps({"stored": True, "dropped_fields": []})
 
 
 async def enroll(request: web.Request) -> web.Response:
@@ -110,7 +114,7 @@ class Heartbeats:
             kept.get("db_server_type"),
             kept.get("web_server_type"),
             email_ct,
-            anonymise(client_ip(request, settings.trusted_proxies)),
+            anonymised_text(client_ip(request, settings.trusted_proxies)),
             principal.token_id,
         )
         outcome = await app[HEARTBEAT_WRITER].submit(row, decoded)
@@ -120,6 +124,8 @@ class Heartbeats:
             raise Unauthorized("this installation no longer exists")
         if outcome == installations.REVOKED:
             raise Unauthorized("this token was revoked; nothing was stored")
+        if not dropped:
+            return web.Response(body=_STORED_NOTHING_DROPPED, content_type="application/json")
         return json_response({"stored": True, "dropped_fields": dropped})
 
 
