@@ -140,13 +140,9 @@ async def holds_keys_of(conn, install_id: uuid.UUID) -> bool:
     return bool(await conn.fetchval("SELECT true FROM data_keys WHERE install_id = $1 LIMIT 1", install_id))
 
 
-async def tombstones(conn, install_ids: Sequence[uuid.UUID] | None = None) -> dict[uuid.UUID, dt.datetime]:
-    """install_id -> erased_at, of the given installations (all if None)."""
-    if install_ids is None:
-        rows = await conn.fetch("SELECT install_id, erased_at FROM erasures")
-    else:
-        rows = await conn.fetch("SELECT install_id, erased_at FROM erasures WHERE install_id = ANY($1::uuid[])", list(install_ids))
-    return {r[0]: r[1] for r in rows}
+async def tombstones(conn) -> dict[uuid.UUID, dt.datetime]:
+    """install_id -> erased_at of every tombstone."""
+    return {r[0]: r[1] for r in await conn.fetch("SELECT install_id, erased_at FROM erasures")}
 
 
 async def erased_since(conn, since: dt.datetime | None) -> list[tuple[uuid.UUID, dt.datetime]]:

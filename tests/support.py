@@ -81,6 +81,24 @@ def run_cli(*args: str, env: dict[str, str], check: bool = True, timeout: float 
     return proc
 
 
+async def enroll_direct(db, ks, ring, install_id: uuid.UUID | None = None) -> tuple[uuid.UUID, str, bytes]:
+    """Enroll an installation without the service, as POST /v1/enroll does (installation row and token
+    in the data database, its record key 1 in the key store): (install_id, kek id, wrapped key)."""
+    from crypto.datakeys import new_wrapped_key
+    from crypto.tokens import new_token
+    from storage import installations, keystore
+
+    install_id = install_id or uuid.uuid4()
+    kek_id, wrapped = new_wrapped_key(ring, install_id, 1)
+    token_id, _, token_hash = new_token("installation")
+
+    async def store_key():
+        await keystore.add_first_key(ks, install_id, kek_id, wrapped)
+
+    await installations.enroll(db, install_id, token_id=token_id, token_hash=token_hash, store_key=store_key)
+    return install_id, kek_id, wrapped
+
+
 def heartbeat_body(install_id: uuid.UUID, **extra: Any) -> dict[str, Any]:
     body = {
         "install_id": str(install_id),

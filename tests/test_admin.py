@@ -235,6 +235,24 @@ async def _bulk_scans(service, db, install_id: uuid.UUID, agent_id: uuid.UUID, c
 
 
 @pytest.mark.slow
+async def stream_export(service, admin_token: str, install_id: uuid.UUID) -> tuple[int, int, int, bytes]:
+    """Read an export as it streams: (bytes, scans counted, peak RSS growth of this process, last 4 KiB)."""
+    proc = psutil.Process()
+    gc.collect()
+    baseline = peak = proc.memory_info().rss
+    size = scans = 0
+    tail = b""
+    async with service.http.get(f"{service.url}/v1/admin/installations/{install_id}/export",
+                                headers={"Authorization": f"Bearer {admin_token}"}) as resp:
+        assert resp.status == 200
+        async for chunk in resp.content.iter_chunked(256 * 1024):
+            size += len(chunk)
+            scans += (tail[-16:] + chunk).count(b'"scanned_at":')
+            tail = (tail + chunk)[-4096:]
+            peak = max(peak, proc.memory_info().rss)
+    return size, scans, peak - baseline, tail
+
+
 async def test_export_of_thousands_of_scans_streams_in_flat_memory(service, db, admin_token):
     subject = await populated(service, heartbeats=1, scans=0)
     plain_bytes = await _bulk_scans(service, db, subject.install_id, subject.agent_id, count=3000, size=16 * 1024)
@@ -246,20 +264,7 @@ async def test_export_of_thousands_of_scans_streams_in_flat_memory(service, db, 
         "FROM generate_series(1, $2) i",
         subject.install_id, 100_000,
     )
-    proc = psutil.Process()
-    gc.collect()
-    baseline = peak = proc.memory_info().rss
-    size = scans = 0
-    tail = b""
-    async with service.http.get(f"{service.url}/v1/admin/installations/{subject.install_id}/export",
-                                headers={"Authorization": f"Bearer {admin_token}"}) as resp:
-        assert resp.status == 200
-        async for chunk in resp.content.iter_chunked(256 * 1024):
-            size += len(chunk)
-            scans += (tail[-16:] + chunk).count(b'"scanned_at":')
-            tail = (tail + chunk)[-4096:]
-            peak = max(peak, proc.memory_info().rss)
-    growth = peak - baseline
+    size, scans, growth, tail = await stream_export(service, admin_token, subject.install_id)
     assert size > plain_bytes > 40 * 1024 * 1024, (size, plain_bytes)
     assert scans == 3000
     # client and server share this process: together they held a small fraction of the document
@@ -276,19 +281,7 @@ async def test_export_of_a_long_audit_history_and_many_agents_streams_in_flat_me
     await db.execute(
         "INSERT INTO agents (install_id, agent_id, name, revoked_at) SELECT $1, gen_random_uuid(), 'agent-' || i, now() "
         "FROM generate_series(1, $2) i", subject.install_id, 50_000)
-    proc = psutil.Process()
-    gc.collect()
-    baseline = peak = proc.memory_info().rss
-    size = 0
-    tail = b""
-    async with service.http.get(f"{service.url}/v1/admin/installations/{subject.install_id}/export",
-                                headers={"Authorization": f"Bearer {admin_token}"}) as resp:
-        assert resp.status == 200
-        async for chunk in resp.content.iter_chunked(256 * 1024):
-            size += len(chunk)
-            tail = (tail + chunk)[-4096:]
-            peak = max(peak, proc.memory_info().rss)
-    growth = peak - baseline
+    size, _, growth, tail = await stream_export(service, admin_token, subject.install_id)
     assert size > 400_000 * 40, size
     # loaded whole, 450,000 rows would take far more than the document itself; streamed, a fraction of it
     assert growth < size / 4, (growth, size)

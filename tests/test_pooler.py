@@ -211,20 +211,10 @@ async def test_every_command_behind_pgbouncer(pooled_env, db, service_free_insta
 @pytest.fixture
 async def service_free_install(db, ks, master_key) -> uuid.UUID:
     """One enrolled installation with its key, written directly (the commands above export and erase it)."""
-    from crypto.datakeys import new_wrapped_key
     from crypto.keyring import KeyRing
-    from crypto.tokens import new_token
-    from storage import installations, keystore
+    from tests.support import enroll_direct
 
-    ring = KeyRing.from_setting(master_key)
-    install_id = uuid.uuid4()
-    k, w = new_wrapped_key(ring, install_id, 1)
-    token_id, _, token_hash = new_token("installation")
-
-    async def store_key():
-        await keystore.add_first_key(ks, install_id, k, w)
-
-    await installations.enroll(db, install_id, token_id=token_id, token_hash=token_hash, store_key=store_key)
+    install_id, _, _ = await enroll_direct(db, ks, KeyRing.from_setting(master_key))
     return install_id
 
 

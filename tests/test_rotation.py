@@ -8,17 +8,16 @@ import uuid
 
 import pytest
 
-from crypto.datakeys import new_wrapped_key, rewrap, wrap_context
+from crypto.datakeys import rewrap, wrap_context
 from crypto.envelope import DataKey, open_, seal
 from crypto.keyring import KeyRing, generate_key, kek_id, load_or_create_key_file
-from crypto.tokens import new_token
 from ingest.routes_core import email_context
-from storage import installations, keystore
+from storage import keystore
 from storage.databases import ensure_keystore_database, migrate_both
 from storage.keystore import count_not_wrapped_by, rewrap_batch
 from storage.pool import connect
 from ingest.keys import DATA_KEYS, NODES
-from tests.support import heartbeat_body, run_cli, start_service
+from tests.support import enroll_direct, heartbeat_body, run_cli, start_service
 
 
 def key_id_of_setting(value: str) -> str:
@@ -48,18 +47,6 @@ async def populate(svc, n: int) -> dict[uuid.UUID, tuple[str, str, str]]:
         assert status == 201, body
         made[install_id] = (token, email, scan_id)
     return made
-
-
-async def enroll_direct(db, ks, install_id: uuid.UUID, ring: KeyRing) -> tuple[str, bytes]:
-    """Enroll an installation without the service (its key 1 in the key store): (kek id, wrapped key)."""
-    k, w = new_wrapped_key(ring, install_id, 1)
-    token_id, _, token_hash = new_token("installation")
-
-    async def store_key():
-        await keystore.add_first_key(ks, install_id, k, w)
-
-    await installations.enroll(db, install_id, token_id=token_id, token_hash=token_hash, store_key=store_key)
-    return k, w
 
 
 async def kek_ids(ks) -> dict[str, int]:
@@ -132,7 +119,7 @@ async def test_a_batch_skips_keys_another_transaction_holds(db, ks_dsn, master_k
     ids = []
     for _ in range(3):
         install_id = uuid.uuid4()
-        await enroll_direct(db, ks, install_id, old)
+        await enroll_direct(db, ks, old, install_id)
         ids.append(install_id)
     ring = KeyRing.from_setting(f"{generate_key()},{master_key}")
     holder = await connect(ks_dsn)
@@ -177,7 +164,7 @@ async def test_rotate_generate_in_embedded_mode(tmp_path):
         ks = await connect(ks_dsn)
         try:
             await migrate_both(conn, ks)
-            k, w = await enroll_direct(conn, ks, install_id, ring)
+            _, k, w = await enroll_direct(conn, ks, ring, install_id)
             data_key = DataKey.from_bytes(1, ring.unwrap(k, w, wrap_context(install_id, 1)))
             sealed = seal(data_key, b"admin@example.org", email_context(install_id))
         finally:

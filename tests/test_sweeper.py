@@ -17,14 +17,13 @@ from ingest import rights
 from crypto.datakeys import DataKeyCache, new_wrapped_key, wrap_context
 from crypto.envelope import key_id_of, open_
 from crypto.keyring import KeyRing
-from crypto.tokens import new_token
 from ingest.keys import DATA_KEYS, SWEEPER
 from ingest.routes_core import email_context
-from storage import installations, keystore
+from storage import keystore
 from storage.partitions import ensure_partitions, partition_name, partitions_of
 from storage.pool import connect
 from storage.sweeper import Lease, Rules, sweep
-from tests.support import heartbeat_body, start_service
+from tests.support import enroll_direct, heartbeat_body, start_service
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2030, 1, 15, 12, 0, tzinfo=UTC)
@@ -43,14 +42,7 @@ async def partitions_around(conn, at: dt.datetime, *, back: int, ahead: int = 1)
 async def add_installation(conn, ks, ring: KeyRing, *, enrolled_at: dt.datetime = T0 - 10 * DAY,
                            last_seen_at: dt.datetime | None = None, retention_hours: int = 720) -> uuid.UUID:
     """An enrolled installation (data key 1 in the key store, installation token) with the given times."""
-    install_id = uuid.uuid4()
-    kek_id, wrapped = new_wrapped_key(ring, install_id, 1)
-    token_id, _, token_hash = new_token("installation")
-
-    async def store_key():
-        await keystore.add_first_key(ks, install_id, kek_id, wrapped)
-
-    await installations.enroll(conn, install_id, token_id=token_id, token_hash=token_hash, store_key=store_key)
+    install_id, _, _ = await enroll_direct(conn, ks, ring)
     await conn.execute(
         "UPDATE installations SET enrolled_at = $2, last_seen_at = $3, scan_retention_hours = $4 WHERE install_id = $1",
         install_id, enrolled_at, last_seen_at, retention_hours,
