@@ -21,8 +21,8 @@ from ingest.restrictions import restrictions_ctx
 from ingest.nodes import nodes_ctx
 from ingest.settings import Settings
 from ingest.sweeper_ctx import sweeper_ctx
-from storage import installations, keystore
-from storage.databases import ensure_keystore_database, migrate_both, replay_erasures
+from storage import installations, keystore, roles
+from storage.databases import check_migrated, ensure_keystore_database, migrate_both, replay_erasures
 from storage.partitions import ensure_partitions
 from storage.pool import check_durability, create_pool
 
@@ -36,7 +36,8 @@ async def storage_ctx(app: web.Application):
     days' partitions, and replay the key store's erasures (a restored backup stays erased)."""
     s = app[SETTINGS]
     ks_dsn = s.keystore_dsn or keystore.default_dsn(s.dsn, embedded=False)
-    pool = await create_pool(s.dsn, max_size=s.db_pool_size, statement_cache_size=s.db_statement_cache)
+    # With a service role (storage.roles) the pools log in as it; `serve` has migrated as TELEMETRY_DSN.
+    pool = await create_pool(s.service_dsn or s.dsn, max_size=s.db_pool_size, statement_cache_size=s.db_statement_cache)
     ks_pool = None
     try:
         async with pool.acquire() as conn:
@@ -44,10 +45,14 @@ async def storage_ctx(app: web.Application):
             app[METRICS].set_build_info(await conn.fetchval("SHOW server_version"))
             if s.keystore_dsn is None:
                 await ensure_keystore_database(conn, ks_dsn)
-            ks_pool = await create_pool(ks_dsn, max_size=KEYSTORE_POOL_SIZE, statement_cache_size=s.db_statement_cache)
+            ks_pool = await create_pool(roles.keystore_login(ks_dsn, s.dsn, s.service_dsn), max_size=KEYSTORE_POOL_SIZE,
+                                        statement_cache_size=s.db_statement_cache)
             async with ks_pool.acquire() as ks:
                 await check_durability(ks)
-                await migrate_both(conn, ks)
+                if s.service_dsn is None:
+                    await migrate_both(conn, ks)
+                else:  # the service role may not migrate: it only checks that `serve` did
+                    await check_migrated(conn, ks)
                 await ensure_partitions(conn, dt.datetime.now(dt.timezone.utc).date())
                 await replay_erasures(conn, ks)
     except BaseException:

