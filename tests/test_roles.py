@@ -234,13 +234,13 @@ async def test_embedded_mode_serves_as_its_own_role(tmp_path):
             assert await _eventually(dropped), "the sweeper (as the service role) did not drop the expired partition"
             proc = run_cli("audit", env=env, check=False)
             assert proc.returncode == 0 and proc.stdout.strip() == "audit passed", proc.stdout + proc.stderr
+            assert "Traceback" not in server.stderr and password not in server.stderr, server.stderr
         finally:
             await admin.close()
     finally:
         assert server.stop() == 0
         if embedded is not None:
             embedded.stop()
-    assert "Traceback" not in server.stderr, server.stderr
 
 
 async def _has_backends(conn) -> bool:
