@@ -112,6 +112,28 @@ def heartbeat_body(install_id: uuid.UUID, **extra: Any) -> dict[str, Any]:
     return body
 
 
+SERVICE_ROLE = "ti_test_service"
+
+
+async def service_role_dsn(dsn: str) -> str:
+    """dsn logging in as SERVICE_ROLE, a role that cannot alter the audit log (no superuser, owns
+    nothing), made on the server if missing. It is the TELEMETRY_SERVICE_DSN of the test services'
+    command lines, so that `audit` checks a role fit to serve; the in-process app itself connects as
+    TELEMETRY_DSN (tests/test_roles.py serves as such a role, end to end)."""
+    import asyncpg
+
+    from storage.roles import with_login
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        if not await conn.fetchval("SELECT true FROM pg_roles WHERE rolname = $1", SERVICE_ROLE):
+            with contextlib.suppress(asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError):
+                await conn.execute(f"CREATE ROLE {SERVICE_ROLE} LOGIN")
+    finally:
+        await conn.close()
+    return with_login(dsn, SERVICE_ROLE, None)
+
+
 @contextlib.asynccontextmanager
 async def start_service(dsn: str, master_key: str, data_dir: Path, port: int = 0, **settings: Any):
     """Start create_app(settings) on 127.0.0.1 (an ephemeral port unless port is given); stop it (gracefully) afterwards."""
@@ -127,7 +149,8 @@ async def start_service(dsn: str, master_key: str, data_dir: Path, port: int = 0
     # do not race with it.
     with contextlib.suppress(TimeoutError):  # a test whose database is made to hang goes on regardless
         await asyncio.wait_for(app[SWEEPER].first_tick_done.wait(), 30)
-    env = {"TELEMETRY_DSN": dsn, "TELEMETRY_MASTER_KEY": master_key, "TELEMETRY_DATA_DIR": str(data_dir)}
+    env = {"TELEMETRY_DSN": dsn, "TELEMETRY_MASTER_KEY": master_key, "TELEMETRY_DATA_DIR": str(data_dir),
+           "TELEMETRY_SERVICE_DSN": await service_role_dsn(dsn)}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         try:
             yield Service(f"http://127.0.0.1:{port}", http, s, app, env)

@@ -164,7 +164,8 @@ async def test_report_names_every_finding(service, db, master_key, ks):
     ids = await healthy(service, db)
     for plant in (VIOLATIONS[0][1], VIOLATIONS[5][1], VIOLATIONS[9][1]):
         await plant(db, ks, ids)
-    findings = await audit_database(db, ks, KeyRing.from_setting(master_key), service.settings)
+    settings = service.settings.replace(service_dsn=service.env["TELEMETRY_SERVICE_DSN"])  # as the command line's
+    findings = await audit_database(db, ks, KeyRing.from_setting(master_key), settings)
     assert sorted(f.check for f in findings) == ["keys", "retention", "schema"], findings
     text = report(findings)
     assert text.splitlines()[0] == "audit FAILED: 3 finding(s)" and len(text.splitlines()) == 4

@@ -28,7 +28,7 @@ import pytest
 
 from storage.pool import connect
 from storage.sweeper import Lease, sweep
-from tests.support import heartbeat_body, run_cli
+from tests.support import heartbeat_body, run_cli, service_role_dsn
 from tests.test_serve import ServeProcess
 
 pytestmark = pytest.mark.slow
@@ -182,8 +182,9 @@ async def test_serve_restarted_three_times_behind_pgbouncer(pooled_env, db, boun
     assert await db.fetchval("SELECT count(*) FROM audit_log WHERE action = 'enroll_secret.create'") == 4
 
 
-async def test_every_command_behind_pgbouncer(pooled_env, db, service_free_install):
-    env = pooled_env
+async def test_every_command_behind_pgbouncer(pooled_env, db, db_dsn, service_free_install):
+    # (the service role `audit` checks: one that cannot alter the audit log; tests/support.py)
+    env = {**pooled_env, "TELEMETRY_SERVICE_DSN": await service_role_dsn(db_dsn)}
     install_id = service_free_install
     for round_ in range(3):  # repeated: a named prepared statement left on a server connection would collide
         secret = run_cli("enroll-secret", "create", env=env)
