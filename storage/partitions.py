@@ -40,6 +40,14 @@ async def ensure_partitions(conn: asyncpg.Connection, today: dt.date, *, days_ba
                         f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} "
                         f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
                     )
+                    # A partition belongs to its parent's owner (storage.roles: telemetry_owner), whoever
+                    # made it (the command line as the admin role, a worker as the service role), so
+                    # that the service's sweeper can drop it when its day is past.
+                    owner = await conn.fetchval(
+                        "SELECT quote_ident(pg_get_userbyid(relowner)) FROM pg_class WHERE oid = $1::regclass "
+                        "AND relowner <> (SELECT oid FROM pg_roles WHERE rolname = current_user)", table)
+                    if owner is not None and status == "CREATE TABLE":
+                        await conn.execute(f"ALTER TABLE {name} OWNER TO {owner}")
             except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
                 continue
             made += status == "CREATE TABLE"

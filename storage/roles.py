@@ -191,8 +191,9 @@ ORDER BY c.relname
 
 
 async def _hand_over(conn: asyncpg.Connection, role: str) -> None:
-    """Every table and sequence of the public schema but KEPT to telemetry_owner (a partition the
-    service role made stays its own: a member of telemetry_owner either way)."""
+    """Every table and sequence of the public schema but KEPT to telemetry_owner (storage.partitions
+    gives a new partition to its parent's owner; one the service role owns is left: it is a member
+    of telemetry_owner either way)."""
     for r in await conn.fetch(_TO_HAND_OVER, OWNER, role, list(KEPT)):
         kind = "SEQUENCE" if r["relkind"] == "S" else "TABLE"
         await conn.execute(f"ALTER {kind} {_ident(r['relname'])} OWNER TO {OWNER}")

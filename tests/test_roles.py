@@ -100,8 +100,13 @@ async def test_serving_role_does_the_services_work(as_service, db, ks, ks_dsn):
     await ensure_partitions(db, day, days_back=0, days_ahead=0)  # made by the admin role (a migration, `serve`)...
     await roles.ensure(db, ks, ROLE)  # ...handed over at the next start
     await ensure_partitions(as_service, day - dt.timedelta(days=1), days_back=0, days_ahead=0)  # made by the service
-    for made in (day, day - dt.timedelta(days=1)):
-        await detach_and_drop(as_service, "heartbeats", partition_name("heartbeats", made))
+    await ensure_partitions(db, day - dt.timedelta(days=2), days_back=0, days_ahead=0)  # the admin role again (`sweep --once`)
+    made = [day - dt.timedelta(days=n) for n in range(3)]
+    owners = await db.fetch("SELECT DISTINCT pg_get_userbyid(relowner) FROM pg_class WHERE relname = ANY($1::text[])",
+                            [partition_name("heartbeats", d) for d in made])
+    assert [r[0] for r in owners] == [roles.OWNER]  # a partition belongs to its parent's owner, whoever made it
+    for d in made:
+        await detach_and_drop(as_service, "heartbeats", partition_name("heartbeats", d))
     assert day not in {d for _, d in await partitions_of(db, "heartbeats")}
     await record(as_service, "sweeper", "sweep", detail={})
     service_ks = await connect(roles.with_login(ks_dsn, ROLE, None))
@@ -192,7 +197,7 @@ async def test_embedded_mode_serves_as_its_own_role(tmp_path):
         admin = await connect(admin_dsn)
         try:
             # the serving pools (data and key store) log in as the service role, and it is what `audit` wants
-            assert await _eventually(lambda: _has_backends(admin))
+            assert await _eventually(lambda: _nonempty(lambda: _service_backends(admin)))
             assert await _service_backends(admin) == {roles.SERVICE}
             assert await roles.findings(admin, roles.SERVICE) == []
             assert await admin.fetchval("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'audit_log'") == "postgres"
@@ -243,13 +248,61 @@ async def test_embedded_mode_serves_as_its_own_role(tmp_path):
             embedded.stop()
 
 
-async def _has_backends(conn) -> bool:
-    return bool(await _service_backends(conn))
-
-
 def test_service_dsn_is_refused_in_embedded_mode(tmp_path):
     data_dir = tmp_path / "data"
     proc = run_cli("serve", env={"TELEMETRY_DATA_DIR": str(data_dir), "TELEMETRY_SERVICE_DSN": "postgresql://u:pw@h/db"}, check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and "TELEMETRY_SERVICE_DSN" in lines[0] and "pw" not in proc.stderr
     assert not data_dir.exists()
+
+
+# ------------------------------------------------------------------ TELEMETRY_DSN with TELEMETRY_SERVICE_DSN
+
+
+@pytest.mark.slow
+async def test_serve_with_a_service_dsn_serves_as_that_role(db_dsn, db, master_key, tmp_path):
+    from tests.test_serve import ServeProcess
+
+    env = {"TELEMETRY_DSN": db_dsn, "TELEMETRY_MASTER_KEY": master_key, "TELEMETRY_DATA_DIR": str(tmp_path),
+           "TELEMETRY_SERVICE_DSN": roles.with_login(db_dsn, ROLE, None)}
+    server = ServeProcess(env, "--workers", "1")
+    try:
+        await server.wait_ready()
+        name = await db.fetchval("SELECT current_database()")
+
+        async def backends() -> set[str]:
+            return {r[0] for r in await db.fetch(
+                "SELECT DISTINCT usename FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                "AND datname IN ($1, $2) AND pid <> pg_backend_pid()", name, name + "_keys")}
+
+        assert await _eventually(lambda: _nonempty(backends))
+        assert await backends() == {ROLE}  # data database and key store
+        secret = run_cli("enroll-secret", "create", env=env).stdout.strip().splitlines()[-1]
+        install_id = uuid.uuid4()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(server.url + "/v1/enroll", json={"install_id": str(install_id)},
+                                 headers={"Authorization": f"Bearer {secret}"}) as r:
+                assert r.status == 201
+                token = (await r.json())["token"]
+            async with http.post(server.url + "/v1/heartbeats", json=heartbeat_body(install_id),
+                                 headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == 200
+        assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", install_id) == 1
+        assert await db.fetchval("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'heartbeats'") == roles.OWNER
+        proc = run_cli("audit", env=env, check=False)
+        assert proc.returncode == 0 and proc.stdout.strip() == "audit passed", proc.stdout + proc.stderr
+        assert "Traceback" not in server.stderr, server.stderr
+    finally:
+        assert server.stop() == 0
+
+
+async def _nonempty(probe) -> bool:
+    return bool(await probe())
+
+
+def test_a_service_dsn_of_the_migrating_role_is_refused(db_dsn, master_key, tmp_path):
+    env = {"TELEMETRY_DSN": db_dsn, "TELEMETRY_MASTER_KEY": master_key, "TELEMETRY_DATA_DIR": str(tmp_path),
+           "TELEMETRY_SERVICE_DSN": db_dsn}
+    proc = run_cli("serve", "--port", "0", env=env, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "TELEMETRY_SERVICE_DSN" in lines[0] and "own" in lines[0], proc.stderr
