@@ -134,8 +134,9 @@ async def ensure(data: asyncpg.Connection, ks: asyncpg.Connection, role: str, *,
                 raise RoleSetupError(f"TELEMETRY_SERVICE_DSN: logs in as {role}, the role of TELEMETRY_DSN, which owns "
                                      "the audit log; give the service a role of its own (docs/admin.md#roles)")
             await _ensure_login(data, role, password, reset_password)
+            # CREATE: the daily partitions, and (for a non-superuser) ALTER ... OWNER TO needs it too
+            await data.execute(f"GRANT USAGE, CREATE ON SCHEMA public TO {OWNER}")
             await _hand_over(data, role)
-            await data.execute(f"GRANT USAGE, CREATE ON SCHEMA public TO {OWNER}")  # CREATE: the daily partitions
             await data.execute(f"REVOKE ALL ON audit_log, schema_migrations FROM {OWNER}, {_ident(role)}")
             await data.execute(f"GRANT SELECT, INSERT, DELETE ON audit_log TO {OWNER}")
             await data.execute(f"GRANT USAGE ON SEQUENCE audit_log_id_seq TO {OWNER}")
@@ -143,7 +144,9 @@ async def ensure(data: asyncpg.Connection, ks: asyncpg.Connection, role: str, *,
         async with ks.transaction():
             # Roles belong to a server: a key store on another server keeps the roles its DSN gives.
             if await ks.fetchval("SELECT count(*) FROM pg_roles WHERE rolname = ANY($1::text[])", [OWNER, role]) == 2:
+                await ks.execute(f"GRANT USAGE, CREATE ON SCHEMA public TO {OWNER}")  # (ALTER ... OWNER TO needs it)
                 await _hand_over(ks, role)
+                await ks.execute(f"REVOKE CREATE ON SCHEMA public FROM {OWNER}")  # no partitions here
                 await ks.execute(f"REVOKE ALL ON schema_migrations FROM {OWNER}, {_ident(role)}")
                 await ks.execute(f"GRANT SELECT ON schema_migrations TO {OWNER}")
     except asyncpg.InsufficientPrivilegeError as exc:

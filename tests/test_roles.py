@@ -306,3 +306,49 @@ def test_a_service_dsn_of_the_migrating_role_is_refused(db_dsn, master_key, tmp_
     proc = run_cli("serve", "--port", "0", env=env, check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and "TELEMETRY_SERVICE_DSN" in lines[0] and "own" in lines[0], proc.stderr
+
+
+async def test_a_migrating_role_that_is_no_superuser_sets_the_service_up(pg_server_dsn):
+    """The managed-server path of docs/admin.md#roles: the roles made once by a superuser, the
+    migrating role owning its databases but no superuser and without CREATEROLE."""
+    from storage.databases import migrate_both
+    from tests.conftest import _with_database
+
+    migrator, service_role = "ti_test_migrator", "ti_test_service_m"
+    name = f"ti_test_{uuid.uuid4().hex[:12]}"
+    su = await connect(pg_server_dsn)
+    try:
+        for role, options in ((migrator, "LOGIN"), (roles.OWNER, "NOLOGIN"), (service_role, "LOGIN")):
+            if not await su.fetchval("SELECT true FROM pg_roles WHERE rolname = $1", role):
+                await su.execute(f"CREATE ROLE {role} {options}")
+        await su.execute(f"GRANT {roles.OWNER} TO {migrator}, {service_role}")  # what the superuser runs once
+        for db_name in (name, name + "_keys"):
+            await su.execute(f'CREATE DATABASE "{db_name}" OWNER {migrator}')
+        admin_dsn = roles.with_login(_with_database(pg_server_dsn, name), migrator, None)
+        ks_admin_dsn = roles.with_login(_with_database(pg_server_dsn, name + "_keys"), migrator, None)
+        data, ks = await connect(admin_dsn), await connect(ks_admin_dsn)
+        try:
+            await migrate_both(data, ks)
+            await roles.ensure(data, ks, service_role)
+            assert await roles.findings(data, service_role) == []
+            assert [f for f in await roles.findings(data, migrator) if "owns audit_log" in f]  # the admin role would not do
+        finally:
+            await data.close()
+            await ks.close()
+        service = await connect(roles.with_login(admin_dsn, service_role, None))
+        try:
+            await ensure_partitions(service, OLD.date(), days_back=0, days_ahead=0)
+            await detach_and_drop(service, "heartbeats", partition_name("heartbeats", OLD.date()))
+            await record(service, "sweeper", "sweep", detail={})
+            for statement in ("ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update", "SET session_replication_role = replica",
+                              "DROP TABLE audit_log"):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await service.execute(statement)
+        finally:
+            await service.close()
+    finally:
+        for db_name in (name, name + "_keys"):
+            await su.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+        await su.execute(f"DROP ROLE IF EXISTS {migrator}")
+        await su.execute(f"DROP ROLE IF EXISTS {service_role}")
+        await su.close()
