@@ -197,13 +197,21 @@ async def test_embedded_mode_serves_as_its_own_role(tmp_path):
         admin = await connect(admin_dsn)
         try:
             # the serving pools (data and key store) log in as the service role, and it is what `audit` wants
-            assert await _eventually(lambda: _nonempty(lambda: _service_backends(admin)))
-            assert await _service_backends(admin) == {roles.SERVICE}
+            async def only_the_service() -> bool:  # (a connection of serve's start-up may take a moment to go)
+                return await _service_backends(admin) == {roles.SERVICE}
+
+            assert await _eventually(only_the_service), await _service_backends(admin)
             assert await roles.findings(admin, roles.SERVICE) == []
             assert await admin.fetchval("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'audit_log'") == "postgres"
             # its password is asked for
-            with pytest.raises(asyncpg.PostgresError):
-                await asyncpg.connect(roles.with_login(admin_dsn, roles.SERVICE, "wrong"))
+            async def refused() -> bool:  # (once the server has reloaded pg_hba.conf)
+                try:
+                    await (await asyncpg.connect(roles.with_login(admin_dsn, roles.SERVICE, "wrong"))).close()
+                except asyncpg.InvalidPasswordError:
+                    return True
+                return False
+
+            assert await _eventually(refused)
             service = await connect(roles.with_login(admin_dsn, roles.SERVICE, password))
             try:
                 with pytest.raises(asyncpg.InsufficientPrivilegeError):
@@ -275,8 +283,10 @@ async def test_serve_with_a_service_dsn_serves_as_that_role(db_dsn, db, master_k
                 "SELECT DISTINCT usename FROM pg_stat_activity WHERE backend_type = 'client backend' "
                 "AND datname IN ($1, $2) AND pid <> pg_backend_pid()", name, name + "_keys")}
 
-        assert await _eventually(lambda: _nonempty(backends))
-        assert await backends() == {ROLE}  # data database and key store
+        async def only_the_service() -> bool:  # data database and key store
+            return await backends() == {ROLE}
+
+        assert await _eventually(only_the_service), await backends()
         secret = run_cli("enroll-secret", "create", env=env).stdout.strip().splitlines()[-1]
         install_id = uuid.uuid4()
         async with aiohttp.ClientSession() as http:
@@ -294,10 +304,6 @@ async def test_serve_with_a_service_dsn_serves_as_that_role(db_dsn, db, master_k
         assert "Traceback" not in server.stderr, server.stderr
     finally:
         assert server.stop() == 0
-
-
-async def _nonempty(probe) -> bool:
-    return bool(await probe())
 
 
 def test_a_service_dsn_of_the_migrating_role_is_refused(db_dsn, master_key, tmp_path):
