@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from storage.policy import AGENT_REGISTRATION, INSTALLATION, SCAN, Category
+from policy.categories import AGENT_REGISTRATION, INSTALLATION, SCAN, Category
 
 ANONYMISED = {"ip_address": "ip_prefix"}
 
