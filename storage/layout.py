@@ -112,6 +112,17 @@ TABLES: dict[str, Table] = {
     "erasure_replay": Table(bookkeeping=("singleton", "erased_through")),
     # Who sweeps now, until when (storage.sweeper, migration 0008): a process name and a time.
     "sweeper_lease": Table(bookkeeping=("singleton", "holder", "expires_at")),
+    # Records of the categories a policy file declares (migration 0012): `fields` holds the declared
+    # clear values by name (audit compares its keys with the file in force), `sealed` the encrypted part.
+    "records": Table(
+        policy=("fields",),
+        bookkeeping=("category", "install_id", "record_id", "received_at", "expires_at", "key_id"),
+        sealed=("sealed",),
+    ),
+    # An installation's shortened retention per category (PUT /v1/installation/settings).
+    "record_settings": Table(bookkeeping=("install_id", "category", "retention_hours")),
+    # The categories and fields the database holds, as last applied (`policy apply --confirm`).
+    "policy_applied": Table(bookkeeping=("singleton", "declared", "source", "applied_at")),
 }
 
 # Columns of key material: they belong in the key store (storage.keystore), never in the data database.
