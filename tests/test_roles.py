@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from crypto.keyring import KeyRing
-from ingest.compliance import audit_database
+from ingest.admin.compliance import audit_database
 from storage import roles
 from storage.audit import delete_older_than, record
 from storage.embedded import EmbeddedPostgres
