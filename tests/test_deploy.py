@@ -225,7 +225,7 @@ def env_of(svc) -> dict[str, str]:
     return {k: str(v) for k, v in env.items()}
 
 
-FAKE_ENV = {"POSTGRES_PASSWORD": "pw", "TELEMETRY_MASTER_KEY": "k", "GRAFANA_ADMIN_PASSWORD": "g"}
+FAKE_ENV = {"POSTGRES_PASSWORD": "pw", "TELEMETRY_MASTER_KEY": "k", "GRAFANA_ADMIN_PASSWORD": "g", "TELEMETRY_SERVICE_PASSWORD": "spw"}
 
 
 def test_compose_services(compose):
@@ -255,6 +255,9 @@ def test_compose_ingest_nodes(compose):
         assert "TELEMETRY_MASTER_KEY" in required_variables(env["TELEMETRY_MASTER_KEY"]), (
             f"{name}: TELEMETRY_MASTER_KEY must come from a required variable, not be written here")
         assert "POSTGRES_PASSWORD" in required_variables(env["TELEMETRY_DSN"])
+        # and they serve as a role of their own, on the same database (docs/admin.md#roles)
+        service = interpolate(env["TELEMETRY_SERVICE_DSN"], FAKE_ENV)
+        assert re.fullmatch(r"postgres(ql)?://telemetry_service:spw@postgres:5432/telemetry", service), service
         # The nodes believe X-Forwarded-For exactly from the proxy's network.
         shared = proxy_networks & set(svc["networks"])
         assert shared, f"{name} shares no network with the proxy"

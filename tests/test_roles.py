@@ -3,9 +3,11 @@ docs/admin.md#roles); embedded mode makes it and serves as it; `audit` reports a
 
 import asyncio
 import datetime as dt
-import os
+import shutil
 import stat
+import tempfile
 import uuid
+from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -174,11 +176,21 @@ async def _eventually(predicate, timeout: float = 60):
     return False
 
 
+@pytest.fixture
+def own_tmp():
+    """A directory outside pytest's basetemp: another pytest run on the machine resets that to 0700
+    (and prunes it), which the embedded server's own OS user (when run as root) then cannot enter."""
+    base = Path(tempfile.mkdtemp(prefix="telemetry-test-role-"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.mark.slow
-async def test_embedded_mode_serves_as_its_own_role(tmp_path):
+async def test_embedded_mode_serves_as_its_own_role(own_tmp):
     from tests.test_serve import ServeProcess
 
-    data_dir = tmp_path / "data"
+    data_dir = own_tmp / "data"
     env = {"TELEMETRY_DATA_DIR": str(data_dir), "TELEMETRY_SWEEP_INTERVAL": "0.5"}
     server = ServeProcess(env, "--workers", "1")
     embedded = None
