@@ -13,6 +13,10 @@ class UnsafeDatabase(StorageError):
     """The database is configured so that acknowledged writes could be lost."""
 
 
+class RoleSetupError(StorageError):
+    """The service role cannot be set up as TELEMETRY_DSN's role (storage.roles); the message says what to do, never a password."""
+
+
 class AlreadyExists(StorageError):
     """A unique key is taken (e.g. install_id already enrolled)."""
 

@@ -32,6 +32,8 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
 
 import asyncpg
 
+from storage.errors import RoleSetupError
+
 OWNER = "telemetry_owner"
 SERVICE = "telemetry_service"  # the embedded mode's service role
 PASSWORD_FILE = "service-role.password"  # under TELEMETRY_DATA_DIR, mode 0600 (embedded mode)
@@ -39,10 +41,6 @@ PASSWORD_FILE = "service-role.password"  # under TELEMETRY_DATA_DIR, mode 0600 (
 KEPT = ("audit_log", "schema_migrations")
 _LOCK = 0x7E1E_0021  # serialises concurrent `serve` starts setting the roles up (transaction-scoped)
 _SCRAM_ITERATIONS = 4096
-
-
-class RoleSetupError(Exception):
-    """The service role cannot be set up as the admin role; the message says what to do (never a password)."""
 
 
 # ---------------------------------------------------------------- DSNs and passwords
@@ -109,8 +107,8 @@ def scram_verifier(password: str) -> str:
     salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, _SCRAM_ITERATIONS)
     stored = hashlib.sha256(hmac.new(salted, b"Client Key", "sha256").digest()).digest()
     server = hmac.new(salted, b"Server Key", "sha256").digest()
-    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
-    return f"SCRAM-SHA-256${_SCRAM_ITERATIONS}:{b64(salt)}${b64(stored)}:{b64(server)}"
+    salt_b64, stored_b64, server_b64 = (base64.b64encode(b).decode() for b in (salt, stored, server))
+    return f"SCRAM-SHA-256${_SCRAM_ITERATIONS}:{salt_b64}${stored_b64}:{server_b64}"
 
 
 def _ident(name: str) -> str:

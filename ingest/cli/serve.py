@@ -79,6 +79,7 @@ async def _set_up_service_role(resolved: Resolved, conn, ks) -> None:
     import asyncpg
 
     from storage import roles
+    from storage.errors import RoleSetupError
     from storage.pool import connect
 
     settings = resolved.settings
@@ -88,7 +89,7 @@ async def _set_up_service_role(resolved: Resolved, conn, ks) -> None:
     embedded = resolved.embedded is not None
     try:
         await roles.ensure(conn, ks, role, password=roles.password_of(settings.service_dsn), reset_password=embedded)
-    except roles.RoleSetupError as exc:
+    except RoleSetupError as exc:
         raise CliError(str(exc)) from None
     if embedded and resolved.embedded.require_password(role):
         await conn.execute("SELECT pg_reload_conf()")
