@@ -57,6 +57,9 @@ class Table:
     bookkeeping: tuple[str, ...] = ()
     sealed: tuple[str, ...] = ()  # bytea columns that must hold crypto.envelope records only
     json_keys: tuple[tuple[str, frozenset[str]], ...] = ()  # (json column, keys allowed at its top level)
+    # JSON columns whose keys the policy file in force names (categories, field paths): `audit`
+    # checks them against that file (ingest.admin.compliance), not against a fixed list here.
+    policy_json: tuple[str, ...] = ()
 
     @property
     def columns(self) -> frozenset[str]:
@@ -74,6 +77,8 @@ AUDIT_DETAIL_KEYS = frozenset({
     "at", "rows_deleted", "partitions_dropped", "partitions_created", "installations_erased", "data_keys_added",
     # key rotation
     "primary", "from", "rewrapped", "kek_id",
+    # policy apply (storage.applied): the category and field path removed, and the totals
+    "category", "field", "categories_removed", "fields_removed", "categories_added", "fields_added",
     # table names used as keys of the counts above
     "heartbeats", "scans", "installations", "agents", "tokens", "data_keys", "audit_log",
 })
@@ -118,12 +123,19 @@ TABLES: dict[str, Table] = {
         policy=("fields",),
         bookkeeping=("category", "install_id", "record_id", "received_at", "expires_at", "key_id"),
         sealed=("sealed",),
+        policy_json=("fields",),
     ),
     # An installation's shortened retention per category (PUT /v1/installation/settings).
     "record_settings": Table(bookkeeping=("install_id", "category", "retention_hours")),
     # The categories and fields the database holds, as last applied (`policy apply --confirm`).
-    "policy_applied": Table(bookkeeping=("singleton", "declared", "source", "applied_at")),
+    "policy_applied": Table(bookkeeping=("singleton", "declared", "source", "applied_at"), policy_json=("declared",)),
 }
+
+# The forms `audit` expects in records.fields (storage forms, docs/policy.md): a keyed hash is
+# HMAC-SHA256 as 64 lower-case hex digits; an anonymised address is its network, IPv4 /24 or
+# IPv6 /48, as text ("192.0.2.0/24", "2001:db8:1::/48"), the same form as installations.ip_prefix.
+KEYED_HASH_PATTERN = "^[0-9a-f]{64}$"
+ANONYMISED_PATTERN = r"^([0-9]{1,3}\.){3}0/24$|^(([0-9a-f]{1,4}:){1,3}|:):/48$"
 
 # Columns of key material: they belong in the key store (storage.keystore), never in the data database.
 KEY_COLUMNS = frozenset({"wrapped", "kek_id"})
