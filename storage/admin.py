@@ -443,7 +443,7 @@ async def record_paths_outside(conn, category: str, allowed: Iterable[str], *, l
             SELECT NULL::text, fields FROM records WHERE category = $1
             UNION ALL
             SELECT c.path, c.value FROM walk w CROSS JOIN LATERAL (
-                SELECT coalesce(w.path || '.', '') || e.key, e.value
+                SELECT coalesce(w.path || '.', '') || e.key AS path, e.value
                 FROM jsonb_each(CASE WHEN jsonb_typeof(w.value) = 'object' THEN w.value ELSE '{}'::jsonb END) e
                 UNION ALL
                 SELECT w.path || '[]', a.value
