@@ -35,7 +35,7 @@ from crypto.keyring import WRAPPED_SIZE, KeyRing
 from crypto.tokens import PREFIXES
 from ingest.settings import Settings
 from policy import Policy, builtin
-from policy.changes import clear_leaves, compare, declared as declared_paths, source_name
+from policy.changes import clear_leaves, compare, source_name
 from storage import admin, applied, keystore
 from storage import audit as audit_log
 from storage.layout import ANONYMISED_PATTERN, KEY_COLUMNS, KEYED_HASH_PATTERN, TABLES
@@ -177,14 +177,14 @@ async def audit_database(conn, ks, ring: KeyRing, settings: Settings, policy: Po
     if "policy_applied" in live:
         held = await applied.held(conn)
         # No row: no serve has started on this database yet; the first one records the file in force.
-        if held is not None and held[0] != declared_paths(policy):
-            change = compare(held[0], policy)
+        change = None if held is None else compare(held[0], policy)
+        if change is not None and change.changes:
             what = [f"no longer declares {change.removed_text()}"] if change.removes else []
             if change.categories_added or change.fields_added:
                 what.append("adds " + "; ".join([f"category[{c}]" for c in change.categories_added]
                                                 + [f"category[{c}].field[{p}]" for c, p in change.fields_added]))
             add("policy", f"the policy the database holds (applied from {held[1]}) is not the file in force "
-                          f"({source_name(policy)}): the file {', and '.join(what) or 'orders them otherwise'}; "
+                          f"({source_name(policy)}): the file {', and '.join(what)}; "
                           "`telemetry-ingest policy apply` shows what applying it deletes")
     return found
 

@@ -117,7 +117,7 @@ async def check_applied(conn, policy) -> None:
                 f"the policy in force ({source_name(policy)}) no longer declares what the database holds: "
                 f"{change.removed_text()}; `{APPLY}` shows what that deletes, `{APPLY} --confirm` deletes it "
                 "(nothing was deleted)")
-        if held is None or held[0] != declared(policy):
+        if change is None or change.changes:  # the same fields in another order change nothing
             await applied.record_applied(conn, declared(policy), source_name(policy))
             if change is not None:
                 await record(conn, "cli", "policy.apply", None, {
