@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ingest.cli.context import CliError, load_settings
+from ingest.cli.context import CliError, load_settings, positive
 from ingest.settings import Settings
 
 
@@ -164,7 +164,7 @@ def cmd_policy_apply(args: argparse.Namespace) -> int:
             return 0
         total = 0
         for step in steps:
-            n = await applied.remove(conn, step, "cli")
+            n = await applied.remove(conn, step, "cli", batch=args.batch)
             total += n
             print(f"  {step.key}: {n} row(s) deleted or emptied")
         async with conn.transaction():
@@ -191,4 +191,5 @@ def add_commands(sub) -> None:
                                             "and record the file (serve refuses to start until then)")
     apply.add_argument("file", nargs="?", metavar="FILE", help="the policy file to apply (default: the one in force)")
     apply.add_argument("--confirm", action="store_true", help="delete the stored values of what the file no longer declares")
+    apply.add_argument("--batch", type=positive, default=5000, metavar="N", help="rows per transaction (default 5000)")
     apply.set_defaults(func=cmd_policy_apply)
