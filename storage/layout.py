@@ -57,8 +57,8 @@ class Table:
     bookkeeping: tuple[str, ...] = ()
     sealed: tuple[str, ...] = ()  # bytea columns that must hold crypto.envelope records only
     json_keys: tuple[tuple[str, frozenset[str]], ...] = ()  # (json column, keys allowed at its top level)
-    # JSON columns whose keys the policy file in force names (categories, field paths): `audit`
-    # checks them against that file (ingest.admin.compliance), not against a fixed list here.
+    # JSON columns whose keys the policy file in force names (categories, declared fields): `audit`
+    # compares them with the file, not with a list here.
     policy_json: tuple[str, ...] = ()
 
     @property
