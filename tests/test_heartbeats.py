@@ -430,3 +430,30 @@ async def test_method_not_allowed_is_a_problem_with_allow(service):
     status, body, headers = await service.request("PUT", "/v1/heartbeats", json={})
     assert status == 405 and body["type"].endswith("/method-not-allowed")
     assert headers["Allow"] == "POST"
+
+
+async def test_current_record_updates_are_heap_only(db):
+    """Every heartbeat rewrites its installation's current record: no index may cover a column it
+    changes (last_seen_at among them, in a key or a partial index's predicate), so PostgreSQL can
+    update the row in place (HOT) without touching the indexes (migration 0014)."""
+    import datetime as dt
+
+    from storage import installations
+    from storage.partitions import ensure_partitions
+
+    await ensure_partitions(db, dt.datetime.now(dt.timezone.utc).date())
+    install_id = uuid.uuid4()
+    await db.execute("INSERT INTO installations (install_id) VALUES ($1)", install_id)
+    async with db.transaction():  # pg_stat_xact_user_tables counts this transaction's own updates
+        for n in range(3):
+            row = installations.HeartbeatRow(install_id, dt.datetime.now(dt.timezone.utc), "enterprise", f"4.2.{n}", n,
+                                             "postgresql", None, b"sealed", "192.0.2.0/24")
+            assert await installations.write_heartbeats(db, [row]) == [installations.STORED]
+        upd, hot = await db.fetchrow(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables WHERE relname = 'installations'")
+    assert upd == 3 and hot == 3
+    covered = await db.fetchval(
+        "SELECT count(*) FROM pg_index x JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attname = 'last_seen_at' "
+        "WHERE x.indrelid = 'installations'::regclass AND (a.attnum = ANY(x.indkey) "
+        "OR pg_get_expr(x.indpred, x.indrelid) LIKE '%last_seen_at%')")
+    assert covered == 0
