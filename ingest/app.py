@@ -14,9 +14,10 @@ from ingest import deadline, openapi, routes_admin, routes_core, routes_ops, rou
 from ingest.auth import auth_ctx
 from ingest.batching import GroupCommitWriter
 from ingest.background import background
-from ingest.keys import DATA_KEYS, HEARTBEAT_WRITER, KEY_FILE, KEYRING, KEYSTORE_POOL, METRICS, POOL, SCAN_WRITER, SETTINGS
+from ingest.keys import ACCESS_LOG, DATA_KEYS, HEARTBEAT_WRITER, KEY_FILE, KEYRING, KEYSTORE_POOL, METRICS, POOL, SCAN_WRITER, SETTINGS
+from ingest.logs import AccessSampler
 from ingest.metrics import SAMPLE_INTERVAL, Metrics
-from ingest.middleware import errors_middleware, metrics_middleware
+from ingest.middleware import middleware
 from ingest.restrictions import restrictions_ctx
 from ingest.nodes import nodes_ctx
 from ingest.settings import Settings
@@ -117,9 +118,10 @@ def create_app(settings: Settings, *, key_file: Path | None = None) -> web.Appli
     # this long after it opened or after its last answer; read_timeout then bounds a client that
     # sends its headers a byte at a time as well as its body (ingest.body.read_raw), and idle ones.
     handler_args = {"auto_decompress": False, "keepalive_timeout": settings.read_timeout}
-    app = web.Application(middlewares=[metrics_middleware, errors_middleware], handler_args=handler_args)
+    app = web.Application(middlewares=[middleware], handler_args=handler_args)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
+    app[ACCESS_LOG] = AccessSampler(settings.access_log)
     app[KEY_FILE] = key_file
     app.cleanup_ctx.extend([storage_ctx, keys_ctx, nodes_ctx, auth_ctx, restrictions_ctx, writers_ctx, sweeper_ctx])
     routes_ops.setup(app)

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from crypto.keyring import KeyRing
     from ingest.auth import Authenticator
     from ingest.batching import GroupCommitWriter
+    from ingest.logs import AccessSampler
     from ingest.metrics import Metrics
     from ingest.nodes import NodeReporter
     from ingest.restrictions import Restrictions
@@ -38,6 +39,7 @@ SWEEPER = web.AppKey("sweeper", "Sweeper")
 # Embedded mode: the key file the worker's ring came from (watched: ingest.nodes); None otherwise.
 KEY_FILE = web.AppKey("key_file", object)
 NODES = web.AppKey("nodes", "NodeReporter")
+ACCESS_LOG = web.AppKey("access_log", "AccessSampler")  # which requests get an access line (TELEMETRY_ACCESS_LOG)
 
 # Per request: the id (never the token) of the token that authenticated it, for the access line.
 TOKEN_ID = web.RequestKey("token_id", str)
