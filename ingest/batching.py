@@ -80,10 +80,10 @@ class GroupCommitWriter(Generic[T]):
         self._flushers = flushers
         self._tasks: list[asyncio.Task] = []
         self._closing = False
-        self._depth = metrics.queue_depth.labels(name)
+        self._depth = metrics.deferred(metrics.queue_depth.labels(name))
         self._rows = metrics.batch_rows.labels(name)
         self._latency = metrics.flush_latency.labels(name)
-        self._overload = metrics.rejected.labels("overload")
+        self._overload = metrics.deferred(metrics.rejected.labels("overload"))
 
     def fill(self) -> float:
         """How full the queue is, 0..1: of its records bound or its bytes bound, whichever is fuller."""

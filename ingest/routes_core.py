@@ -76,10 +76,10 @@ class Heartbeats:
         self.settings = app[SETTINGS]
         self.filter = Allowlist(INSTALLATION.root)
         metrics = app[METRICS]
-        self.wire_bytes = metrics.request_bytes.labels("/v1/heartbeats", "wire")
-        self.decoded_bytes = metrics.request_bytes.labels("/v1/heartbeats", "decoded")
-        self.dropped = metrics.fields_dropped.labels("installation")
-        self.encrypt_latency = metrics.encrypt_latency.labels("installation")
+        self.wire_bytes = metrics.deferred(metrics.request_bytes.labels("/v1/heartbeats", "wire"))
+        self.decoded_bytes = metrics.deferred(metrics.request_bytes.labels("/v1/heartbeats", "decoded"))
+        self.dropped = metrics.deferred(metrics.fields_dropped.labels("installation"))
+        self.encrypt_latency = metrics.deferred(metrics.encrypt_latency.labels("installation"))
 
     async def handle(self, request: web.Request) -> web.Response:
         app, settings = self.app, self.settings

@@ -457,3 +457,28 @@ async def test_current_record_updates_are_heap_only(db):
         "WHERE x.indrelid = 'installations'::regclass AND (a.attnum = ANY(x.indkey) "
         "OR pg_get_expr(x.indpred, x.indrelid) LIKE '%last_seen_at%')")
     assert covered == 0
+
+
+async def test_deferred_metric_writes_equal_direct_ones():
+    """The per-loop-turn tally (ingest.metrics.Tally) writes the same values as direct calls would."""
+    from prometheus_client import generate_latest
+
+    from ingest.metrics import Metrics
+
+    direct, deferred = Metrics(), Metrics()
+    samples = [0.0005, 0.001, 0.003, 0.2, 7.0, 99.0, 0.001]
+    for i, seconds in enumerate(samples):
+        direct.requests.labels("/r", "POST", "200").inc()
+        direct.latency.labels("/r").observe(seconds)
+        direct.request_bytes.labels("/r", "wire").inc(i * 10)
+        direct.reject("auth")
+        deferred.observe_request("/r", "POST", 200, seconds)
+        deferred.deferred(deferred.request_bytes.labels("/r", "wire")).inc(i * 10)
+        deferred.reject("auth")
+    def values(m):  # every sample but the _created timestamps
+        return [line for line in generate_latest(m.registry).decode().splitlines() if "_created" not in line]
+
+    assert values(deferred) != values(direct)  # not yet written: the turn is not over
+    await asyncio.sleep(0)
+    assert values(deferred) == values(direct)
+    assert 'telemetry_request_duration_seconds_bucket{le="0.001",route="/r"} 3.0' in values(deferred)
