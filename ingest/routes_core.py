@@ -95,9 +95,10 @@ class Heartbeats:
             if settings.unknown_fields == "reject":
                 raise Invalid(f"undeclared fields: {', '.join(dropped)}")
             self.dropped.inc(len(dropped))
-        install_id = uuid.UUID(kept["install_id"])
-        if install_id != principal.install_id:
+        # The filter gives install_id in canonical form, as str(UUID) writes it.
+        if kept["install_id"] != principal.install_text:
             raise Forbidden("install_id is not this token's installation")
+        install_id = principal.install_id
         email = kept.get("email")
         email_ct = None
         if email is not None:
