@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from ingest.app import create_app
+from ingest.http.app import create_app
 from ingest.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
