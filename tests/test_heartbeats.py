@@ -482,3 +482,36 @@ async def test_deferred_metric_writes_equal_direct_ones():
     await asyncio.sleep(0)
     assert values(deferred) == values(direct)
     assert 'telemetry_request_duration_seconds_bucket{le="0.001",route="/r"} 3.0' in values(deferred)
+
+
+async def test_a_restriction_committed_while_the_batch_waits_for_its_lock_wins(db, db_dsn):
+    """The batch function locks the installations first and judges in a fresh snapshot afterwards: a
+    restriction that holds the row lock and commits while the batch waits for it is seen (nothing stored)."""
+    import datetime as dt
+
+    from storage import installations
+    from storage.partitions import ensure_partitions
+    from storage.pool import connect
+
+    await ensure_partitions(db, dt.datetime.now(dt.timezone.utc).date())
+    install_id = uuid.uuid4()
+    await db.execute("INSERT INTO installations (install_id) VALUES ($1)", install_id)
+    admin = await connect(db_dsn)
+    writer = await connect(db_dsn)
+    try:
+        tx = admin.transaction()
+        await tx.start()
+        await admin.execute("UPDATE installations SET restricted = true WHERE install_id = $1", install_id)
+        row = installations.HeartbeatRow(install_id, dt.datetime.now(dt.timezone.utc), "enterprise", "4.2.1", 1,
+                                         None, None, None, None)
+        batch = asyncio.create_task(installations.write_heartbeats(writer, [row]))
+        pid = writer.get_server_pid()
+        while not await db.fetchval("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid):
+            await asyncio.sleep(0.01)  # until the batch waits for the row lock
+        await tx.commit()
+        assert await batch == [installations.RESTRICTED]
+    finally:
+        await admin.close()
+        await writer.close()
+    assert await db.fetchval("SELECT count(*) FROM heartbeats") == 0
+    assert await db.fetchval("SELECT last_seen_at FROM installations WHERE install_id = $1", install_id) is None
