@@ -1,6 +1,6 @@
 """One database deadline per request (TELEMETRY_DB_TIMEOUT), shared by everything it waits for.
 
-The outermost middleware sets it when a request arrives; every wait of that request for the
+The middleware (ingest.http.middleware) sets it when a request arrives; every wait of that request for the
 database reads it (token lookup, data-key load, the commit of a heartbeat or scan, the statements
 of every other route), so together they take at most TELEMETRY_DB_TIMEOUT, not that much each.
 Time the request spends receiving its body, or preparing it on the CPU (`not_counted`), is the

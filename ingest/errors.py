@@ -1,4 +1,4 @@
-"""HTTP-facing errors. Each maps to one RFC 9457 problem document in the errors middleware."""
+"""HTTP-facing errors. Each maps to one RFC 9457 problem document in ingest.http.middleware (error_response)."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from ingest.http.auth import Authenticator
     from ingest.http.routes.scans import Retentions
     from ingest.http.slots import PrepareSlots
+    from ingest.logs import AccessSampler
     from ingest.metrics import Metrics
     from ingest.pipeline.batching import GroupCommitWriter
     from ingest.settings import Settings
@@ -41,6 +42,7 @@ SWEEPER = web.AppKey("sweeper", "Sweeper")
 # Embedded mode: the key file the worker's ring came from (watched: ingest.worker.nodes); None otherwise.
 KEY_FILE = web.AppKey("key_file", object)
 NODES = web.AppKey("nodes", "NodeReporter")
+ACCESS_LOG = web.AppKey("access_log", "AccessSampler")  # which requests get an access line (TELEMETRY_ACCESS_LOG)
 
 # Per request: the id (never the token) of the token that authenticated it, for the access line.
 TOKEN_ID = web.RequestKey("token_id", str)

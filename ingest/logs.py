@@ -200,6 +200,31 @@ class AccessLine:
 ACCESS = AccessLine()
 
 
+class AccessSampler:
+    """Which requests get an access line (TELEMETRY_ACCESS_LOG): "on" every one, "off" none,
+    "sample:N" every request answered 5xx and one in N of the others."""
+
+    __slots__ = ("_every", "_seen")
+
+    def __init__(self, mode: str = "on") -> None:
+        self._every = 0 if mode == "off" else 1 if mode == "on" else int(mode.partition(":")[2])
+        self._seen = 0
+
+    def wanted(self, status: int) -> bool:
+        every = self._every
+        if every == 1:
+            return True
+        if every == 0:
+            return False
+        if status >= 500:
+            return True
+        self._seen += 1
+        if self._seen >= every:
+            self._seen = 0
+            return True
+        return False
+
+
 def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     """Configure the root logger once for this process."""
     root = logging.getLogger()

@@ -7,7 +7,9 @@ reports the whole service. In-process (tests) each app has its own registry.
 
 from __future__ import annotations
 
+import asyncio
 import os
+from bisect import bisect_left
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,6 +27,70 @@ ROWS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 def multiprocess_mode() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class Tally:
+    """Increments of one event-loop turn, summed in memory and written once at the turn's end.
+
+    In `serve` every increment of a metric value is a write to its memory-mapped file under a
+    lock; a heartbeat makes about eight. Summed per turn, a loaded worker writes each value once
+    per turn however many requests the turn answered. Every count is written before the loop
+    reads anything new (the flush is queued ahead of the next turn's I/O callbacks), so a
+    /metrics answered by this worker after a request already counts it; a worker killed by
+    SIGKILL loses at most its last turn's counts. Outside a running loop, a value is written at once.
+
+    Uses prometheus_client's value objects (`_value`; a histogram's `_sum`, `_buckets`,
+    `_upper_bounds`) directly, as Counter.inc and Histogram.observe do.
+    """
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending: dict[object, float] = {}
+
+    def add(self, value, amount: float) -> None:
+        pending = self._pending
+        if not pending:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:
+                value.inc(amount)
+                return
+        pending[value] = pending.get(value, 0.0) + amount
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for value, amount in pending.items():
+            value.inc(amount)
+
+
+class DeferredCounter:
+    """A counter's (or gauge's) child whose increments go through a Tally."""
+
+    __slots__ = ("_tally", "_value")
+
+    def __init__(self, tally: Tally, child) -> None:
+        self._tally, self._value = tally, child._value
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._tally.add(self._value, amount)
+
+    def dec(self, amount: float = 1.0) -> None:  # gauges only
+        self._tally.add(self._value, -amount)
+
+
+class DeferredHistogram:
+    """A histogram's child whose observations go through a Tally (bucket and sum, as Histogram.observe)."""
+
+    __slots__ = ("_tally", "_sum", "_buckets", "_bounds")
+
+    def __init__(self, tally: Tally, child) -> None:
+        self._tally, self._sum, self._buckets, self._bounds = tally, child._sum, child._buckets, child._upper_bounds
+
+    def observe(self, amount: float) -> None:
+        add = self._tally.add
+        add(self._sum, amount)
+        add(self._buckets[bisect_left(self._bounds, amount)], 1.0)  # the last bound is +Inf
 
 
 class Metrics:
@@ -62,27 +128,34 @@ class Metrics:
         # 1, labelled with what runs: the service's version, Python's, and the PostgreSQL server's (set at start).
         self.build_info = gauge("telemetry_build_info", "Versions of the running service, its Python and its PostgreSQL (value 1).",
                                 ("version", "python", "postgresql"), mode="max")
-        self._request_children: dict[tuple[str, str, int], Counter] = {}
-        self._latency_children: dict[str, Histogram] = {}
-        self._rejected_children: dict[str, Counter] = {}
+        self.tally = Tally()
+        self._request_children: dict[tuple[str, str, int], DeferredCounter] = {}
+        self._latency_children: dict[str, DeferredHistogram] = {}
+        self._rejected_children: dict[str, DeferredCounter] = {}
+
+    def deferred(self, child) -> DeferredCounter | DeferredHistogram:
+        """The child (of a counter, gauge or histogram) with its writes summed per event-loop turn (Tally)."""
+        if isinstance(child, Histogram):
+            return DeferredHistogram(self.tally, child)
+        return DeferredCounter(self.tally, child)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request; children are created once per (route, method, status)."""
         key = (route, method, status)
         child = self._request_children.get(key)
         if child is None:
-            child = self._request_children[key] = self.requests.labels(route, method, str(status))
+            child = self._request_children[key] = self.deferred(self.requests.labels(route, method, str(status)))
         child.inc()
         lat = self._latency_children.get(route)
         if lat is None:
-            lat = self._latency_children[route] = self.latency.labels(route)
+            lat = self._latency_children[route] = self.deferred(self.latency.labels(route))
         lat.observe(seconds)
 
     def reject(self, reason: str) -> None:
         """Count one refused request."""
         child = self._rejected_children.get(reason)
         if child is None:
-            child = self._rejected_children[reason] = self.rejected.labels(reason)
+            child = self._rejected_children[reason] = self.deferred(self.rejected.labels(reason))
         child.inc()
 
     def set_build_info(self, postgresql: str) -> None:

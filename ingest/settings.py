@@ -49,6 +49,16 @@ def _choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
+def _access_log(v: str) -> str:
+    """on, off, or sample:N (N from 1 to 1,000,000)."""
+    if v in ("on", "off"):
+        return v
+    kind, _, n = v.partition(":")
+    if kind == "sample" and n.isdigit() and 1 <= int(n) <= 1_000_000:
+        return f"sample:{int(n)}"
+    raise ValueError("must be on, off or sample:N (N from 1 to 1000000)")
+
+
 def _networks(v: str) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in v.split(",") if p.strip())
 
@@ -142,6 +152,7 @@ class Settings:
     db_timeout: float = _setting(1.5, _float(0.1, 3600), "seconds a request may wait for the database, all its waits together, from its arrival (body reception not counted; plus 1 s per 10 MB committed) before 503")
     retry_after: int = _setting(1, _int(1, 3600), "seconds suggested in Retry-After when overloaded")
     log_format: str = _setting("text", _choice("text", "json"), "log lines as text or JSON")
+    access_log: str = _setting("on", _access_log, "the access line: on (every request), off, or sample:N (every request answered 5xx and one in N of the others)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, overrides: Mapping[str, str | None] | None = None) -> "Settings":

@@ -451,7 +451,11 @@ STALE_ERASURE = 300.0
 
 async def erase_inactive(conn: asyncpg.Connection, ks: asyncpg.Connection, cutoff: dt.datetime, *, limit: int = 100,
                          grace: float = 1.0) -> int:
-    """Erase installations with no heartbeat since cutoff (never seen: enrolled before it); returns how many."""
+    """Erase installations with no heartbeat since cutoff (never seen: enrolled before it); returns how many.
+
+    A sequential scan of installations (once per sweep): last_seen_at has no index, so that every
+    heartbeat updates its current record in place (HOT, migration 0014).
+    """
     erased = 0
     while True:
         async with conn.transaction():

@@ -430,3 +430,88 @@ async def test_method_not_allowed_is_a_problem_with_allow(service):
     status, body, headers = await service.request("PUT", "/v1/heartbeats", json={})
     assert status == 405 and body["type"].endswith("/method-not-allowed")
     assert headers["Allow"] == "POST"
+
+
+async def test_current_record_updates_are_heap_only(db):
+    """Every heartbeat rewrites its installation's current record: no index may cover a column it
+    changes (last_seen_at among them, in a key or a partial index's predicate), so PostgreSQL can
+    update the row in place (HOT) without touching the indexes (migration 0014)."""
+    import datetime as dt
+
+    from storage import installations
+    from storage.partitions import ensure_partitions
+
+    await ensure_partitions(db, dt.datetime.now(dt.timezone.utc).date())
+    install_id = uuid.uuid4()
+    await db.execute("INSERT INTO installations (install_id) VALUES ($1)", install_id)
+    async with db.transaction():  # pg_stat_xact_user_tables counts this transaction's own updates
+        for n in range(3):
+            row = installations.HeartbeatRow(install_id, dt.datetime.now(dt.timezone.utc), "enterprise", f"4.2.{n}", n,
+                                             "postgresql", None, b"sealed", "192.0.2.0/24")
+            assert await installations.write_heartbeats(db, [row]) == [installations.STORED]
+        upd, hot = await db.fetchrow(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables WHERE relname = 'installations'")
+    assert upd == 3 and hot == 3
+    covered = await db.fetchval(
+        "SELECT count(*) FROM pg_index x JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attname = 'last_seen_at' "
+        "WHERE x.indrelid = 'installations'::regclass AND (a.attnum = ANY(x.indkey) "
+        "OR pg_get_expr(x.indpred, x.indrelid) LIKE '%last_seen_at%')")
+    assert covered == 0
+
+
+async def test_deferred_metric_writes_equal_direct_ones():
+    """The per-loop-turn tally (ingest.metrics.Tally) writes the same values as direct calls would."""
+    from prometheus_client import generate_latest
+
+    from ingest.metrics import Metrics
+
+    direct, deferred = Metrics(), Metrics()
+    samples = [0.0005, 0.001, 0.003, 0.2, 7.0, 99.0, 0.001]
+    for i, seconds in enumerate(samples):
+        direct.requests.labels("/r", "POST", "200").inc()
+        direct.latency.labels("/r").observe(seconds)
+        direct.request_bytes.labels("/r", "wire").inc(i * 10)
+        direct.reject("auth")
+        deferred.observe_request("/r", "POST", 200, seconds)
+        deferred.deferred(deferred.request_bytes.labels("/r", "wire")).inc(i * 10)
+        deferred.reject("auth")
+    def values(m):  # every sample but the _created timestamps
+        return [line for line in generate_latest(m.registry).decode().splitlines() if "_created" not in line]
+
+    assert values(deferred) != values(direct)  # not yet written: the turn is not over
+    await asyncio.sleep(0)
+    assert values(deferred) == values(direct)
+    assert 'telemetry_request_duration_seconds_bucket{le="0.001",route="/r"} 3.0' in values(deferred)
+
+
+async def test_a_restriction_committed_while_the_batch_waits_for_its_lock_wins(db, db_dsn):
+    """The batch function locks the installations first and judges in a fresh snapshot afterwards: a
+    restriction that holds the row lock and commits while the batch waits for it is seen (nothing stored)."""
+    import datetime as dt
+
+    from storage import installations
+    from storage.partitions import ensure_partitions
+    from storage.pool import connect
+
+    await ensure_partitions(db, dt.datetime.now(dt.timezone.utc).date())
+    install_id = uuid.uuid4()
+    await db.execute("INSERT INTO installations (install_id) VALUES ($1)", install_id)
+    admin = await connect(db_dsn)
+    writer = await connect(db_dsn)
+    try:
+        tx = admin.transaction()
+        await tx.start()
+        await admin.execute("UPDATE installations SET restricted = true WHERE install_id = $1", install_id)
+        row = installations.HeartbeatRow(install_id, dt.datetime.now(dt.timezone.utc), "enterprise", "4.2.1", 1,
+                                         None, None, None, None)
+        batch = asyncio.create_task(installations.write_heartbeats(writer, [row]))
+        pid = writer.get_server_pid()
+        while not await db.fetchval("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid):
+            await asyncio.sleep(0.01)  # until the batch waits for the row lock
+        await tx.commit()
+        assert await batch == [installations.RESTRICTED]
+    finally:
+        await admin.close()
+        await writer.close()
+    assert await db.fetchval("SELECT count(*) FROM heartbeats") == 0
+    assert await db.fetchval("SELECT last_seen_at FROM installations WHERE install_id = $1", install_id) is None

@@ -170,3 +170,38 @@ async def test_unusual_method_is_neither_a_label_nor_logged(service):
 
     assert method_of(make_mocked_request("PROPFIND", "/")) == "OTHER"
     assert method_of(make_mocked_request("POST", "/")) == "POST"
+
+
+@pytest.mark.parametrize("mode", ["off", "sample:4"])
+async def test_access_log_setting_turns_the_line_off_or_samples_it_but_every_request_is_counted(
+        db_dsn, master_key, tmp_path, mode):
+    from tests.support import start_service
+
+    async with start_service(db_dsn, master_key, tmp_path, access_log=mode) as svc:
+        install_id, token = await svc.enroll()
+        with captured_log("json") as out:
+            for _ in range(8):
+                status, _, _ = await svc.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id))
+                assert status == 200
+            status, _, _ = await svc.request("GET", "/v1/no-such")
+            assert status == 404
+        lines = access_lines(out.getvalue())
+        # sample:4: the worker's 4th and 8th requests (the enrollment was its 1st), not the 404 (no 5xx)
+        assert len(lines) == (0 if mode == "off" else 2)
+        metrics = (await svc.request("GET", "/metrics"))[1]
+        assert 'telemetry_requests_total{method="POST",route="/v1/heartbeats",status="200"} 8.0' in metrics
+
+
+def test_access_log_sampling_keeps_every_5xx_and_one_in_n_of_the_rest():
+    from ingest.logs import AccessSampler
+    from ingest.settings import Settings, SettingsError
+
+    sampler = AccessSampler("sample:3")
+    kept = [sampler.wanted(s) for s in (200, 200, 200, 503, 200, 200, 200, 500)]
+    assert kept == [False, False, True, True, False, False, True, True]
+    assert all(AccessSampler("on").wanted(200) for _ in range(3))
+    assert not any(AccessSampler("off").wanted(s) for s in (200, 500))
+    assert Settings.from_env({"TELEMETRY_ACCESS_LOG": "sample:10"}).access_log == "sample:10"
+    for bad in ("sample:0", "sample:", "sometimes", "sample:x"):
+        with pytest.raises(SettingsError, match="TELEMETRY_ACCESS_LOG"):
+            Settings.from_env({"TELEMETRY_ACCESS_LOG": bad})

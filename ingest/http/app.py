@@ -13,12 +13,13 @@ from crypto.keyring import KeyRing
 from ingest import deadline
 from ingest.http import openapi
 from ingest.http.auth import auth_ctx
-from ingest.http.middleware import errors_middleware, metrics_middleware
+from ingest.http.middleware import middleware
 from ingest.http.routes import admin as routes_admin
 from ingest.http.routes import core as routes_core
 from ingest.http.routes import ops as routes_ops
 from ingest.http.routes import scans as routes_scans
 from ingest.keys import (
+    ACCESS_LOG,
     DATA_KEYS,
     HEARTBEAT_WRITER,
     KEY_FILE,
@@ -30,6 +31,7 @@ from ingest.keys import (
     SCAN_WRITER,
     SETTINGS,
 )
+from ingest.logs import AccessSampler
 from ingest.metrics import SAMPLE_INTERVAL, Metrics
 from ingest.pipeline.batching import GroupCommitWriter
 from ingest.settings import Settings
@@ -139,11 +141,12 @@ def create_app(settings: Settings, *, key_file: Path | None = None) -> web.Appli
     # this long after it opened or after its last answer; read_timeout then bounds a client that
     # sends its headers a byte at a time as well as its body (ingest.http.body.read_raw), and idle ones.
     handler_args = {"auto_decompress": False, "keepalive_timeout": settings.read_timeout}
-    app = web.Application(middlewares=[metrics_middleware, errors_middleware], handler_args=handler_args)
+    app = web.Application(middlewares=[middleware], handler_args=handler_args)
     app[SETTINGS] = settings
     # The policy in force, read once per worker (serve checked it before forking: a bad file never gets here).
     app[POLICY] = load_in_force(settings.policy)
     app[METRICS] = Metrics()
+    app[ACCESS_LOG] = AccessSampler(settings.access_log)
     app[KEY_FILE] = key_file
     app.cleanup_ctx.extend([storage_ctx, keys_ctx, nodes_ctx, auth_ctx, restrictions_ctx, writers_ctx, sweeper_ctx])
     routes_ops.setup(app)

@@ -50,6 +50,7 @@ class Principal:
     role: str
     install_id: uuid.UUID | None
     agent_id: uuid.UUID | None
+    install_text: str | None = None  # str(install_id), the form a body's install_id is compared in
 
 
 class Authenticator:
@@ -124,7 +125,8 @@ class Authenticator:
             while len(self._unknown) > NEGATIVE_MAX:
                 self._unknown.popitem(last=False)
             raise Unauthorized("unknown or revoked token")
-        principal = Principal(row.token_id, row.role, row.install_id, row.agent_id)
+        principal = Principal(row.token_id, row.role, row.install_id, row.agent_id,
+                              None if row.install_id is None else str(row.install_id))
         self._cache[digest] = (principal, now)
         self._hash_by_id[row.token_id] = digest
         while len(self._cache) > self._max:

@@ -1,4 +1,4 @@
-"""Middlewares: request metrics and access log outermost, then errors rendered as RFC 9457 problems."""
+"""The one middleware: deadline, errors rendered as RFC 9457 problems, request metrics and the access line."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from ingest.errors import (
     TooLarge,
     Unavailable,
 )
-from ingest.keys import METRICS, SETTINGS, TOKEN_ID
+from ingest.keys import ACCESS_LOG, METRICS, SETTINGS, TOKEN_ID
 from ingest.logs import ACCESS
 from storage.errors import DatabaseUnavailable
 
@@ -50,45 +50,42 @@ def route_of(request: web.Request) -> str:
     return "other" if resource is None else resource.canonical
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Map every failure to a problem document; database trouble to 503, never a stack trace."""
-    try:
-        return await handler(request)
-    except Problem as p:
-        if p.reason:
-            request.app[METRICS].reject(p.reason)
-        return problem_response(p)
-    except web.HTTPNotFound:
+def error_response(request: web.Request, exc: Exception) -> web.Response:
+    """The problem document for a failure: database trouble is 503, never a stack trace. Re-raises
+    what is not ours to answer (a 5xx HTTPException, anything unexpected: aiohttp answers 500)."""
+    if isinstance(exc, Problem):
+        if exc.reason:
+            request.app[METRICS].reject(exc.reason)
+        return problem_response(exc)
+    if isinstance(exc, web.HTTPNotFound):
         return problem_response(NotFoundProblem("no such resource"))
-    except web.HTTPMethodNotAllowed as exc:
+    if isinstance(exc, web.HTTPMethodNotAllowed):
         allow = {"Allow": ", ".join(sorted(exc.allowed_methods))}  # RFC 9110: a 405 names the methods the resource allows
         return problem_response(MethodNotAllowed("method not allowed on this resource", headers=allow))
-    except web.HTTPRequestEntityTooLarge:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         request.app[METRICS].reject("size")
         return problem_response(TooLarge("body over the limit"))
-    except asyncpg.DataError as exc:  # a value the database refuses (SQLSTATE class 22): the request's fault
+    if isinstance(exc, asyncpg.DataError):  # a value the database refuses (SQLSTATE class 22): the request's fault
         errlog.warning("value refused by the database on %s: %s", route_of(request), type(exc).__name__)
         request.app[METRICS].reject("validation")
         return problem_response(Invalid("a value was refused by the database"))
-    except (DatabaseUnavailable, OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    if isinstance(exc, (DatabaseUnavailable, OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)):
         sqlstate = getattr(exc, "sqlstate", None)
         errlog.warning("database trouble on %s: %s %s", route_of(request), type(exc).__name__, sqlstate or "")
         request.app[METRICS].reject("overload")
         retry = str(request.app[SETTINGS].retry_after)
         return problem_response(Unavailable("database unavailable", headers={"Retry-After": retry}))
-    except KeyError_ as exc:  # a key-encryption key this node lacks: the message names its id, never key bytes
+    if isinstance(exc, KeyError_):  # a key-encryption key this node lacks: the message names its id, never key bytes
         errlog.error("crypto failure on %s: %s", route_of(request), exc)
         retry = str(request.app[SETTINGS].retry_after)
         return problem_response(Unavailable("key material unavailable", headers={"Retry-After": retry}))
-    except CryptoError:
+    if isinstance(exc, CryptoError):
         errlog.error("crypto failure on %s", route_of(request))
         retry = str(request.app[SETTINGS].retry_after)
         return problem_response(Unavailable("key material unavailable", headers={"Retry-After": retry}))
-    except web.HTTPException as exc:
-        if exc.status >= 500:
-            raise
+    if isinstance(exc, web.HTTPException) and exc.status < 500:
         return problem_response(_generic(exc.status, exc.reason))
+    raise exc
 
 
 def _generic(status: int, title: str) -> Problem:
@@ -138,15 +135,20 @@ def method_of(request: web.Request) -> str:
 
 
 @web.middleware
-async def metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Count and time every request by route template and status; one access-log line per request."""
+async def middleware(request: web.Request, handler) -> web.StreamResponse:
+    """The one middleware: the request's database deadline, every failure answered as a problem
+    document (error_response), every request counted and timed by route template and status, and
+    its access line (TELEMETRY_ACCESS_LOG)."""
     started = time.perf_counter()
     status = 500
     request_id = request_id_of(request)
     # From here every wait of this request for the database shares one deadline (ingest.deadline).
     token = deadline.begin(request.app[SETTINGS].db_timeout)
     try:
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except Exception as exc:
+            response = error_response(request, exc)
         status = response.status
         if not response.prepared:
             response.headers[REQUEST_ID_HEADER] = request_id
@@ -157,9 +159,10 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
         route = route_of(request)
         method = method_of(request)
         request.app[METRICS].observe_request(route, method, status, elapsed)
-        extra = {"route": route, "method": method, "status": status, "latency_ms": round(elapsed * 1000, 2),
-                 "request_id": request_id}
-        token_id = request.get(TOKEN_ID)
-        if token_id is not None:  # set by ingest.http.auth once a token is known: its id (tid_...), never the token
-            extra["token_id"] = token_id
-        ACCESS.write(extra)
+        if request.app[ACCESS_LOG].wanted(status):
+            extra = {"route": route, "method": method, "status": status, "latency_ms": round(elapsed * 1000, 2),
+                     "request_id": request_id}
+            token_id = request.get(TOKEN_ID)
+            if token_id is not None:  # set by ingest.http.auth once a token is known: its id (tid_...), never the token
+                extra["token_id"] = token_id
+            ACCESS.write(extra)

@@ -44,6 +44,15 @@ def _expire(fut: asyncio.Future) -> None:
         fut.set_exception(_Expired())
 
 
+class _Held:
+    """The connection one flusher holds between batches (None: none)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self) -> None:
+        self.conn: asyncpg.Connection | None = None
+
+
 class GroupCommitWriter(Generic[T]):
     """A bounded queue of records and the flushers that commit them in batches."""
 
@@ -80,10 +89,10 @@ class GroupCommitWriter(Generic[T]):
         self._flushers = flushers
         self._tasks: list[asyncio.Task] = []
         self._closing = False
-        self._depth = metrics.queue_depth.labels(name)
+        self._depth = metrics.deferred(metrics.queue_depth.labels(name))
         self._rows = metrics.batch_rows.labels(name)
         self._latency = metrics.flush_latency.labels(name)
-        self._overload = metrics.rejected.labels("overload")
+        self._overload = metrics.deferred(metrics.rejected.labels("overload"))
 
     def fill(self) -> float:
         """How full the queue is, 0..1: of its records bound or its bytes bound, whichever is fuller."""
@@ -147,22 +156,37 @@ class GroupCommitWriter(Generic[T]):
         return batch, stop
 
     async def _run(self) -> None:
-        while True:
-            first = await self._queue.get()
-            if first is None:  # stop sentinel from close(): everything before it is flushed
-                return
-            batch, stop = self._take_batch(first)
-            batch = self._in_time(batch)
-            if batch:
-                try:
-                    await self._flush(batch)
-                except Exception:  # a fault of ours must not stop the flusher (its records would wait forever)
-                    log.exception("%s flush failed", self.name)
-                    for _, _, fut, _ in batch:
-                        if not fut.done():
-                            fut.set_exception(Unavailable("batch failed", headers={"Retry-After": str(self._retry_after)}))
-            if stop:
-                return
+        # A flusher keeps its connection while batches keep coming and hands it back when the queue
+        # runs dry (or a batch fails): the pool's reset of a connection handed back (a round trip
+        # and four statements) then runs once per busy spell, not once per batch.
+        held = _Held()
+        try:
+            while True:
+                if held.conn is not None and self._queue.empty():
+                    await self._release(held)
+                first = await self._queue.get()
+                if first is None:  # stop sentinel from close(): everything before it is flushed
+                    return
+                batch, stop = self._take_batch(first)
+                batch = self._in_time(batch)
+                if batch:
+                    try:
+                        await self._flush(batch, held)
+                    except Exception:  # a fault of ours must not stop the flusher (its records would wait forever)
+                        log.exception("%s flush failed", self.name)
+                        for _, _, fut, _ in batch:
+                            if not fut.done():
+                                fut.set_exception(Unavailable("batch failed", headers={"Retry-After": str(self._retry_after)}))
+                if stop:
+                    return
+        finally:
+            await self._release(held)
+
+    async def _release(self, held: _Held) -> None:
+        conn, held.conn = held.conn, None
+        if conn is not None:
+            with suppress(*DATABASE_TROUBLE):  # asyncpg closes a connection whose reset fails
+                await self._pool.release(conn)
 
     def _in_time(self, batch: list[Item]) -> list[Item]:
         """The batch without withdrawn records, and without those that would reach their deadline before
@@ -180,17 +204,17 @@ class GroupCommitWriter(Generic[T]):
             kept.append(item)
         return kept
 
-    async def _flush(self, batch: list[Item]) -> None:
+    async def _flush(self, batch: list[Item], held: _Held) -> None:
         records = [item[0] for item in batch]
         started = time.perf_counter()
         try:
-            outcomes = await self._write_with_partitions(records)
+            outcomes = await self._write_with_partitions(records, held)
         except asyncpg.DataError as exc:
             # A value the database refuses (SQLSTATE class 22) that validation let through: commit
             # the others one by one, so only the records at fault fail, and with 422, not 503.
             if len(batch) > 1:
                 for item in batch:
-                    await self._flush([item])
+                    await self._flush([item], held)
                 return
             log.warning("%s record refused by the database: %s", self.name, type(exc).__name__)
             if not batch[0][2].done():
@@ -221,8 +245,11 @@ class GroupCommitWriter(Generic[T]):
             if not fut.done():
                 fut.set_result(outcome)
 
-    async def _write_with_partitions(self, records: list[T]) -> Sequence[Any]:
-        async with self._pool.acquire() as conn:
+    async def _write_with_partitions(self, records: list[T], held: _Held) -> Sequence[Any]:
+        if held.conn is None:
+            held.conn = await self._pool.acquire()
+        conn = held.conn
+        try:
             try:
                 return await self._write(conn, records)
             except asyncpg.CheckViolationError as exc:
@@ -232,6 +259,9 @@ class GroupCommitWriter(Generic[T]):
                     raise
                 await ensure_partitions(conn, dt.datetime.now(dt.timezone.utc).date())
                 return await self._write(conn, records)
+        except BaseException:
+            await self._release(held)  # reset (an open transaction rolled back) or closed by the pool; the next batch takes another
+            raise
 
     async def close(self) -> None:
         """Refuse new records, commit everything already queued, stop the flushers."""

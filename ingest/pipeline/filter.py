@@ -29,6 +29,7 @@ e-mail address, an IPv4 or IPv6 address or a MAC address (`looks_personal`).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import re
 import uuid
@@ -73,12 +74,26 @@ PERSONAL_PATTERN = f"(?:^|[{_SEP}])(?:{_SHAPES})(?:$|[{_SEP}])"
 _PERSONAL = re.compile(PERSONAL_PATTERN)
 # Every shape holds one of these: a value without any skips the regex (most license types, names).
 _PERSONAL_HINTS = ("@", ":", ".", "-")
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _RFC3339 = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt]([0-9]{2}:[0-9]{2}:)([0-9]{2})(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})")
 
 
 def looks_personal(value: str) -> bool:
     """Whether a word of value is shaped like an e-mail address, an IPv4 or IPv6 address or a MAC address."""
-    return any(h in value for h in _PERSONAL_HINTS) and _PERSONAL.search(value) is not None
+    if not any(h in value for h in _PERSONAL_HINTS):
+        return False
+    if len(value) <= _REMEMBERED_LENGTH:
+        return _looks_personal_short(value)
+    return _PERSONAL.search(value) is not None
+
+
+# Short values repeat (versions such as "4.2.1", server types): each is searched once per worker.
+_REMEMBERED_LENGTH = 64
+
+
+@functools.lru_cache(maxsize=4096)
+def _looks_personal_short(value: str) -> bool:
+    return _PERSONAL.search(value) is not None
 
 
 def _rfc3339(v: str) -> bool:
@@ -152,6 +167,8 @@ def _compile_scalar(f: Field, plaintext: bool) -> Check:
         def check(v, path, dropped):
             if type(v) is not str or len(v) > 36:
                 raise _type_error(path, "must be a UUID string")
+            if _CANONICAL_UUID.fullmatch(v):  # already the form str(uuid.UUID(v)) gives
+                return v
             try:
                 return str(uuid.UUID(v))
             except ValueError:

@@ -72,7 +72,7 @@ async def export(request: web.Request) -> web.StreamResponse:
         return resp  # the client went away; the snapshot transaction was rolled back
     except Exception as exc:
         if not resp.prepared:
-            raise  # nothing sent yet: the errors middleware answers (503 for database or key trouble)
+            raise  # nothing sent yet: the middleware answers (503 for database or key trouble)
         # Half a document is on the wire: cut the connection so the client cannot take it for a whole one.
         log.warning("export broke off after it began: %s", type(exc).__name__)
         request.protocol.force_close()

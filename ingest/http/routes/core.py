@@ -78,10 +78,10 @@ class Heartbeats:
         self.settings = app[SETTINGS]
         self.filter = Allowlist(INSTALLATION.root)
         metrics = app[METRICS]
-        self.wire_bytes = metrics.request_bytes.labels("/v1/heartbeats", "wire")
-        self.decoded_bytes = metrics.request_bytes.labels("/v1/heartbeats", "decoded")
-        self.dropped = metrics.fields_dropped.labels("installation")
-        self.encrypt_latency = metrics.encrypt_latency.labels("installation")
+        self.wire_bytes = metrics.deferred(metrics.request_bytes.labels("/v1/heartbeats", "wire"))
+        self.decoded_bytes = metrics.deferred(metrics.request_bytes.labels("/v1/heartbeats", "decoded"))
+        self.dropped = metrics.deferred(metrics.fields_dropped.labels("installation"))
+        self.encrypt_latency = metrics.deferred(metrics.encrypt_latency.labels("installation"))
 
     async def handle(self, request: web.Request) -> web.Response:
         app, settings = self.app, self.settings
@@ -97,9 +97,10 @@ class Heartbeats:
             if settings.unknown_fields == "reject":
                 raise Invalid(f"undeclared fields: {', '.join(dropped)}")
             self.dropped.inc(len(dropped))
-        install_id = uuid.UUID(kept["install_id"])
-        if install_id != principal.install_id:
+        # The filter gives install_id in canonical form, as str(UUID) writes it.
+        if kept["install_id"] != principal.install_text:
             raise Forbidden("install_id is not this token's installation")
+        install_id = principal.install_id
         email = kept.get("email")
         email_ct = None
         if email is not None:
