@@ -17,6 +17,31 @@ from tests.support import Service, start_service
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# `pytest` with no path (the README's and .ci/run's command) runs on this many xdist workers,
+# each with its own embedded PostgreSQL (pg_server_dsn is per process): the tests wait on timers,
+# subprocesses and I/O much of the time, so three keep two cores busy. Naming test files runs them
+# in this one process, as does `-n0` or `-p no:xdist`; `-n N` chooses.
+TEST_WORKERS = 3
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Before xdist reads its options: `-n TEST_WORKERS` for the whole suite, unless told otherwise."""
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+        return
+    if config.option.numprocesses is not None or config.getoption("usepdb") or config.getoption("collectonly"):
+        return
+    if config.args_source is pytest.Config.ArgsSource.TESTPATHS:
+        config.option.numprocesses = TEST_WORKERS
+        if config.option.dist == "no":
+            config.option.dist = "worksteal"  # durations differ a hundredfold: idle workers take queued tests
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, the slow tests first (stable otherwise), so that no long test starts last."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 @pytest.fixture(scope="session")
 def pg_server_dsn() -> str:

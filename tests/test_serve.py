@@ -69,7 +69,15 @@ class ServeProcess:
         raise AssertionError("serve did not become ready")
 
     def workers(self) -> list[int]:
-        return [c.pid for c in psutil.Process(self.proc.pid).children()]
+        """The live workers' pids: a killed one the supervisor has not reaped yet (a zombie) is not one."""
+        pids = []
+        for child in psutil.Process(self.proc.pid).children():
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    pids.append(child.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return pids
 
     def stop(self, timeout: float = 15) -> int:
         if self.proc.poll() is None:
