@@ -143,7 +143,12 @@ def heartbeat_body(install_id: uuid.UUID, **extra: Any) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def start_service(dsn: str, master_key: str, data_dir: Path, port: int = 0, **settings: Any):
-    """Start create_app(settings) on 127.0.0.1 (an ephemeral port unless port is given); stop it (gracefully) afterwards."""
+    """Start create_app(settings) on 127.0.0.1 (an ephemeral port unless port is given); stop it (gracefully) afterwards.
+
+    db_timeout is 10 s unless given (the setting's default is 1.5 s): on a machine whose two cores
+    run several test workers and other jobs, an enrollment may wait longer than 1.5 s for its
+    database work, and a 503 from that is not what a test asserts. Tests of the deadline set theirs."""
+    settings.setdefault("db_timeout", 10.0)
     s = Settings(dsn=dsn, master_key=master_key, data_dir=data_dir, port=port, workers=1, **settings)
     app = create_app(s)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
