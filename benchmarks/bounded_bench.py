@@ -5,7 +5,7 @@
   the worker's CPU seconds (user + system, from psutil) and the latency of heartbeats sent to
   the same worker meanwhile (one every 2 ms while the bomb is in flight). Targets (issue 12):
   the bomb answered 413 for under 0.5 s of CPU, heartbeats within 100 ms.
-- ``value_budget``: counting values and depth (``ingest.budget.check_budget``) of a 16 MiB
+- ``value_budget``: counting values and depth (``ingest.http.budget.check_budget``) of a 16 MiB
   scan document on one core, against ``orjson.loads`` of the same bytes (ratio: the share of a
   parse the count adds).
 """
@@ -95,7 +95,7 @@ async def value_bomb(ctx: Context) -> list[Result]:
 @benchmark("value_budget")
 async def value_budget(ctx: Context) -> list[Result]:
     """Counting the values and depth of a 16 MiB scan, against parsing it (one core)."""
-    from ingest.budget import check_budget
+    from ingest.http.budget import check_budget
 
     raw = orjson.dumps(scan_document_of_size(16 << 20))
     parses, parse_s = rate_of(lambda: orjson.loads(raw), ctx.micro_duration, 1)

@@ -69,7 +69,7 @@ def service_cli() -> list[str]:
     script = Path(sys.executable).with_name("telemetry-ingest")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "import sys; from ingest.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from ingest.cli.main import main; sys.exit(main())"]
 
 
 @functools.cache
@@ -301,10 +301,10 @@ def _answers_scan(body: bytes, scan_id: str) -> bool:
 
 
 def scan_filter() -> Callable[[dict[str, Any]], tuple[dict[str, Any], list[str]]]:
-    """The service's compiled allowlist for scan documents (ingest.filter, storage.policy)."""
+    """The service's compiled allowlist for scan documents (ingest.pipeline.filter, policy.categories)."""
     try:
-        from ingest.filter import Allowlist
-        from storage.policy import SCAN
+        from ingest.pipeline.filter import Allowlist
+        from policy.categories import SCAN
     except ImportError as exc:
         raise Unavailable(f"allowlist filter not found: {exc}") from None
     return Allowlist(SCAN.root).filter_document

@@ -11,15 +11,15 @@ from aiohttp import web
 if TYPE_CHECKING:
     from crypto.datakeys import DataKeyCache
     from crypto.keyring import KeyRing
-    from ingest.auth import Authenticator
-    from ingest.batching import GroupCommitWriter
+    from ingest.http.auth import Authenticator
+    from ingest.http.routes.scans import Retentions
+    from ingest.http.slots import PrepareSlots
     from ingest.metrics import Metrics
-    from ingest.nodes import NodeReporter
-    from ingest.restrictions import Restrictions
-    from ingest.routes_scans import Retentions
+    from ingest.pipeline.batching import GroupCommitWriter
     from ingest.settings import Settings
-    from ingest.slots import PrepareSlots
-    from ingest.sweeper_ctx import Sweeper
+    from ingest.worker.nodes import NodeReporter
+    from ingest.worker.restrictions import Restrictions
+    from ingest.worker.sweeper import Sweeper
 
 SETTINGS = web.AppKey("settings", "Settings")
 METRICS = web.AppKey("metrics", "Metrics")
@@ -35,7 +35,7 @@ SCAN_RETENTION = web.AppKey("scan_retention", "Retentions")
 SCAN_SLOTS = web.AppKey("scan_slots", "PrepareSlots")
 RESTRICTIONS = web.AppKey("restrictions", "Restrictions")
 SWEEPER = web.AppKey("sweeper", "Sweeper")
-# Embedded mode: the key file the worker's ring came from (watched: ingest.nodes); None otherwise.
+# Embedded mode: the key file the worker's ring came from (watched: ingest.worker.nodes); None otherwise.
 KEY_FILE = web.AppKey("key_file", object)
 NODES = web.AppKey("nodes", "NodeReporter")
 

@@ -1,7 +1,7 @@
 """Logging set-up: text or JSON lines. Call sites never pass identifiers, tokens, e-mails or addresses.
 
 That rule is kept where lines are written (the access line names the route template,
-never the raw path; see ingest.middleware). As a safety net, every formatted line is
+never the raw path; see ingest.http.middleware). As a safety net, every formatted line is
 also scrubbed of anything shaped like a bearer token, an e-mail address, a UUID in its
 usual 8-4-4-4-12 form (every install_id, agent_id and scan_id travels as one) or an IP
 address, in case an exception message
@@ -60,7 +60,7 @@ def _utc_time(record: logging.LogRecord) -> str:
 
 
 # The access line is built only from values checked where it is written (route template,
-# method, status, latency, a request id that passed ingest.middleware.request_id_of): it is
+# method, status, latency, a request id that passed ingest.http.middleware.request_id_of): it is
 # one line per request, so it skips the scrub, which would cost more than the rest of it.
 _PRE_CHECKED = frozenset({"ingest.access"})
 

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SAMPLE_INTERVAL = 1.0  # seconds between samples of the pool and queue gauges, in every worker
@@ -43,7 +49,7 @@ class Metrics:
         self.scans_received = Counter("telemetry_scans_received_total", "Scans accepted.", **reg)
         self.encrypt_latency = Histogram("telemetry_encrypt_duration_seconds", "Time to seal one document.", ("category",), buckets=LATENCY_BUCKETS, **reg)
         self.pool = gauge("telemetry_db_pool_connections", "Database pool connections.", ("state",))
-        # Sampled every SAMPLE_INTERVAL in every worker (ingest.app.gauges_ctx), not only by the worker a scrape reaches.
+        # Sampled every SAMPLE_INTERVAL in every worker (ingest.http.app.gauges_ctx), not only by the worker a scrape reaches.
         self._pool_children = {state: self.pool.labels(state) for state in ("size", "in_use", "max")}
         self.queue_fill = gauge("telemetry_queue_fill_ratio", "Fullest worker's group-commit queue, as a fraction of its capacity.",
                                 ("writer",), mode="livemax")

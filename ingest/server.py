@@ -55,7 +55,7 @@ def _run_worker(settings: Settings, sock: socket.socket, beat_fd: int, key_file:
     """Body of a worker process: serve on the inherited socket until told to stop, beating on beat_fd."""
     from aiohttp import web
 
-    from ingest.app import create_app
+    from ingest.http.app import create_app
 
     try:
         import uvloop

@@ -9,8 +9,8 @@ from collections.abc import Iterable, Sequence
 import asyncpg
 
 from storage.audit import record
-from storage.tokens import revoke_installation
 from storage.pool import cursor
+from storage.tokens import revoke_installation
 
 # ---------------------------------------------------------------- export
 

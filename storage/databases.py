@@ -53,7 +53,9 @@ async def replay_erasures(data: asyncpg.Connection, ks: asyncpg.Connection, *, g
     """Erase again every installation of the data database that the key store lists as erased
     (enrolled before its tombstone); returns how many. Only tombstones since this database's
     replay position are read, unless `full`."""
-    from storage.sweeper import finish_erasures  # the same finishing steps as every erasure
+    from storage.sweeper import (
+        finish_erasures,  # the same finishing steps as every erasure
+    )
 
     position = None if full else await data.fetchval("SELECT erased_through FROM erasure_replay")
     stones = await keystore.erased_since(ks, None if position is None else position - REPLAY_OVERLAP)

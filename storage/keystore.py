@@ -23,8 +23,8 @@ import datetime as dt
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from urllib.parse import urlsplit, urlunsplit
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -382,7 +382,7 @@ async def adopt_legacy_keys(data: asyncpg.Connection, keystore: asyncpg.Connecti
 
 # ---------------------------------------------------------------- the nodes and the keys they hold
 #
-# Each worker of `serve` says every NODE_REPORT_INTERVAL which KEK ids it holds (ingest.nodes);
+# Each worker of `serve` says every NODE_REPORT_INTERVAL which KEK ids it holds (ingest.worker.nodes);
 # one that has not said so for NODE_LIVE_SECONDS is taken for gone (killed without a goodbye).
 
 NODE_REPORT_INTERVAL = 10.0

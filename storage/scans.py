@@ -15,8 +15,8 @@ from typing import NamedTuple
 import asyncpg
 
 from storage.installations import GONE, RESTRICTED, REVOKED
-from storage.tokens import revoked_tokens
 from storage.pool import cursor
+from storage.tokens import revoked_tokens
 
 # Outcomes of a scan in a batch, besides RESTRICTED, GONE and REVOKED (from storage.installations);
 # OVER_QUOTA: storing it would take its installation past its stored scan bytes.

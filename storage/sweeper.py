@@ -68,10 +68,10 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from policy.categories import MAX_SCAN_RETENTION_HOURS
 from storage import admin, keystore, partitions
 from storage import scans as scan_store
 from storage.audit import delete_older_than, record
-from storage.policy import MAX_SCAN_RETENTION_HOURS
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Rules:
     erase_grace: float = 1.0  # seconds between revoking an erased installation's tokens and unlinking them
     lock_timeout: float = 5.0  # seconds a sweep statement waits for a lock before its step is left for the next sweep
     # How long an epoch key retires before its early destruction: longer than a worker keeps data keys
-    # (crypto.datakeys.DataKeyCache ttl, 300 s) and a retention (ingest.routes_scans.RETENTION_TTL,
+    # (crypto.datakeys.DataKeyCache ttl, 300 s) and a retention (ingest.http.routes.scans.RETENTION_TTL,
     # 10 s) cached, plus a minute for requests in flight, so no worker still seals with it.
     retire_grace: dt.timedelta = dt.timedelta(seconds=370)
     lease_seconds: float = LEASE_SECONDS  # how long the sweeper lease holds without renewal
@@ -443,7 +443,7 @@ async def retire_spare_epoch_keys(conn: asyncpg.Connection, ks: asyncpg.Connecti
 # tokens and marks the installation `erasing` in one transaction; delete_rows and unlink remove
 # the rest. unlink waits
 # until the revocation is Rules.erase_grace old, so every worker's revocation follower has
-# dropped the installation's cached data keys (as ingest.rights.UNLINK_GRACE does).
+# dropped the installation's cached data keys (as ingest.admin.rights.UNLINK_GRACE does).
 
 # An erasure marked this long ago and not finished was interrupted (its process died): finish it.
 STALE_ERASURE = 300.0

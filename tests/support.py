@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from ingest.app import create_app
+from ingest.http.app import create_app
 from ingest.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ class Service:
 
     def create_secret(self, kind: str = "enroll-secret") -> str:
         """Create an enrollment secret (or admin token) as `telemetry-ingest enroll-secret create`
-        (`admin-token create`) does: the CLI's own statements (ingest.cli.store_new_token), in this
+        (`admin-token create`) does: the CLI's own statements (ingest.cli.tokens.store_new_token), in this
         process, which saves each test a Python start of the CLI. The commands themselves, as
         processes, are tested where they are the subject (tests/test_commands.py, test_hostile_auth,
         test_faults, test_client, test_secrets, test_docs)."""
@@ -83,7 +83,7 @@ def create_secret(dsn: str, kind: str = "enroll-secret", *, statement_cache_size
     on its own event loop in a helper thread."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ingest.cli import store_new_token
+    from ingest.cli.tokens import store_new_token
     from storage.pool import connect
 
     role, action = _SECRET_KINDS[kind]

@@ -17,12 +17,12 @@ from crypto.envelope import DataKey, open_
 from crypto.errors import DecryptionError
 from crypto.keyring import KeyRing
 from ingest.keys import AUTH, DATA_KEYS
-from ingest.routes_core import email_context
+from ingest.pipeline.sealed import email_context
 from storage import admin
 from crypto.documents import canonical, content_digest, content_mac, seal_document
 from crypto.keyring import generate_key
-from ingest import rights
-from ingest.scans_read import scan_context
+from ingest.admin import rights
+from ingest.pipeline.sealed import scan_context
 from storage.scans import ScanRow, write_scans
 from tests.support import heartbeat_body, start_service
 

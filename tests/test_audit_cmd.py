@@ -7,8 +7,8 @@ import orjson
 import pytest
 
 from crypto.tokens import new_token
-from ingest.compliance import audit_database, report
-from ingest import rights
+from ingest.admin.compliance import audit_database, report
+from ingest.admin import rights
 from storage import admin
 from storage.partitions import ensure_partitions
 from storage.tokens import insert_token
@@ -185,7 +185,7 @@ def _markdown_rows(text: str) -> list[list[str]]:
 
 
 def test_policy_show_is_the_disclosure_table():
-    from storage.policy import SCAN
+    from policy.categories import SCAN
     from tests.support import run_cli
 
     env = {"TELEMETRY_HEARTBEAT_RETENTION_DAYS": "14", "TELEMETRY_INACTIVE_DAYS": "200"}

@@ -18,10 +18,10 @@ import zstandard
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ingest.budget import JsonBudget, check_budget
+from ingest.http.budget import JsonBudget, check_budget
 from ingest.errors import BadRequest, TooLarge, Unavailable
 from ingest.keys import POOL, RESTRICTIONS
-from ingest.slots import PrepareSlots
+from ingest.http.slots import PrepareSlots
 from tests.fault_tools import JSON, agent_of, gzip_bomb, scan_body
 from tests.support import heartbeat_body, start_service
 
@@ -375,7 +375,7 @@ def test_counter_is_exact_without_empty_arrays_or_cuts():
        st.sampled_from(["identity", "gzip", "zstd"]), st.integers(1, 50), st.integers(2, 8))
 def test_decode_takes_any_bytes_and_answers_only_400_or_413(data, encoding, max_values, max_depth):
     """Whatever the bytes (raw, or compressed whole), counting them never fails otherwise than as a 400 or a 413."""
-    from ingest.body import decode, parse_object
+    from ingest.http.body import decode, parse_object
 
     packed = {"identity": data, "gzip": gzip.compress(data), "zstd": zstandard.ZstdCompressor().compress(data)}[encoding]
     try:

@@ -27,7 +27,7 @@ import orjson
 import pytest
 from telemetry_ingest_client import REJECTED_DIR, AsyncClient, Client, Backoff, Rejected, Spooled, Unreachable, parse_retry_after
 
-from ingest.demo import demo_scan
+from ingest.cli.demo import demo_scan
 from tests.support import ROOT, heartbeat_body, start_service
 
 

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from telemetry_ingest_client import AsyncClient, Backoff, CertificateError, Client, Rejected, Spooled
 
-from ingest.app import create_app
+from ingest.http.app import create_app
 from ingest.settings import Settings
 from tests.support import ROOT, heartbeat_body
 

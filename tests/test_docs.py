@@ -24,7 +24,7 @@ def _problem_classes() -> list[type[errors.Problem]]:
 
 def _used_outside_errors_module(name: str) -> bool:
     pattern = re.compile(rf"\b{name}\b")
-    return any(pattern.search(p.read_text(encoding="utf-8")) for p in (ROOT / "ingest").glob("*.py") if p.name != "errors.py")
+    return any(pattern.search(p.read_text(encoding="utf-8")) for p in (ROOT / "ingest").rglob("*.py") if p.name != "errors.py")
 
 
 def test_readme_problem_slugs_are_exactly_those_the_code_can_answer():

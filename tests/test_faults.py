@@ -397,7 +397,7 @@ async def test_requests_wait_at_most_db_timeout_and_withdrawn_records_are_not_st
 
 async def test_a_fault_in_the_writer_fails_its_batch_and_the_flushers_carry_on(db_dsn):
     """A write that returns nonsense (a bug) answers its batch 503 and leaves the flushers alive for the next ones."""
-    from ingest.batching import GroupCommitWriter
+    from ingest.pipeline.batching import GroupCommitWriter
     from ingest.errors import Unavailable
     from ingest.metrics import Metrics
     from storage.pool import create_pool

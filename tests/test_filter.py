@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest.errors import BadRequest, Invalid
-from ingest.filter import Allowlist
-from storage.policy import INSTALLATION, SCAN, Field
+from ingest.pipeline.filter import Allowlist
+from policy.categories import INSTALLATION, SCAN, Field
 
 FAST = Allowlist(SCAN.root)
 REFERENCE = Allowlist(SCAN.root, fast=False)  # the plain per-item walk the fast path must agree with
@@ -111,7 +111,7 @@ def nested(depth: int) -> Any:
 
 @pytest.mark.parametrize("where", ["top", "object", "list item"])
 def test_dropped_values_are_not_walked(where):
-    """Depth and size were bounded before parsing (ingest.budget); the filter drops an undeclared subtree
+    """Depth and size were bounded before parsing (ingest.http.budget); the filter drops an undeclared subtree
     without looking inside it: one nested deeper than any walk could go is dropped like a scalar."""
     deep = nested(200_000)  # a recursive or stack walk over this would take long, or fail
     for f in (FAST, REFERENCE):

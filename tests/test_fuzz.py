@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from multidict import CIMultiDict
 
-from ingest.body import has_duplicate_keys, inflate, parse_object
+from ingest.http.body import has_duplicate_keys, inflate, parse_object
 from ingest.errors import BadRequest, TooLarge
-from ingest.net import anonymise, client_ip
-from ingest.openapi import build
+from ingest.http.net import anonymise, client_ip
+from ingest.http.openapi import build
 from tests.fault_tools import agent_of
 from tests.support import start_service
 

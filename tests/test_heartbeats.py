@@ -13,7 +13,7 @@ from crypto.datakeys import wrap_context
 from crypto.envelope import DataKey, open_
 from crypto.keyring import KeyRing
 from ingest.keys import METRICS, POOL
-from ingest.routes_core import email_context
+from ingest.pipeline.sealed import email_context
 from tests.support import heartbeat_body, start_service
 
 JSON = {"Content-Type": "application/json"}

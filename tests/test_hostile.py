@@ -429,7 +429,7 @@ async def test_a_record_the_database_refuses_fails_alone(db_dsn):
     """Defence in depth: a value validation let through but the database refuses costs only its own request (422)."""
     import asyncpg
 
-    from ingest.batching import GroupCommitWriter
+    from ingest.pipeline.batching import GroupCommitWriter
     from ingest.errors import Invalid
     from ingest.metrics import Metrics
     from storage.pool import create_pool

@@ -23,8 +23,8 @@ from crypto.envelope import DataKey, key_id_of, seal
 from crypto.errors import DecryptionError
 from crypto.keyring import KeyRing
 from ingest.keys import DATA_KEYS, KEYSTORE_POOL, SWEEPER
-from ingest.routes_core import email_context
-from ingest.scans_read import scan_context
+from ingest.pipeline.sealed import email_context
+from ingest.pipeline.sealed import scan_context
 from storage import keystore
 from storage.databases import migrate_both, replay_erasures
 from storage.pool import connect

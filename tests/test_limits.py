@@ -4,7 +4,7 @@ import asyncio
 
 import orjson
 
-from ingest.ratelimit import TokenBuckets, retry_after_seconds
+from ingest.http.ratelimit import TokenBuckets, retry_after_seconds
 from tests.support import heartbeat_body, start_service
 
 

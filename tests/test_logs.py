@@ -167,7 +167,7 @@ async def test_unusual_method_is_neither_a_label_nor_logged(service):
     # whatever the parser lets through, a label only ever holds a known method or OTHER
     from aiohttp.test_utils import make_mocked_request
 
-    from ingest.middleware import method_of
+    from ingest.http.middleware import method_of
 
     assert method_of(make_mocked_request("PROPFIND", "/")) == "OTHER"
     assert method_of(make_mocked_request("POST", "/")) == "POST"

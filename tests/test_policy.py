@@ -10,7 +10,7 @@ import pytest
 
 import policy
 from ingest.errors import Invalid
-from ingest.filter import Allowlist
+from ingest.pipeline.filter import Allowlist
 from policy.loader import check_text
 from tests.support import ROOT, run_cli
 
@@ -22,7 +22,7 @@ EXAMPLES = sorted((ROOT / "examples" / "policies").glob("*.toml"))
 
 def test_the_builtin_file_is_what_the_builtin_paths_serve():
     from storage import admin
-    from storage import policy as builtin_names
+    from policy import categories as builtin_names
 
     b = policy.builtin()
     assert [c.name for c in b.categories] == ["installation", "scan"]

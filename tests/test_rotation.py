@@ -11,7 +11,7 @@ import pytest
 from crypto.datakeys import rewrap, wrap_context
 from crypto.envelope import DataKey, open_, seal
 from crypto.keyring import KeyRing, generate_key, kek_id, load_or_create_key_file
-from ingest.routes_core import email_context
+from ingest.pipeline.sealed import email_context
 from storage import keystore
 from storage.databases import ensure_keystore_database, migrate_both
 from storage.keystore import count_not_wrapped_by, rewrap_batch

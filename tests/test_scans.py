@@ -22,7 +22,7 @@ from crypto.envelope import new_key_bytes
 from crypto.errors import DecryptionError
 from crypto.keyring import KeyRing
 from ingest.keys import AUTH, DATA_KEYS, RESTRICTIONS
-from ingest.scans_read import read_scan, read_scans
+from ingest.pipeline.sealed import read_scan, read_scans
 from storage import scans as scan_store
 from tests.support import heartbeat_body, start_service
 

@@ -386,9 +386,9 @@ real_run = ingest.server._run_worker
 
 
 def run_worker(*args, **kw):  # in the worker, after the metrics directory is set
-    import ingest.app
+    import ingest.http.app
 
-    real = ingest.app.create_app
+    real = ingest.http.app.create_app
 
     def create_app(settings, **kw):
         app = real(settings, **kw)
@@ -405,12 +405,12 @@ def run_worker(*args, **kw):  # in the worker, after the metrics directory is se
         app.on_startup.append(block_later)
         return app
 
-    ingest.app.create_app = create_app
+    ingest.http.app.create_app = create_app
     return real_run(*args, **kw)
 
 
 ingest.server._run_worker = run_worker
-from ingest.cli import main
+from ingest.cli.main import main
 
 sys.exit(main())
 """

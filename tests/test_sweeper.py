@@ -12,13 +12,13 @@ import uuid
 import asyncpg
 import pytest
 
-from ingest import rights
+from ingest.admin import rights
 
 from crypto.datakeys import DataKeyCache, new_wrapped_key, wrap_context
 from crypto.envelope import key_id_of, open_
 from crypto.keyring import KeyRing
 from ingest.keys import DATA_KEYS, SWEEPER
-from ingest.routes_core import email_context
+from ingest.pipeline.sealed import email_context
 from storage import keystore
 from storage.partitions import ensure_partitions, partition_name, partitions_of
 from storage.pool import connect

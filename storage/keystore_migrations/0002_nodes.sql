@@ -1,5 +1,5 @@
 -- Which key-encryption keys each running worker holds, and when it last said so (storage.keystore,
--- ingest.nodes). `keys rotate` reads it: it re-wraps data keys under a new primary only once every
+-- ingest.worker.nodes). `keys rotate` reads it: it re-wraps data keys under a new primary only once every
 -- live worker holds that key, so no running node is left unable to unwrap what the store holds.
 -- Key ids only (crypto.keyring.kek_id, a digest), never key material.
 CREATE TABLE nodes (

@@ -6,14 +6,25 @@ the filter at work: what the service kept (and in what form) and what it dropped
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
+import sys
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from telemetry_ingest_client import Backoff, CertificateError, Client, Rejected, Spooled, Unreachable
-
-from storage.policy import INSTALLATION, SCAN
+from ingest.cli.context import CliError, load_settings, no_data_dir, with_db
+from ingest.cli.tokens import create_token
+from ingest.settings import Settings
+from policy.categories import INSTALLATION, SCAN
+from telemetry_ingest_client import (
+    Backoff,
+    CertificateError,
+    Client,
+    Rejected,
+    Spooled,
+    Unreachable,
+)
 
 DEMO_AGENT_NAME = "demo-agent"
 
@@ -138,3 +149,110 @@ def send_once(url: str, token: str, kind: str, body: dict[str, Any] | None, spoo
     except CertificateError as exc:
         return 1, {"error": "certificate", "detail": str(exc)}
     return 0, answer.raw
+
+
+# ---------------------------------------------------------------- the commands
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import orjson
+
+    from ingest.cli import address
+    from ingest.cli.demo import send_once
+
+    url = args.url or address.running_url(load_settings())
+    if not url.startswith(("http://", "https://")):
+        raise CliError("send: --url must be an http:// or https:// URL")
+    token = args.token or os.environ.get("TELEMETRY_TOKEN")
+    if not token:
+        raise CliError("send: --token (or TELEMETRY_TOKEN) is required")
+    if (args.kind == "record") != (args.category is not None):
+        raise CliError("send: --category CATEGORY goes with `send record`, and only with it")
+    body = None
+    if args.kind == "flush":
+        if not args.spool:
+            raise CliError("send flush: --spool DIR is required")
+    else:
+        try:
+            raw = Path(args.file).read_bytes() if args.file else sys.stdin.buffer.read()
+            body = orjson.loads(raw)
+        except OSError as exc:
+            raise CliError(f"send: cannot read {args.file}: {exc.strerror}") from None
+        except orjson.JSONDecodeError:
+            raise CliError("send: the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise CliError("send: the body must be a JSON object")
+    status, shown = send_once(url, token, args.kind, body, args.spool, attempts=args.attempts,
+                              category=args.category, ca_bundle=args.ca_bundle)
+    print(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
+    return status
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from crypto.tokens import hash_token
+    from ingest.cli import address
+    from storage.audit import record
+    from storage.tokens import revoke
+    from telemetry_ingest_client import ClientError
+
+    settings = load_settings()
+    if settings.dsn is None and not (settings.data_dir / "pgdata").is_dir():
+        raise CliError(no_data_dir(settings))
+    url = args.url or address.running_url(settings)
+    if not address.listening(url):
+        raise CliError(f"nothing listening at {url}: is serve running?")
+    print(f"demo against {url}")
+    token_id, secret = create_token("enroll", "enroll_secret.create")
+    print(f"created enrollment secret {token_id} (revoked again when the demo ends)")
+
+    async def revoke_secret(conn, resolved):
+        async with conn.transaction():
+            if await revoke(conn, token_hash=hash_token(secret)):
+                await record(conn, "cli", "token.revoke", detail={"token_id": token_id})
+
+    made: list = []
+    try:
+        run(url, secret, made=made)
+    except ClientError as exc:
+        raise CliError(f"demo: {exc}") from None
+    finally:
+        with_db(settings, revoke_secret)
+        if args.cleanup and made:
+            _erase_demo(settings, made[0])
+    return 0
+
+
+def _erase_demo(settings: Settings, install_id) -> None:
+    """`demo --cleanup`: erase the demo's installation (keys destroyed, tokens revoked, rows deleted)."""
+    from ingest.admin.rights import begin_erasure, finish_erasure
+
+    async def work(conn, resolved):
+        if await begin_erasure(conn, resolved.ks, install_id, "cli") is not None:
+            await finish_erasure(conn, install_id, "cli")
+
+    with_db(settings, work)
+    print(f"cleanup: erased the demo installation {install_id} (its keys, tokens, heartbeats, agent and scan)")
+
+
+def add_commands(sub) -> None:
+    send = sub.add_parser("send", help="send a heartbeat, scan or record with the reference client (retries, spool)")
+    send.add_argument("kind", choices=("heartbeat", "scan", "record", "flush"),
+                      help="what to send (record: of --category; flush: only what is spooled)")
+    send.add_argument("--url", help="the service, e.g. http://127.0.0.1:8080 (default: the running serve's address, "
+                      "from the data directory)")
+    send.add_argument("--category", help="the policy category of `send record` (POST /v1/records/CATEGORY)")
+    send.add_argument("--ca-bundle", metavar="FILE", help="PEM file of the CAs to trust for https:// (default: the system's)")
+    send.add_argument("--token", help="installation token (heartbeat) or agent token (scan); default $TELEMETRY_TOKEN, "
+                      "which other users cannot read in the process list")
+    send.add_argument("--file", help="the JSON body (default: standard input)")
+    send.add_argument("--spool", metavar="DIR", help="keep the record in this directory until it is delivered")
+    send.add_argument("--attempts", type=int, default=6, metavar="N", help="tries per record before giving up (or leaving it spooled)")
+    send.set_defaults(func=cmd_send)
+
+    demo = sub.add_parser("demo", help="enroll a fake installation at a running service; show what is stored and dropped")
+    demo.add_argument("--url", help="the running service (default: the running serve's address, from the data directory)")
+    demo.add_argument("--cleanup", action="store_true", help="erase the demo installation (and all it sent) when done")
+    demo.set_defaults(func=cmd_demo)

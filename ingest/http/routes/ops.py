@@ -30,7 +30,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition for the whole service."""
-    # The gauges of the pool and queues are sampled every second in every worker (ingest.app.gauges_ctx).
+    # The gauges of the pool and queues are sampled every second in every worker (ingest.http.app.gauges_ctx).
     m = request.app[METRICS]
     return web.Response(body=m.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 

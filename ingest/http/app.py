@@ -10,17 +10,32 @@ from aiohttp import web
 
 from crypto.datakeys import DataKeyCache
 from crypto.keyring import KeyRing
-from ingest import deadline, openapi, routes_admin, routes_core, routes_ops, routes_scans
-from ingest.auth import auth_ctx
-from ingest.batching import GroupCommitWriter
-from ingest.background import background
-from ingest.keys import DATA_KEYS, HEARTBEAT_WRITER, KEY_FILE, KEYRING, KEYSTORE_POOL, METRICS, POOL, SCAN_WRITER, SETTINGS
+from ingest import deadline
+from ingest.http import openapi
+from ingest.http.auth import auth_ctx
+from ingest.http.middleware import errors_middleware, metrics_middleware
+from ingest.http.routes import admin as routes_admin
+from ingest.http.routes import core as routes_core
+from ingest.http.routes import ops as routes_ops
+from ingest.http.routes import scans as routes_scans
+from ingest.keys import (
+    DATA_KEYS,
+    HEARTBEAT_WRITER,
+    KEY_FILE,
+    KEYRING,
+    KEYSTORE_POOL,
+    METRICS,
+    POOL,
+    SCAN_WRITER,
+    SETTINGS,
+)
 from ingest.metrics import SAMPLE_INTERVAL, Metrics
-from ingest.middleware import errors_middleware, metrics_middleware
-from ingest.restrictions import restrictions_ctx
-from ingest.nodes import nodes_ctx
+from ingest.pipeline.batching import GroupCommitWriter
 from ingest.settings import Settings
-from ingest.sweeper_ctx import sweeper_ctx
+from ingest.worker.background import background
+from ingest.worker.nodes import nodes_ctx
+from ingest.worker.restrictions import restrictions_ctx
+from ingest.worker.sweeper import sweeper_ctx
 from storage import installations, keystore
 from storage.databases import ensure_keystore_database, migrate_both, replay_erasures
 from storage.partitions import ensure_partitions
@@ -111,11 +126,11 @@ async def gauges_ctx(app: web.Application):
 
 def create_app(settings: Settings, *, key_file: Path | None = None) -> web.Application:
     """Build the service for resolved settings (dsn and master_key set); key_file: the embedded
-    mode's key file, watched for new keys (ingest.nodes)."""
-    # auto_decompress off: bodies are inflated by ingest.body, within limits, never by the parser.
+    mode's key file, watched for new keys (ingest.worker.nodes)."""
+    # auto_decompress off: bodies are inflated by ingest.http.body, within limits, never by the parser.
     # keepalive_timeout: aiohttp closes a connection that has not completed a request's headers
     # this long after it opened or after its last answer; read_timeout then bounds a client that
-    # sends its headers a byte at a time as well as its body (ingest.body.read_raw), and idle ones.
+    # sends its headers a byte at a time as well as its body (ingest.http.body.read_raw), and idle ones.
     handler_args = {"auto_decompress": False, "keepalive_timeout": settings.read_timeout}
     app = web.Application(middlewares=[metrics_middleware, errors_middleware], handler_args=handler_args)
     app[SETTINGS] = settings

@@ -31,14 +31,12 @@ from crypto.documents import open_document_json
 from crypto.envelope import DataKey, key_id_of, open_
 from crypto.errors import DecryptionError
 from crypto.keyring import KeyRing
-from ingest.auth import POLL_INTERVAL
-from ingest.routes_core import email_context
-from ingest.scans_read import scan_context
+from ingest.pipeline.sealed import email_context, scan_context
+from ingest.worker.background import POLL_INTERVAL
+from policy.categories import DEFAULT_HEARTBEAT_RETENTION_DAYS
 from storage import admin, keystore
-from storage.audit import record
 from storage import scans as scan_store
 from storage.audit import record
-from storage.policy import DEFAULT_HEARTBEAT_RETENTION_DAYS
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +195,7 @@ async def write_export(conn, ks, ring: KeyRing, install_id: uuid.UUID, actor: st
 # ---------------------------------------------------------------- erasure
 
 # Token rows keep their install_id this long after revocation, so that every worker's
-# revocation follower (polling every ingest.auth.POLL_INTERVAL) learns which
+# revocation follower (polling every ingest.http.auth.POLL_INTERVAL) learns which
 # installation's cached data keys to drop before the id is removed from them.
 UNLINK_GRACE = 4 * POLL_INTERVAL
 

@@ -7,6 +7,10 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
+# How often every worker follows the revocation and restriction logs: changes reach every
+# worker within about this long.
+POLL_INTERVAL = 0.25
+
 
 @asynccontextmanager
 async def background(coro: Coroutine[Any, Any, Any]) -> AsyncIterator[asyncio.Task]:

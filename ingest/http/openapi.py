@@ -6,10 +6,17 @@ from typing import Any
 
 from aiohttp import web
 
-from ingest.filter import PERSONAL_PATTERN
-from storage.policy import AGENT_REGISTRATION, ENROLLMENT, INSTALLATION, MAX_SCAN_RETENTION_HOURS, SCAN, Field
+from ingest.pipeline.filter import PERSONAL_PATTERN
+from policy.categories import (
+    AGENT_REGISTRATION,
+    ENROLLMENT,
+    INSTALLATION,
+    MAX_SCAN_RETENTION_HOURS,
+    SCAN,
+    Field,
+)
 
-# What a plaintext string of a category not sealed whole may not hold (ingest.filter): U+0000, or a
+# What a plaintext string of a category not sealed whole may not hold (ingest.pipeline.filter): U+0000, or a
 # word shaped like an e-mail address, an IP address or a MAC address.
 _NOT_PERSONAL = {"not": {"pattern": "\\x00|" + PERSONAL_PATTERN}}
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 import uuid
 
-from ingest.cli import CliError, _with_db, load_settings
+from ingest.cli.context import CliError, load_settings, with_db
 
 
 def _install_id(value: str) -> uuid.UUID:
@@ -18,7 +18,7 @@ def _install_id(value: str) -> uuid.UUID:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the installation's export document to standard output."""
-    from ingest.rights import write_export
+    from ingest.admin.rights import write_export
 
     install_id = _install_id(args.install_id)
     out = sys.stdout.buffer
@@ -37,7 +37,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return await write_export(conn, resolved.ks, resolved.ring, install_id, "cli", begin, write,
                                   resolved.settings.heartbeat_retention_days)
 
-    if not _with_db(load_settings(), work):
+    if not with_db(load_settings(), work):
         raise CliError(f"no installation {install_id}")
     if args.pretty:
         import orjson
@@ -50,7 +50,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_erase(args: argparse.Namespace) -> int:
     """Erase an installation (or finish an interrupted erasure)."""
-    from ingest.rights import begin_erasure, destroy_leftover_keys, finish_erasure
+    from ingest.admin.rights import begin_erasure, destroy_leftover_keys, finish_erasure
 
     install_id = _install_id(args.install_id)
 
@@ -64,7 +64,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
         await finish_erasure(conn, install_id, "cli")
         return state
 
-    state = _with_db(load_settings(), work)
+    state = with_db(load_settings(), work)
     if state is None:
         raise CliError(f"no installation {install_id}")
     if state.startswith("keys:"):
@@ -77,14 +77,14 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Check the database against the policy; exit 1 with a report if any promise is broken."""
-    from ingest.compliance import audit_database, report
+    from ingest.admin.compliance import audit_database, report
 
     settings = load_settings()
 
     async def work(conn, resolved):
         return await audit_database(conn, resolved.ks, resolved.ring, resolved.settings)
 
-    findings = _with_db(settings, work)
+    findings = with_db(settings, work)
     print(report(findings))
     return 1 if findings else 0
 

@@ -6,20 +6,20 @@ import argparse
 import asyncio
 import sys
 
-from ingest.cli import CliError, _with_db, load_settings
+from ingest.cli.context import CliError, load_settings, with_db
 
 # Data keys re-wrapped per transaction by `keys rotate`.
 ROTATE_BATCH = 1000
 # Rows another transaction holds are skipped by a batch and taken by a later one; give up after this.
 ROTATE_RETRIES = 50
 # `keys rotate --generate` waits this long (seconds) for the running workers to load the new key
-# file (they look every ingest.nodes.KEY_FILE_CHECK seconds and report at once).
+# file (they look every ingest.worker.nodes.KEY_FILE_CHECK seconds and report at once).
 GENERATE_WAIT = 20.0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """One sweep now, unless another process (a running `serve`) is sweeping at this moment."""
-    from ingest.sweeper_ctx import key_maker, rules_from, utcnow
+    from ingest.worker.sweeper import key_maker, rules_from, utcnow
     from storage.sweeper import sweep
 
     settings = load_settings()
@@ -27,7 +27,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     async def work(conn, resolved):
         return await sweep(conn, resolved.ks, utcnow(), rules_from(settings), new_key=key_maker(resolved.ring))
 
-    result = _with_db(settings, work)
+    result = with_db(settings, work)
     if not result.swept:
         print("sweep skipped: another process holds the sweeper lease and is sweeping now")
         return 0
@@ -118,7 +118,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
             new_id = prepend_key_to_file(key_file)
             ring = KeyRing.from_setting(key_file.read_text())
             print(f"added key {new_id} to {key_file} as the primary key", file=sys.stderr)
-            # A running `serve` loads the key file by itself (ingest.nodes): wait until every live
+            # A running `serve` loads the key file by itself (ingest.worker.nodes): wait until every live
             # worker says it holds the new key; rotate() refuses if one still does not.
             lacking = await wait_for_nodes(resolved.ks, new_id, args.wait)
             if lacking:
@@ -128,7 +128,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
         return ring, total, [n for n in await live_nodes(resolved.ks) if n.primary != ring.primary_id]
 
-    ring, total, old_primary = _with_db(settings, work)
+    ring, total, old_primary = with_db(settings, work)
     others = [k for k in ring.key_ids if k != ring.primary_id]
     print(f"re-wrapped {total} data key(s); every data key is now wrapped by {ring.primary_id}")
     if old_primary:

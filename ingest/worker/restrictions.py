@@ -1,6 +1,6 @@
 """Which installations are restricted, known in every worker without a query per request.
 
-Loaded at start and followed like the revocation log (ingest.auth): every POLL_INTERVAL one
+Loaded at start and followed like the revocation log (ingest.http.auth): every POLL_INTERVAL one
 index range scan reads the changes since the last position. A restricted installation's
 scans and heartbeats are refused with 403 before their bodies are read. This is the early
 check only: the batch writer checks the row again, locked, in the transaction that would
@@ -16,9 +16,8 @@ import uuid
 import asyncpg
 from aiohttp import web
 
-from ingest.auth import POLL_INTERVAL
-from ingest.background import background
 from ingest.errors import RestrictedProblem
+from ingest.worker.background import POLL_INTERVAL, background
 from storage import restrictions as store
 
 log = logging.getLogger(__name__)

@@ -13,11 +13,20 @@ import uuid
 
 from aiohttp import web
 
-from ingest import deadline, rights
-from ingest.body import read_json
+from ingest import deadline
+from ingest.admin import rights
 from ingest.errors import Invalid, NotFoundProblem
-from ingest.keys import AUTH, DATA_KEYS, KEYRING, KEYSTORE_POOL, POOL, RESTRICTIONS, SETTINGS
-from ingest.routes_core import json_response
+from ingest.http.body import read_json
+from ingest.http.routes import json_response
+from ingest.keys import (
+    AUTH,
+    DATA_KEYS,
+    KEYRING,
+    KEYSTORE_POOL,
+    POOL,
+    RESTRICTIONS,
+    SETTINGS,
+)
 from storage import admin
 from storage.pool import acquire_until
 

@@ -57,7 +57,7 @@ def remove(settings: Settings) -> None:
 
 def running_url(settings: Settings) -> str:
     """The running serve's URL from the data directory; CliError naming the file when there is none."""
-    from ingest.cli import CliError
+    from ingest.cli.context import CliError
 
     target = path(settings).resolve()
     try:

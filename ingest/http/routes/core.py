@@ -13,26 +13,28 @@ from crypto.datakeys import wrap_context
 from crypto.envelope import new_key_bytes, seal
 from crypto.tokens import new_token
 from ingest import deadline
-from ingest.body import read_json
 from ingest.errors import Conflict, Forbidden, Invalid, RestrictedProblem, Unauthorized
-from ingest.filter import Allowlist
-from ingest.keys import AUTH, DATA_KEYS, HEARTBEAT_WRITER, KEYRING, KEYSTORE_POOL, METRICS, POOL, RESTRICTIONS, SETTINGS
-from ingest.net import anonymised_text, client_ip
+from ingest.http.body import read_json
+from ingest.http.net import anonymised_text, client_ip
+from ingest.http.routes import json_response
+from ingest.keys import (
+    AUTH,
+    DATA_KEYS,
+    HEARTBEAT_WRITER,
+    KEYRING,
+    KEYSTORE_POOL,
+    METRICS,
+    RESTRICTIONS,
+    SETTINGS,
+)
+from ingest.pipeline.filter import Allowlist
+from ingest.pipeline.sealed import email_context
+from policy.categories import ENROLLMENT, INSTALLATION
 from storage import installations, keystore
 from storage import tokens as token_store
 from storage.errors import AlreadyExists
-from storage.policy import ENROLLMENT, INSTALLATION
 
 _ENROLL = Allowlist(ENROLLMENT)
-
-
-def email_context(install_id: uuid.UUID) -> bytes:
-    """Associated data of an installation's sealed e-mail."""
-    return install_id.bytes + b"installation.email"
-
-
-def json_response(body: dict, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
 # The usual heartbeat answer, encoded once.

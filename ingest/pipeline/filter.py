@@ -18,7 +18,7 @@ A null for an optional field is accepted and left out (stored as absent). A numb
 with a zero fraction (`120.0`) is an integer, as in JSON Schema, and kept as one.
 
 An undeclared key is dropped without its value being looked at: the body's size,
-value count and depth were bounded before it was parsed (`ingest.budget`), so a
+value count and depth were bounded before it was parsed (`ingest.http.budget`), so a
 dropped subtree costs nothing here.
 
 Plaintext is for categories, not people: in a category that is not sealed whole, a
@@ -38,7 +38,7 @@ from operator import not_
 from typing import Any
 
 from ingest.errors import Invalid
-from storage.policy import Field
+from policy.categories import Field
 
 # check(value, path, dropped) -> value to keep
 Check = Callable[[Any, str, dict], Any]

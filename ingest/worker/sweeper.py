@@ -29,10 +29,18 @@ from aiohttp import web
 from crypto.datakeys import DataKeyCache, new_wrapped_key
 from crypto.errors import CryptoError
 from crypto.keyring import KeyRing
-from ingest.background import background
-from ingest.keys import DATA_KEYS, KEYRING, KEYSTORE_POOL, METRICS, POOL, SETTINGS, SWEEPER
+from ingest.keys import (
+    DATA_KEYS,
+    KEYRING,
+    KEYSTORE_POOL,
+    METRICS,
+    POOL,
+    SETTINGS,
+    SWEEPER,
+)
 from ingest.metrics import Metrics
 from ingest.settings import Settings
+from ingest.worker.background import background
 from storage import keystore, sweeper
 from storage.sweeper import Rules, SweepResult
 

@@ -24,17 +24,16 @@ from aiohttp import web
 
 from crypto.tokens import MAX_TOKEN_LENGTH, hash_token, role_of, same_hash
 from ingest import deadline
-from ingest.background import background
 from ingest.errors import AddressRateLimited, Forbidden, RateLimited, Unauthorized
+from ingest.http.net import anonymised_text, client_ip
+from ingest.http.ratelimit import TokenBuckets, retry_after_seconds
 from ingest.keys import TOKEN_ID
-from ingest.net import anonymised_text, client_ip
-from ingest.ratelimit import TokenBuckets, retry_after_seconds
+from ingest.worker.background import POLL_INTERVAL, background
 from storage import tokens as token_store
 from storage.pool import acquire_until
 
 log = logging.getLogger(__name__)
 
-POLL_INTERVAL = 0.25  # revocations reach every worker within about this long
 CACHE_TTL = 60.0  # belt and braces: even a missed revocation expires from the cache
 # Revocation numbers are handed out before commit, so they can become visible slightly out of
 # order; re-reading a short overlap makes sure a late-committing revocation is not skipped.

@@ -1,4 +1,4 @@
-"""Reading stored scans back: the sealing context of a scan, and decryption for the export and tests.
+"""Sealed values: the sealing contexts of an e-mail and a scan, and stored scans read back for the export and tests.
 
 Like every read of scans, these never return an expired scan (storage.scans filters
 ``expires_at > now()``).
@@ -11,9 +11,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from crypto.datakeys import DataKeyCache
-from crypto.documents import DOCUMENT_FORMAT, document_context, open_document, open_document_json
+from crypto.documents import (
+    DOCUMENT_FORMAT,
+    document_context,
+    open_document,
+    open_document_json,
+)
 from storage import scans as scan_store
 from storage.scans import StoredScan
+
+
+def email_context(install_id: uuid.UUID) -> bytes:
+    """Associated data of an installation's sealed e-mail."""
+    return install_id.bytes + b"installation.email"
 
 
 def scan_context(install_id: uuid.UUID, scan_id: uuid.UUID, fmt: int = DOCUMENT_FORMAT) -> bytes:

@@ -17,9 +17,8 @@ import functools
 import hmac
 import time
 import uuid
-from typing import Any, NamedTuple
-
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
@@ -28,19 +27,45 @@ from crypto.documents import canonical, content_digest, content_mac, seal_docume
 from crypto.envelope import DataKey
 from crypto.tokens import new_token
 from ingest import deadline
-from ingest.batching import GroupCommitWriter
-from ingest.body import check_content_type, content_encoding, decode, parse_object, read_json, read_raw
-from ingest.errors import Conflict, Forbidden, Invalid, NotFoundProblem, QuotaExceeded, RestrictedProblem, Unauthorized
-from ingest.filter import Allowlist
-from ingest.keys import AUTH, DATA_KEYS, METRICS, POOL, RESTRICTIONS, SCAN_PREPARE, SCAN_RETENTION, SCAN_SLOTS, SCAN_WRITER, SETTINGS
-from ingest.slots import PrepareSlots
-from ingest.routes_core import json_response
-from ingest.scans_read import scan_context
+from ingest.errors import (
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFoundProblem,
+    QuotaExceeded,
+    RestrictedProblem,
+    Unauthorized,
+)
+from ingest.http.body import (
+    check_content_type,
+    content_encoding,
+    decode,
+    parse_object,
+    read_json,
+    read_raw,
+)
+from ingest.http.routes import json_response
+from ingest.http.slots import PrepareSlots
+from ingest.keys import (
+    AUTH,
+    DATA_KEYS,
+    METRICS,
+    POOL,
+    RESTRICTIONS,
+    SCAN_PREPARE,
+    SCAN_RETENTION,
+    SCAN_SLOTS,
+    SCAN_WRITER,
+    SETTINGS,
+)
+from ingest.pipeline.batching import GroupCommitWriter
+from ingest.pipeline.filter import Allowlist
+from ingest.pipeline.sealed import scan_context
+from policy.categories import AGENT_REGISTRATION, SCAN, SCAN_SETTINGS
 from storage import agents as agent_store
 from storage import scans as scan_store
 from storage.errors import NotFound, QuotaReached
 from storage.installations import GONE, RESTRICTED, REVOKED
-from storage.policy import AGENT_REGISTRATION, SCAN, SCAN_SETTINGS
 
 SMALL_BODY = 64 * 1024  # agent registration and settings bodies
 SCAN_BATCH_BYTES = 2 << 20  # sealed bytes per scan batch (at most batch_max_bytes): short transactions

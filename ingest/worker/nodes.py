@@ -26,8 +26,8 @@ from aiohttp import web
 
 from crypto.errors import KeyError_
 from crypto.keyring import KeyRing
-from ingest.background import background
 from ingest.keys import KEY_FILE, KEYRING, KEYSTORE_POOL, NODES
+from ingest.worker.background import background
 from storage import keystore
 
 log = logging.getLogger("ingest.nodes")

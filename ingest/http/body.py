@@ -12,8 +12,8 @@ import orjson
 import zstandard
 from aiohttp import web
 
-from ingest.budget import JsonBudget
 from ingest.errors import BadRequest, RequestTimeout, TooLarge, UnsupportedMedia
+from ingest.http.budget import JsonBudget
 from ingest.keys import SETTINGS
 
 _CHUNK = 64 * 1024

@@ -16,7 +16,14 @@ from aiohttp import web
 from crypto.errors import CryptoError, KeyError_
 from crypto.tokens import role_of
 from ingest import deadline
-from ingest.errors import Invalid, MethodNotAllowed, NotFoundProblem, Problem, TooLarge, Unavailable
+from ingest.errors import (
+    Invalid,
+    MethodNotAllowed,
+    NotFoundProblem,
+    Problem,
+    TooLarge,
+    Unavailable,
+)
 from ingest.keys import METRICS, SETTINGS, TOKEN_ID
 from ingest.logs import ACCESS
 from storage.errors import DatabaseUnavailable
@@ -153,6 +160,6 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
         extra = {"route": route, "method": method, "status": status, "latency_ms": round(elapsed * 1000, 2),
                  "request_id": request_id}
         token_id = request.get(TOKEN_ID)
-        if token_id is not None:  # set by ingest.auth once a token is known: its id (tid_...), never the token
+        if token_id is not None:  # set by ingest.http.auth once a token is known: its id (tid_...), never the token
             extra["token_id"] = token_id
         ACCESS.write(extra)
