@@ -76,6 +76,17 @@ def _memory_tmp() -> str | None:
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
 
 
+@pytest.fixture
+def own_data_dir() -> Path:
+    """A data directory for a test that starts the embedded PostgreSQL (`serve` without TELEMETRY_DSN),
+    outside pytest's basetemp: a pytest run starting elsewhere on the machine resets that tree to
+    mode 0700 (and prunes old ones), which locks out the embedded PostgreSQL's own user. In /dev/shm
+    when there is one, like the session's server (_memory_tmp)."""
+    path = Path(tempfile.mkdtemp(prefix="telemetry-test-data-", dir=_memory_tmp()))
+    yield path / "data"
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 async def template_db(pg_server_dsn) -> str:
     """A migrated template database, and its key store `<name>_keys`; each test clones both (fast)
