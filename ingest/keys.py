@@ -20,8 +20,11 @@ if TYPE_CHECKING:
     from ingest.worker.nodes import NodeReporter
     from ingest.worker.restrictions import Restrictions
     from ingest.worker.sweeper import Sweeper
+    from policy import Policy
 
 SETTINGS = web.AppKey("settings", "Settings")
+# The policy in force (TELEMETRY_POLICY, or the built-in file), loaded once per worker by create_app.
+POLICY = web.AppKey("policy", "Policy")
 METRICS = web.AppKey("metrics", "Metrics")
 POOL = web.AppKey("pool", asyncpg.Pool)
 KEYSTORE_POOL = web.AppKey("keystore_pool", asyncpg.Pool)

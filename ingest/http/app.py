@@ -25,6 +25,7 @@ from ingest.keys import (
     KEYRING,
     KEYSTORE_POOL,
     METRICS,
+    POLICY,
     POOL,
     SCAN_WRITER,
     SETTINGS,
@@ -36,6 +37,7 @@ from ingest.worker.background import background
 from ingest.worker.nodes import nodes_ctx
 from ingest.worker.restrictions import restrictions_ctx
 from ingest.worker.sweeper import sweeper_ctx
+from policy import load_in_force
 from storage import installations, keystore
 from storage.databases import ensure_keystore_database, migrate_both, replay_erasures
 from storage.partitions import ensure_partitions
@@ -134,6 +136,8 @@ def create_app(settings: Settings, *, key_file: Path | None = None) -> web.Appli
     handler_args = {"auto_decompress": False, "keepalive_timeout": settings.read_timeout}
     app = web.Application(middlewares=[metrics_middleware, errors_middleware], handler_args=handler_args)
     app[SETTINGS] = settings
+    # The policy in force, read once per worker (serve checked it before forking: a bad file never gets here).
+    app[POLICY] = load_in_force(settings.policy)
     app[METRICS] = Metrics()
     app[KEY_FILE] = key_file
     app.cleanup_ctx.extend([storage_ctx, keys_ctx, nodes_ctx, auth_ctx, restrictions_ctx, writers_ctx, sweeper_ctx])
