@@ -17,6 +17,31 @@ from tests.support import Service, start_service
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# `pytest` with no path (the README's and .ci/run's command) runs on this many xdist workers,
+# each with its own embedded PostgreSQL (pg_server_dsn is per process): the tests wait on timers,
+# subprocesses and I/O much of the time, so three keep two cores busy. Naming test files runs them
+# in this one process, as does `-n0` or `-p no:xdist`; `-n N` chooses.
+TEST_WORKERS = 3
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Before xdist reads its options: `-n TEST_WORKERS` for the whole suite, unless told otherwise."""
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+        return
+    if config.option.numprocesses is not None or config.getoption("usepdb") or config.getoption("collectonly"):
+        return
+    if config.args_source is pytest.Config.ArgsSource.TESTPATHS:
+        config.option.numprocesses = TEST_WORKERS
+        if config.option.dist == "no":
+            config.option.dist = "worksteal"  # durations differ a hundredfold: idle workers take queued tests
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, the slow tests first (stable otherwise), so that no long test starts last."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 @pytest.fixture(scope="session")
 def pg_server_dsn() -> str:
@@ -28,11 +53,38 @@ def pg_server_dsn() -> str:
     from storage.embedded import EmbeddedPostgres
 
     # Not under pytest's basetemp: another pytest run on the machine may prune that while we run.
-    base = Path(tempfile.mkdtemp(prefix="telemetry-test-pg-"))
+    base = Path(tempfile.mkdtemp(prefix="telemetry-test-pg-", dir=_memory_tmp()))
     server = EmbeddedPostgres(base)
-    yield server.start()
-    server.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _memory_tmp() -> str | None:
+    """/dev/shm (a RAM file system) if this machine has one, else None (the default temp dir).
+
+    The test server's fsync stays on (the service refuses a server without it), but on a RAM file
+    system an fsync is free: every commit, CREATE DATABASE and the checkpoint each DROP DATABASE
+    makes cost milliseconds instead of the tenths of a second they cost on this virtual disk.
+    TELEMETRY_TEST_PG_TMP names another directory ("" for the default temp dir)."""
+    chosen = os.environ.get("TELEMETRY_TEST_PG_TMP")
+    if chosen is not None:
+        return chosen or None
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
+
+
+@pytest.fixture
+def own_data_dir() -> Path:
+    """A data directory for a test that starts the embedded PostgreSQL (`serve` without TELEMETRY_DSN),
+    outside pytest's basetemp: a pytest run starting elsewhere on the machine resets that tree to
+    mode 0700 (and prunes old ones), which locks out the embedded PostgreSQL's own user. In /dev/shm
+    when there is one, like the session's server (_memory_tmp)."""
+    path = Path(tempfile.mkdtemp(prefix="telemetry-test-data-", dir=_memory_tmp()))
+    yield path / "data"
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +96,10 @@ async def template_db(pg_server_dsn) -> str:
     name = f"ti_template_{os.getpid()}"
     admin = await asyncpg.connect(pg_server_dsn)
     try:
+        if not os.environ.get("TELEMETRY_TEST_DSN"):
+            # Our own server, perhaps in RAM (_memory_tmp): checkpoint at 128 MB of WAL, not 1 GB.
+            await admin.execute("ALTER SYSTEM SET max_wal_size = '128MB'")
+            await admin.execute("SELECT pg_reload_conf()")
         for db in (name, name + "_keys"):
             await admin.execute(f'DROP DATABASE IF EXISTS "{db}"')
             await admin.execute(f'CREATE DATABASE "{db}"')
@@ -81,6 +137,10 @@ async def db_dsn(pg_server_dsn, template_db) -> AsyncIterator[str]:
     yield _with_database(pg_server_dsn, name)
     admin = await asyncpg.connect(pg_server_dsn)
     try:
+        if not os.environ.get("TELEMETRY_TEST_DSN"):
+            # Our own server, perhaps in RAM (_memory_tmp): checkpoint at 128 MB of WAL, not 1 GB.
+            await admin.execute("ALTER SYSTEM SET max_wal_size = '128MB'")
+            await admin.execute("SELECT pg_reload_conf()")
         for db in (name, name + "_keys"):
             await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
     finally:

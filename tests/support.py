@@ -57,9 +57,12 @@ class Service:
         return run_cli(*args, env=self.env, check=check, input=input)
 
     def create_secret(self, kind: str = "enroll-secret") -> str:
-        """Create an enrollment secret (or admin token) with the CLI; the secret is the last stdout line."""
-        out = self.cli(kind, "create").stdout.strip().splitlines()
-        return out[-1]
+        """Create an enrollment secret (or admin token) as `telemetry-ingest enroll-secret create`
+        (`admin-token create`) does: the CLI's own statements (ingest.cli.tokens.store_new_token), in this
+        process, which saves each test a Python start of the CLI. The commands themselves, as
+        processes, are tested where they are the subject (tests/test_commands.py, test_hostile_auth,
+        test_faults, test_client, test_secrets, test_docs)."""
+        return create_secret(self.settings.dsn, kind, statement_cache_size=self.settings.db_statement_cache)
 
     async def enroll(self, install_id: uuid.UUID | None = None, secret: str | None = None) -> tuple[uuid.UUID, str]:
         """Enroll an installation; returns (install_id, installation token)."""
@@ -68,6 +71,32 @@ class Service:
         status, body, _ = await self.request("POST", "/v1/enroll", token=secret, json={"install_id": str(install_id)})
         assert status == 201, body
         return install_id, body["token"]
+
+
+_SECRET_KINDS = {"enroll-secret": ("enroll", "enroll_secret.create"), "admin-token": ("admin", "admin_token.create")}
+
+
+def create_secret(dsn: str, kind: str = "enroll-secret", *, statement_cache_size: int = 100) -> str:
+    """A new enrollment secret or admin token in the database at dsn, stored and audited as the CLI does.
+
+    Synchronous like the CLI call it replaces (tests call it from coroutines): its own connection,
+    on its own event loop in a helper thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ingest.cli.tokens import store_new_token
+    from storage.pool import connect
+
+    role, action = _SECRET_KINDS[kind]
+
+    async def make() -> str:
+        conn = await connect(dsn, statement_cache_size=statement_cache_size)
+        try:
+            return (await store_new_token(conn, role, action))[1]
+        finally:
+            await conn.close()
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, make()).result()
 
 
 def run_cli(*args: str, env: dict[str, str], check: bool = True, timeout: float = 120,
@@ -136,7 +165,12 @@ async def service_role_dsn(dsn: str) -> str:
 
 @contextlib.asynccontextmanager
 async def start_service(dsn: str, master_key: str, data_dir: Path, port: int = 0, **settings: Any):
-    """Start create_app(settings) on 127.0.0.1 (an ephemeral port unless port is given); stop it (gracefully) afterwards."""
+    """Start create_app(settings) on 127.0.0.1 (an ephemeral port unless port is given); stop it (gracefully) afterwards.
+
+    db_timeout is 10 s unless given (the setting's default is 1.5 s): on a machine whose two cores
+    run several test workers and other jobs, an enrollment may wait longer than 1.5 s for its
+    database work, and a 503 from that is not what a test asserts. Tests of the deadline set theirs."""
+    settings.setdefault("db_timeout", 10.0)
     s = Settings(dsn=dsn, master_key=master_key, data_dir=data_dir, port=port, workers=1, **settings)
     app = create_app(s)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)

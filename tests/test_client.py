@@ -11,7 +11,6 @@ import contextlib
 import datetime as dt
 import email.utils
 import os
-import shutil
 import signal
 import socket
 import stat
@@ -376,15 +375,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture
-def own_data_dir():
-    """A data directory outside pytest's basetemp: a pytest run starting elsewhere on the machine resets that
-    tree to mode 0700 (and prunes old ones), which locks out the embedded PostgreSQL's own user."""
-    path = Path(tempfile.mkdtemp(prefix="telemetry-test-demo-"))
-    yield path / "data"
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -147,6 +147,14 @@ async def wait_for_workers(server: ServeProcess, n: int, timeout: float = 30) ->
     raise AssertionError(f"expected {n} workers, have {server.workers()}")
 
 
+def sigkill(pid: int) -> None:
+    """SIGKILL a worker listed a moment ago; one that has exited since (and been reaped) is dead already."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 # ------------------------------------------------------------------ 1. crash durability
 
 
@@ -162,11 +170,11 @@ async def test_acknowledged_records_survive_sigkill_of_workers_and_of_the_whole_
         for _ in range(5):  # each worker, at random moments under load; the supervisor replaces them
             await asyncio.sleep(random.uniform(0.6, 1.4))
             pids = await wait_for_workers(server, 2)
-            os.kill(random.choice(pids), signal.SIGKILL)
+            sigkill(random.choice(pids))
             kills += 1
         pids = await wait_for_workers(server, 2)
         for pid in pids:  # both at once
-            os.kill(pid, signal.SIGKILL)
+            sigkill(pid)
         kills += 2
         await wait_for_workers(server, 2)
         await asyncio.sleep(1.0)
@@ -174,7 +182,7 @@ async def test_acknowledged_records_survive_sigkill_of_workers_and_of_the_whole_
         pids = server.workers()
         server.proc.kill()
         for pid in pids:
-            os.kill(pid, signal.SIGKILL)
+            sigkill(pid)
         kills += len(pids)
         server.proc.wait()
         server.stop()

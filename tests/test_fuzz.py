@@ -312,14 +312,15 @@ def test_client_ip_without_transport_or_with_odd_peers():
     assert str(anonymise(ipaddress.ip_address("2001:db8::77"))) == "2001:db8::/48"
 
 
-def _schemathesis_cli(url: str, token: str, paths: str, *, phases: str, max_examples: int) -> subprocess.CompletedProcess:
-    """`schemathesis run` with every check, on the operations whose path matches paths, as the given token."""
+def _schemathesis_cli(url: str, token: str, paths: str, *, phases: str, max_examples: int, cwd: Path) -> subprocess.CompletedProcess:
+    """`schemathesis run` with every check, on the operations whose path matches paths, as the given token
+    (in cwd: it keeps a cache in .schemathesis/ there, which is not the repository's)."""
     exe = Path(sys.executable).with_name("schemathesis")
     argv = [str(exe), "run", url + "/openapi.json", "--checks", "all", "--phases", phases,
             "--include-path-regex", paths, "--header", f"Authorization: Bearer {token}",
             "--max-examples", str(max_examples), "--generation-deterministic", "--seed", "12",
             "--request-timeout", "30", "--workers", "1", "--no-color", "--output-truncate", "false"]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"})
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"}, cwd=cwd)
 
 
 @pytest.mark.slow
@@ -338,7 +339,8 @@ async def test_schemathesis_every_check_in_its_coverage_and_stateful_phases(db_d
         ]
         failures, outputs = [], {}
         for tok, paths in roles:
-            proc = await asyncio.to_thread(_schemathesis_cli, svc.url, tok, paths, phases="examples,coverage,stateful", max_examples=10)
+            proc = await asyncio.to_thread(_schemathesis_cli, svc.url, tok, paths, phases="examples,coverage,stateful", max_examples=10,
+                                           cwd=tmp_path)
             outputs[paths] = proc.stdout
             if proc.returncode != 0:
                 failures.append(f"{paths}: exit {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}")

@@ -89,8 +89,9 @@ async def test_access_line_names_the_token_id_never_the_token(service, db):
         ("has space", False),
         ("semi;colon", False),
         ("ünïcode", False),
-        (str(uuid.uuid4()), False),  # shaped like an install_id / agent_id / scan_id
-        (uuid.uuid4().hex, True),  # 32 bare hex digits: nginx's $request_id
+        # fixed values, not uuid4(): xdist's workers must collect the same test ids
+        ("858ae855-b941-4d5e-b2e7-933f7d097e05", False),  # shaped like an install_id / agent_id / scan_id
+        ("f8c2e71292c34e7289a691c9fa2173a5", True),  # 32 bare hex digits: nginx's $request_id
         ("tii_" + "a" * 43, False),  # shaped like a bearer token
         ("10.1.2.3", False),  # an address
     ],

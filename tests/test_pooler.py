@@ -141,15 +141,28 @@ def _clean(proc_or_text) -> None:
 
 
 async def test_the_pooler_is_in_transaction_mode(bouncer, db_dsn):
-    """The premise: consecutive transactions of one client may run on different server connections."""
-    clients = [await connect(bouncer.dsn(db_dsn), statement_cache_size=0) for _ in range(12)]
-    try:
-        async def pids(conn):
-            return {await conn.fetchval("SELECT pg_backend_pid()") for _ in range(10)}
+    """The premise: consecutive transactions of one client may run on different server connections.
 
-        seen = await asyncio.gather(*(pids(c) for c in clients))
-        assert any(len(s) > 1 for s in seen), "every client kept one server connection: not transaction mode"
+    Not left to chance (on a fast server twelve clients' queries need not overlap): client a's
+    first statement ran on server connection X; other clients then hold transactions open until
+    one of them holds X (at most default_pool_size - 1 of them); a's next statement must run on
+    another one. In session mode a keeps X throughout, and nobody else gets it."""
+    clients = [await connect(bouncer.dsn(db_dsn), statement_cache_size=0) for _ in range(8)]
+    held = []
+    try:
+        a, others = clients[0], clients[1:]
+        first = await a.fetchval("SELECT pg_backend_pid()")
+        for c in others:  # 7 = default_pool_size - 1: a server stays free for a
+            tx = c.transaction()
+            await tx.start()
+            held.append(tx)
+            if await c.fetchval("SELECT pg_backend_pid()") == first:
+                break
+        second = await a.fetchval("SELECT pg_backend_pid()")
+        assert second != first, "client a kept its server connection while another client held it: not transaction mode"
     finally:
+        for tx in held:
+            await tx.rollback()
         for c in clients:
             await c.close()
 

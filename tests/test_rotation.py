@@ -146,10 +146,10 @@ def test_generate_is_only_for_the_key_file(db_dsn, master_key, tmp_path):
 
 
 @pytest.mark.slow
-async def test_rotate_generate_in_embedded_mode(tmp_path):
+async def test_rotate_generate_in_embedded_mode(own_data_dir):
     from storage.embedded import EmbeddedPostgres
 
-    data_dir = tmp_path / "data"
+    data_dir = own_data_dir
     env = {"TELEMETRY_DATA_DIR": str(data_dir)}
     key_file = data_dir / "master.key"
     server = EmbeddedPostgres(data_dir)  # held by the test, so the commands below join it
@@ -218,14 +218,14 @@ def test_no_key_material_is_printed(service):
 
 
 @pytest.mark.slow
-async def test_rotating_while_embedded_serve_runs_answers_no_503(tmp_path):
+async def test_rotating_while_embedded_serve_runs_answers_no_503(own_data_dir):
     """The operator's sequence from issue 14: `keys rotate --generate`, then `keys rotate`, while an
     embedded `serve` runs and takes traffic. Its workers load the new key file by themselves."""
     import aiohttp
 
     from tests.test_serve import ServeProcess
 
-    data_dir = tmp_path / "data"
+    data_dir = own_data_dir
     env = {"TELEMETRY_DATA_DIR": str(data_dir)}
     server = ServeProcess(env, "--workers", "2")
     statuses: list[object] = []

@@ -69,7 +69,15 @@ class ServeProcess:
         raise AssertionError("serve did not become ready")
 
     def workers(self) -> list[int]:
-        return [c.pid for c in psutil.Process(self.proc.pid).children()]
+        """The live workers' pids: a killed one the supervisor has not reaped yet (a zombie) is not one."""
+        pids = []
+        for child in psutil.Process(self.proc.pid).children():
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    pids.append(child.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return pids
 
     def stop(self, timeout: float = 15) -> int:
         if self.proc.poll() is None:
@@ -247,8 +255,8 @@ def test_dsn_without_master_key_is_refused(db_dsn, tmp_path):
     assert proc.returncode == 1 and "TELEMETRY_MASTER_KEY" in proc.stderr
 
 
-async def test_embedded_default_starts_keeps_data_and_stops(tmp_path):
-    data_dir = tmp_path / "data"
+async def test_embedded_default_starts_keeps_data_and_stops(own_data_dir):
+    data_dir = own_data_dir
     env = {"TELEMETRY_DATA_DIR": str(data_dir)}
     # Only serve creates the data directory (CONTRACT 8): before it ever ran, a command names where it looked.
     proc = run_cli("enroll-secret", "create", env=env, check=False)

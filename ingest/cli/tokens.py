@@ -9,30 +9,37 @@ import sys
 from ingest.cli.context import CliError, duration, load_settings, positive, with_db
 
 
-def create_token(role: str, action: str, *, max_uses: int | None = None, expires_in=None) -> tuple[str, str]:
-    """Create a token of role in the database, audited as action; returns (token_id, token).
-
-    max_uses and expires_in (a timedelta) limit an enrollment secret; the expiry is counted by the database's clock.
-    """
+async def store_new_token(conn, role: str, action: str, *, max_uses: int | None = None,
+                          expires_in=None) -> tuple[str, str, dt.datetime | None]:
+    """Make a token of role, store its hash and audit it as action, in one transaction on conn;
+    returns (token_id, token, expires_at). What `create_token` runs (tests call it in process too)."""
     from crypto.tokens import new_token
     from storage.audit import record
     from storage.tokens import insert_token
 
     token_id, token, token_hash = new_token(role)
+    async with conn.transaction():
+        expires_at = None if expires_in is None else await conn.fetchval("SELECT now() + $1::interval", expires_in)
+        await insert_token(conn, token_id, token_hash, role, max_uses=max_uses, expires_at=expires_at)
+        detail = {"token_id": token_id}
+        if max_uses is not None:
+            detail["max_uses"] = max_uses
+        if expires_at is not None:
+            detail["expires_at"] = expires_at.isoformat()
+        await record(conn, "cli", action, detail=detail)
+    return token_id, token, expires_at
+
+
+def create_token(role: str, action: str, *, max_uses: int | None = None, expires_in=None) -> tuple[str, str]:
+    """Create a token of role in the database, audited as action; returns (token_id, token).
+
+    max_uses and expires_in (a timedelta) limit an enrollment secret; the expiry is counted by the database's clock.
+    """
 
     async def work(conn, resolved):
-        async with conn.transaction():
-            expires_at = None if expires_in is None else await conn.fetchval("SELECT now() + $1::interval", expires_in)
-            await insert_token(conn, token_id, token_hash, role, max_uses=max_uses, expires_at=expires_at)
-            detail = {"token_id": token_id}
-            if max_uses is not None:
-                detail["max_uses"] = max_uses
-            if expires_at is not None:
-                detail["expires_at"] = expires_at.isoformat()
-            await record(conn, "cli", action, detail=detail)
-            return expires_at
+        return await store_new_token(conn, role, action, max_uses=max_uses, expires_in=expires_in)
 
-    expires_at = with_db(load_settings(), work)
+    token_id, token, expires_at = with_db(load_settings(), work)
     if max_uses is not None or expires_at is not None:
         uses = "unlimited" if max_uses is None else str(max_uses)
         print(f"uses: {uses}; expires: {'never' if expires_at is None else expires_at.isoformat()}")

@@ -33,6 +33,9 @@ class Restrictions:
         self._pool = pool
         self._restricted: set[uuid.UUID] = set()
         self._position = 0
+        # One poll at a time: a poll whose read began before a change committed must not apply its
+        # older rows after a poll that read the change (the handler's own poll after a PUT, say).
+        self._polling = asyncio.Lock()
 
     def check(self, install_id: uuid.UUID) -> None:
         """403 if the installation is restricted (as last seen)."""
@@ -46,15 +49,16 @@ class Restrictions:
 
     async def poll(self) -> int:
         """Apply the changes since the last poll; returns how many rows were read."""
-        async with self._pool.acquire() as conn:
-            rows = await store.changed_since(conn, max(0, self._position - _OVERLAP))
-        for r in rows:
-            if r["restricted"]:
-                self._restricted.add(r["install_id"])
-            else:
-                self._restricted.discard(r["install_id"])
-            self._position = max(self._position, r["restriction_seq"])
-        return len(rows)
+        async with self._polling:
+            async with self._pool.acquire() as conn:
+                rows = await store.changed_since(conn, max(0, self._position - _OVERLAP))
+            for r in rows:
+                if r["restricted"]:
+                    self._restricted.add(r["install_id"])
+                else:
+                    self._restricted.discard(r["install_id"])
+                self._position = max(self._position, r["restriction_seq"])
+            return len(rows)
 
     async def follow(self) -> None:
         """Poll forever (cancelled at shutdown)."""
