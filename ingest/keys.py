@@ -20,8 +20,11 @@ if TYPE_CHECKING:
     from ingest.worker.nodes import NodeReporter
     from ingest.worker.restrictions import Restrictions
     from ingest.worker.sweeper import Sweeper
+    from policy import Policy
 
 SETTINGS = web.AppKey("settings", "Settings")
+# The policy in force (TELEMETRY_POLICY, or the built-in file), loaded once per worker by create_app.
+POLICY = web.AppKey("policy", "Policy")
 METRICS = web.AppKey("metrics", "Metrics")
 POOL = web.AppKey("pool", asyncpg.Pool)
 KEYSTORE_POOL = web.AppKey("keystore_pool", asyncpg.Pool)
@@ -30,6 +33,7 @@ DATA_KEYS = web.AppKey("data_keys", "DataKeyCache")
 AUTH = web.AppKey("auth", "Authenticator")
 HEARTBEAT_WRITER = web.AppKey("heartbeat_writer", "GroupCommitWriter")
 SCAN_WRITER = web.AppKey("scan_writer", "GroupCommitWriter")
+RECORD_WRITER = web.AppKey("record_writer", "GroupCommitWriter")  # POST /v1/records/{category}
 SCAN_PREPARE = web.AppKey("scan_prepare", ThreadPoolExecutor)
 SCAN_RETENTION = web.AppKey("scan_retention", "Retentions")
 SCAN_SLOTS = web.AppKey("scan_slots", "PrepareSlots")

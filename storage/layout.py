@@ -75,7 +75,7 @@ AUDIT_DETAIL_KEYS = frozenset({
     # key rotation
     "primary", "from", "rewrapped", "kek_id",
     # table names used as keys of the counts above
-    "heartbeats", "scans", "installations", "agents", "tokens", "data_keys", "audit_log",
+    "heartbeats", "scans", "installations", "agents", "tokens", "data_keys", "audit_log", "records",
 })
 
 TABLES: dict[str, Table] = {
@@ -116,7 +116,7 @@ TABLES: dict[str, Table] = {
     # clear values by name (audit compares its keys with the file in force), `sealed` the encrypted part.
     "records": Table(
         policy=("fields",),
-        bookkeeping=("category", "install_id", "record_id", "received_at", "expires_at", "key_id"),
+        bookkeeping=("category", "install_id", "record_id", "received_at", "expires_at", "key_id", "content_mac"),
         sealed=("sealed",),
     ),
     # An installation's shortened retention per category (PUT /v1/installation/settings).

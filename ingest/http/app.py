@@ -17,6 +17,7 @@ from ingest.http.middleware import errors_middleware, metrics_middleware
 from ingest.http.routes import admin as routes_admin
 from ingest.http.routes import core as routes_core
 from ingest.http.routes import ops as routes_ops
+from ingest.http.routes import records as routes_records
 from ingest.http.routes import scans as routes_scans
 from ingest.keys import (
     DATA_KEYS,
@@ -25,7 +26,9 @@ from ingest.keys import (
     KEYRING,
     KEYSTORE_POOL,
     METRICS,
+    POLICY,
     POOL,
+    RECORD_WRITER,
     SCAN_WRITER,
     SETTINGS,
 )
@@ -36,6 +39,7 @@ from ingest.worker.background import background
 from ingest.worker.nodes import nodes_ctx
 from ingest.worker.restrictions import restrictions_ctx
 from ingest.worker.sweeper import sweeper_ctx
+from policy import load_in_force
 from storage import installations, keystore
 from storage.databases import ensure_keystore_database, migrate_both, replay_erasures
 from storage.partitions import ensure_partitions
@@ -115,7 +119,7 @@ async def gauges_ctx(app: web.Application):
     (or maximum) over workers a scrape reports is at most a second old whichever worker answers it."""
 
     async def sample_forever() -> None:
-        writers = [app[key] for key in (HEARTBEAT_WRITER, SCAN_WRITER) if key in app]
+        writers = [app[key] for key in (HEARTBEAT_WRITER, SCAN_WRITER, RECORD_WRITER) if key in app]
         while True:
             app[METRICS].sample(app[POOL], writers)
             await asyncio.sleep(SAMPLE_INTERVAL)
@@ -134,6 +138,8 @@ def create_app(settings: Settings, *, key_file: Path | None = None) -> web.Appli
     handler_args = {"auto_decompress": False, "keepalive_timeout": settings.read_timeout}
     app = web.Application(middlewares=[metrics_middleware, errors_middleware], handler_args=handler_args)
     app[SETTINGS] = settings
+    # The policy in force, read once per worker (serve checked it before forking: a bad file never gets here).
+    app[POLICY] = load_in_force(settings.policy)
     app[METRICS] = Metrics()
     app[KEY_FILE] = key_file
     app.cleanup_ctx.extend([storage_ctx, keys_ctx, nodes_ctx, auth_ctx, restrictions_ctx, writers_ctx, sweeper_ctx])
@@ -142,5 +148,6 @@ def create_app(settings: Settings, *, key_file: Path | None = None) -> web.Appli
     routes_core.setup(app)
     routes_admin.setup(app)
     routes_scans.setup(app)
+    routes_records.setup(app)
     app.cleanup_ctx.append(gauges_ctx)  # after the writers' contexts: it samples them
     return app
