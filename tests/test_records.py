@@ -462,5 +462,6 @@ def test_openapi_documents_each_file_category():
     paths = doc["paths"]
     assert "/v1/records/cloud_scan" in paths and "/v1/scans" not in paths and "/v1/agents" not in paths
     settings = paths["/v1/installation/settings"]["put"]["requestBody"]["content"]["application/json"]["schema"]
-    assert settings["properties"]["cloud_scan_retention_hours"]["anyOf"][0] == {"type": "integer", "minimum": 24, "maximum": 48}
+    assert settings["properties"] == {"cloud_scan_retention_hours": {"type": "integer", "minimum": 24, "maximum": 48}}
+    assert settings["required"] == ["cloud_scan_retention_hours"]
     assert "409" in paths["/v1/records/cloud_scan"]["post"]["responses"]
