@@ -314,6 +314,9 @@ async def test_encrypted_fields_are_one_sealed_object_and_a_current_record_is_re
         assert row["key_id"] < keystore.EPOCH_KEY_BASE  # the installation's record key, as the e-mail's
         opened = orjson.loads(open_(key, bytes(row["sealed"]), record_context(install_id, "contact", "current", whole=False)))
         assert opened == {"email": "ops@example.com", "people": [{"name": "Jane Roe"}, {}]}
+        shown = disclosed(svc, path)
+        assert shown["contact", "email"]["stored_as"] == "encrypted"
+        assert shown["contact", "team"]["retention"] == "the latest record only, 10 days after receipt"
         (exported,) = (await export(svc, admin, install_id))["records"]
         assert exported["record"] == {"install_id": str(install_id), "team": "ops", "email": "ops@example.com",
                                       "people": [{"role": "lead", "name": "Jane Roe"}, {"role": "deputy"}]}

@@ -72,12 +72,14 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
     import orjson
 
     from policy import builtin
+    from policy.categories import file_categories
 
     settings = load_settings()
     policy = policy_in_force(settings, args.file)
     # The configured heartbeat history applies to the policy serve enforces; another file states its own.
     history = settings.heartbeat_retention_days if policy == builtin() else None
-    rows = policy.disclosure_rows(heartbeat_retention_days=history, inactive_days=settings.inactive_days)
+    rows = policy.disclosure_rows(heartbeat_retention_days=history, inactive_days=settings.inactive_days,
+                                  records=frozenset(c.name for c in file_categories(policy)))
     rows += audit_log_disclosure(settings.audit_retention_days)
     if args.format == "json":
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())

@@ -32,7 +32,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print("sweep skipped: another process holds the sweeper lease and is sweeping now")
         return 0
     for table in sorted(result.rows_deleted):
-        print(f"{table}: {result.rows_deleted[table]} row(s) deleted, {result.partitions_dropped[table]} partition(s) dropped")
+        dropped = result.partitions_dropped.get(table)  # None: not a partitioned table (records)
+        print(f"{table}: {result.rows_deleted[table]} row(s) deleted" + ("" if dropped is None else f", {dropped} partition(s) dropped"))
     print(f"audit log rows past retention deleted: {result.audit_rows_deleted}")
     print(f"installations erased: {result.installations_erased}")
     print(f"data keys added: {result.data_keys_added}")

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from crypto.datakeys import epoch_end, new_wrapped_hash_key, hash_key_context
 from ingest import deadline
-from ingest.errors import Conflict, Forbidden, NotFoundProblem, RestrictedProblem, Unauthorized
+from ingest.errors import Conflict, Forbidden, RestrictedProblem, Unauthorized
 from ingest.http.body import check_content_type, content_encoding, decode, parse_object, read_raw
 from ingest.http.net import anonymised_text, client_ip
 from ingest.http.routes import json_response
@@ -90,15 +90,12 @@ class Records:
         self.categories = {c.name: RecordCategory(c) for c in file_categories(policy)}
         self.hash_keys = HashKeys(app)
         metrics = app[METRICS]
-        self.wire_bytes = metrics.request_bytes.labels("/v1/records/{category}", "wire")
-        self.decoded_bytes = metrics.request_bytes.labels("/v1/records/{category}", "decoded")
+        self.wire_bytes = {name: metrics.request_bytes.labels(f"/v1/records/{name}", "wire") for name in self.categories}
+        self.decoded_bytes = {name: metrics.request_bytes.labels(f"/v1/records/{name}", "decoded") for name in self.categories}
         self.dropped = {name: metrics.fields_dropped.labels(name) for name in self.categories}
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, rc: RecordCategory, request: web.Request) -> web.Response:
         app, s = self.app, self.settings
-        rc = self.categories.get(request.match_info["category"])
-        if rc is None:
-            raise NotFoundProblem("no such category in the policy in force")
         c = rc.category
         principal = await app[AUTH].authenticate(request, "installation")
         install_id = principal.install_id
@@ -109,7 +106,7 @@ class Records:
                                 else (s.heartbeat_max_bytes, s.heartbeat_max_bytes))
         with deadline.not_counted():
             raw = await read_raw(request, limit, s.read_timeout)
-        self.wire_bytes.inc(len(raw))
+        self.wire_bytes[c.name].inc(len(raw))
         received_at = dt.datetime.now(dt.timezone.utc)
         key = None
         if rc.sealed_whole:
@@ -165,7 +162,7 @@ class Records:
         s = self.settings
         decoded_limit = s.scan_max_decoded_bytes if rc.sealed_whole else s.heartbeat_max_bytes
         data = decode(raw, encoding, decoded_limit, max_values=s.json_max_values, max_depth=s.json_max_depth)
-        self.decoded_bytes.inc(len(data))
+        self.decoded_bytes[rc.name].inc(len(data))
         doc = parse_object(data)
         del data
         return rc.prepare(doc, install_id, reject=s.unknown_fields == "reject", peer_prefix=peer, hash_key=hash_key, key=key)
@@ -186,9 +183,13 @@ async def record_writer_ctx(app: web.Application):
 
 
 def setup(app: web.Application) -> None:
-    """Add POST /v1/records/{category}, and its writer if the policy in force declares a category of its own."""
+    """Add POST /v1/records/<name> for each category of the policy in force's own, and their writer.
+
+    One route per category, as /openapi.json documents them; any other /v1/records/... is a 404."""
     policy = app[POLICY]
-    if file_categories(policy):
-        app.cleanup_ctx.append(record_writer_ctx)
-    # Registered in any case: a category the file does not declare is a 404 problem document.
-    app.router.add_post("/v1/records/{category}", Records(app, policy).handle)
+    if not file_categories(policy):
+        return
+    app.cleanup_ctx.append(record_writer_ctx)
+    records = Records(app, policy)
+    for name, rc in records.categories.items():
+        app.router.add_post(f"/v1/records/{name}", functools.partial(records.handle, rc))
