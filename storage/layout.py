@@ -57,6 +57,9 @@ class Table:
     bookkeeping: tuple[str, ...] = ()
     sealed: tuple[str, ...] = ()  # bytea columns that must hold crypto.envelope records only
     json_keys: tuple[tuple[str, frozenset[str]], ...] = ()  # (json column, keys allowed at its top level)
+    # JSON columns whose keys the policy file in force names (categories, declared fields): `audit`
+    # compares them with the file, not with a list here.
+    policy_json: tuple[str, ...] = ()
 
     @property
     def columns(self) -> frozenset[str]:
@@ -118,11 +121,12 @@ TABLES: dict[str, Table] = {
         policy=("fields",),
         bookkeeping=("category", "install_id", "record_id", "received_at", "expires_at", "key_id", "content_mac"),
         sealed=("sealed",),
+        policy_json=("fields",),
     ),
     # An installation's shortened retention per category (PUT /v1/installation/settings).
     "record_settings": Table(bookkeeping=("install_id", "category", "retention_hours")),
     # The categories and fields the database holds, as last applied (`policy apply --confirm`).
-    "policy_applied": Table(bookkeeping=("singleton", "declared", "source", "applied_at")),
+    "policy_applied": Table(bookkeeping=("singleton", "declared", "source", "applied_at"), policy_json=("declared",)),
 }
 
 # Columns of key material: they belong in the key store (storage.keystore), never in the data database.

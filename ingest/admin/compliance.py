@@ -122,8 +122,8 @@ async def audit_database(conn, ks, ring: KeyRing, settings: Settings) -> list[Fi
             # (`policy apply` compares the lists themselves with the file.)
             allowed["declared"] = frozenset(c.name for c in load_in_force(settings.policy).categories)
         for column, typ in columns.items():
-            if typ not in JSON_TYPES or declared is None:
-                continue
+            if typ not in JSON_TYPES or declared is None or column in declared.policy_json:
+                continue  # policy_json columns: compared with the file in force, below
             if column not in allowed:
                 add("json", f"{table}.{column} holds JSON but has no declared keys in storage/layout.py")
                 continue
