@@ -468,3 +468,27 @@ def test_openapi_documents_each_file_category():
     assert settings["properties"] == {"cloud_scan_retention_hours": {"type": "integer", "minimum": 24, "maximum": 48}}
     assert settings["required"] == ["cloud_scan_retention_hours"]
     assert "409" in paths["/v1/records/cloud_scan"]["post"]["responses"]
+
+
+async def test_a_restored_backup_loses_an_erased_installations_records_and_audit_finds_overdue_ones(
+        db_dsn, master_key, tmp_path, db, ks):
+    from storage.databases import replay_erasures
+
+    path = EXAMPLES / "download-log.toml"
+    async with serve(db_dsn, master_key, tmp_path, path) as svc:
+        install_id, token = await svc.enroll()
+        kept_id, kept_token = await svc.enroll()
+        for tok in (token, kept_token):
+            body = {"download_id": str(uuid.uuid4()), "downloaded_at": NOW, "licence_number": "ABCD-1234",
+                    "program": "inventory", "version": "4.2.1", "address": "203.0.113.7"}
+            assert (await svc.request("POST", "/v1/records/download", token=tok, json=body))[0] == 201
+        # the key store erased the installation (as an erasure does first), the data database still holds it,
+        # as a restored backup would: the replay erases it again, its records included
+        await keystore.destroy_installation(ks, install_id)
+        assert await replay_erasures(db, ks, grace=0) == 1
+        assert await db.fetchval("SELECT count(*) FROM records WHERE install_id = $1", install_id) == 0
+        assert await db.fetchval("SELECT count(*) FROM records WHERE install_id = $1", kept_id) == 1
+        # a record past its expiry that no sweep removed is a finding of audit
+        await db.execute("UPDATE records SET received_at = now() - interval '40 days', expires_at = now() - interval '10 days'")
+        audit = svc.cli("audit", check=False)
+        assert audit.returncode == 1 and "1 row(s) in records past their expires_at" in audit.stdout

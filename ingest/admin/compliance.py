@@ -9,7 +9,7 @@ finding per broken promise:
               log's retention (each beyond one sweep interval)
 - erasure     no erasure left half-done, no row of an installation that no longer exists
 - ciphertext  e-mails and scans hold sealed records (crypto.envelope format) only
-- json        JSON columns hold declared keys only (records.fields: the names the policy in force declares)
+- json        JSON columns hold declared keys with scalar values only
 - keys        no key material in the data database; every data key in the key store is wrapped,
               by a key-encryption key of the configured ring; no epoch key outlives its epoch
               (beyond one sweep interval); no installation the key store lists as erased is
@@ -29,8 +29,6 @@ from crypto.envelope import FORMAT_VERSION, HEADER_SIZE, TAG_SIZE
 from crypto.keyring import WRAPPED_SIZE, KeyRing
 from crypto.tokens import PREFIXES
 from ingest.settings import Settings
-from policy import Field, load_in_force
-from policy.categories import file_categories
 from storage import admin, keystore
 from storage import audit as audit_log
 from storage import records as record_store
@@ -113,14 +111,6 @@ async def audit_database(conn, ks, ring: KeyRing, settings: Settings) -> list[Fi
     for table, columns in live.items():
         declared = TABLES.get(table)
         allowed = dict(declared.json_keys) if declared else {}
-        if table == "records":
-            # The names the policy in force declares, at any depth (the comparison field by field and
-            # category by category is `policy apply`'s: this only says no undeclared name is held).
-            allowed["fields"] = record_field_names(load_in_force(settings.policy))
-        if table == "policy_applied":
-            # Its keys are category names ({category: [field path, ...]}): those of the policy in force.
-            # (`policy apply` compares the lists themselves with the file.)
-            allowed["declared"] = frozenset(c.name for c in load_in_force(settings.policy).categories)
         for column, typ in columns.items():
             if typ not in JSON_TYPES or declared is None or column in declared.policy_json:
                 continue  # policy_json columns: compared with the file in force, below
@@ -174,23 +164,6 @@ async def audit_database(conn, ks, ring: KeyRing, settings: Settings) -> list[Fi
     if missing:
         add("audit-log", f"audit_log is not append-only: trigger(s) {', '.join(missing)} missing or disabled")
     return found
-
-
-def record_field_names(policy) -> frozenset[str]:
-    """Every field name, at any depth, of the policy's own categories (what records.fields may hold)."""
-    names: set[str] = set()
-
-    def walk(f: Field) -> None:
-        for c in f.fields:
-            names.add(c.name)
-            walk(c)
-        if f.items is not None:
-            walk(f.items)
-
-    for c in file_categories(policy):
-        walk(c.root)
-        names.update(name for name, _, _ in c.extra)
-    return frozenset(names)
 
 
 def report(findings: list[Finding]) -> str:
