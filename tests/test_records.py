@@ -492,3 +492,21 @@ async def test_a_restored_backup_loses_an_erased_installations_records_and_audit
         await db.execute("UPDATE records SET received_at = now() - interval '40 days', expires_at = now() - interval '10 days'")
         audit = svc.cli("audit", check=False)
         assert audit.returncode == 1 and "1 row(s) in records past their expires_at" in audit.stdout
+
+
+async def test_settings_take_each_shortenable_category_beside_the_built_in_scans(db_dsn, master_key, tmp_path, db):
+    text = (ROOT / "policy" / "builtin.toml").read_text(encoding="utf-8")
+    cloud = (EXAMPLES / "cloud-scan.toml").read_text(encoding="utf-8").replace("format = 1", "")
+    path = write_policy(tmp_path, text + "\n" + cloud)
+    async with serve(db_dsn, master_key, tmp_path, path) as svc:
+        install_id, token = await svc.enroll()
+        status, answer, _ = await svc.request("PUT", "/v1/installation/settings", token=token,
+                                              json={"cloud_scan_retention_hours": 24})
+        assert status == 200 and answer == {"cloud_scan_retention_hours": 24, "scan_retention_hours": 720}
+        status, answer, _ = await svc.request("PUT", "/v1/installation/settings", token=token, json={"scan_retention_hours": 48})
+        assert status == 200 and answer == {"scan_retention_hours": 48, "cloud_scan_retention_hours": 24}
+        assert (await svc.request("PUT", "/v1/installation/settings", token=token, json={}))[0] == 422
+        assert await db.fetchval("SELECT retention_hours FROM record_settings WHERE install_id = $1", install_id) == 24
+        # the built-in paths are served beside the file's own
+        status, _, _ = await svc.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id))
+        assert status == 200
