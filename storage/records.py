@@ -77,8 +77,10 @@ async def write_records(conn, rows: Sequence[RecordRow]) -> list[RecordOutcome]:
 
     A record whose key (category, installation, record_id) is stored and unexpired, or earlier in
     this batch, is not stored again (EXISTS, with the stored content MAC to compare); a current
-    record replaces the installation's previous one. The installations' rows are read FOR SHARE:
-    a restriction or erasure is ordered before or after the whole batch, and wins.
+    record replaces the installation's previous one. The installations' rows are locked (in one
+    order): a restriction or erasure is ordered before or after the whole batch, and wins. A stored
+    record counts as the installation being seen (last_seen_at), as a heartbeat does: an
+    installation that sends only records is not erased as inactive.
     """
     ids = sorted({r.install_id for r in rows})
     async with conn.transaction():
@@ -86,7 +88,7 @@ async def write_records(conn, rows: Sequence[RecordRow]) -> list[RecordOutcome]:
             r["install_id"]: r
             for r in await conn.fetch(
                 "SELECT install_id, restricted, erasing FROM installations WHERE install_id = ANY($1::uuid[]) "
-                "ORDER BY install_id FOR SHARE",
+                "ORDER BY install_id FOR NO KEY UPDATE",
                 ids,
             )
         }
@@ -133,6 +135,10 @@ async def write_records(conn, rows: Sequence[RecordRow]) -> list[RecordOutcome]:
                 [r.sealed for r in picked], [r.key_id for r in picked], [r.content_mac for r in picked],
             )
             written |= {(r[0], r[1], r[2]) for r in returned}
+        seen = sorted({k[1] for k in written})
+        if seen:
+            await conn.execute(
+                "UPDATE installations SET last_seen_at = greatest(last_seen_at, now()) WHERE install_id = ANY($1::uuid[])", seen)
         missing = sorted(k for k, _ in order if k not in written)
         existing: dict[tuple[str, uuid.UUID, str], RecordOutcome] = {}
         if missing:

@@ -109,6 +109,7 @@ async def test_download_log_example_stores_keyed_hash_and_anonymised_prefix(db_d
         assert status == 201, answer
         assert answer["record_id"] == download_id and answer["dropped_fields"] == ["user_name", "extra"]
         (row,) = await stored(db, "download", install_id)
+        assert await db.fetchval("SELECT last_seen_at FROM installations WHERE install_id = $1", install_id) is not None
         key = await hash_key(ks, master_key, "download")
         assert row["fields"] == {"download_id": download_id, "downloaded_at": NOW, "program": "inventory", "version": "4.2.1",
                                  "licence_number": hashed(key, "ABCD-1234-XY"), "address": "203.0.113.0/24"}
