@@ -69,7 +69,7 @@ class Secrets:
         found = []
         for name, value in self.values.items():
             forms = {value}
-            if name.startswith("token") and "_" in value:
+            if name.startswith("token") and value.split("_", 1)[0] in ("tie", "tii", "tia", "tiadm"):
                 forms.add(value.split("_", 1)[1])
             if name.startswith(("scan marker", "e-mail")):
                 forms.add(value.encode().hex())

@@ -20,6 +20,8 @@ SELECT create_distributed_table('agents',        'install_id', colocate_with => 
 SELECT create_distributed_table('heartbeats',    'install_id', colocate_with => 'installations');
 SELECT create_distributed_table('scans',         'install_id', colocate_with => 'installations');
 SELECT create_distributed_table('scan_usage',    'install_id', colocate_with => 'installations');
+SELECT create_distributed_table('records',       'install_id', colocate_with => 'installations');
+SELECT create_distributed_table('record_settings', 'install_id', colocate_with => 'installations');
 
 -- Tokens are looked up by hash, not by installation, and are few: replicate them to every node.
 SELECT create_reference_table('tokens');
@@ -29,5 +31,6 @@ SELECT create_reference_table('audit_log');
 -- 0008). Reference tables, so that every node sees the same row.
 SELECT create_reference_table('erasure_replay');
 SELECT create_reference_table('sweeper_lease');
+SELECT create_reference_table('policy_applied');
 -- schema_migrations stays a local table on the coordinator. The data keys are not here: they
 -- live in the key store, a database of its own (TELEMETRY_KEYSTORE_DSN), which is not distributed.
