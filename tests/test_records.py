@@ -511,3 +511,24 @@ async def test_settings_take_each_shortenable_category_beside_the_built_in_scans
         # the built-in paths are served beside the file's own
         status, _, _ = await svc.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id))
         assert status == 200
+
+
+async def test_hash_keys_are_made_once_per_category_and_re_wrapped_by_rotation(ks, master_key):
+    import base64
+    import os
+
+    from crypto.datakeys import new_wrapped_hash_key, rewrap_hash_key
+
+    old = KeyRing.from_setting(master_key)
+    kek_id, wrapped = await keystore.hash_key(ks, "download", *new_wrapped_hash_key(old, "download"))
+    # a second worker's key loses: the first one made stays the category's
+    again = await keystore.hash_key(ks, "download", *new_wrapped_hash_key(old, "download"))
+    assert again == (kek_id, wrapped)
+    key = old.unwrap(kek_id, wrapped, hash_key_context("download"))
+    new = KeyRing.from_setting(base64.b64encode(os.urandom(32)).decode() + "," + master_key)
+    assert await keystore.count_not_wrapped_by(ks, new.primary_id) == 1
+    assert await keystore.rewrap_hash_keys(ks, new.primary_id, lambda *row: rewrap_hash_key(new, *row)) == 1
+    assert await keystore.count_not_wrapped_by(ks, new.primary_id) == 0
+    kek_id, wrapped = await keystore.stored_hash_key(ks, "download")
+    assert kek_id == new.primary_id and new.unwrap(kek_id, wrapped, hash_key_context("download")) == key
+    assert (await keystore.kek_ids(ks)) == {new.primary_id: 1}
