@@ -532,3 +532,24 @@ async def test_hash_keys_are_made_once_per_category_and_re_wrapped_by_rotation(k
     kek_id, wrapped = await keystore.stored_hash_key(ks, "download")
     assert kek_id == new.primary_id and new.unwrap(kek_id, wrapped, hash_key_context("download")) == key
     assert (await keystore.kek_ids(ks)) == {new.primary_id: 1}
+
+
+async def test_a_large_sealed_record_is_prepared_off_the_event_loop_and_gzip_is_read(db_dsn, master_key, tmp_path, db, ks):
+    import gzip
+
+    path = EXAMPLES / "cloud-scan.toml"
+    async with serve(db_dsn, master_key, tmp_path, path) as svc:
+        install_id, token = await svc.enroll()
+        scan_id = str(uuid.uuid4())
+        body = {"scan_id": scan_id, "scanned_at": NOW, "provider": "azure", "account": "big",
+                "resources": [{"resource_id": f"r-{i}", "kind": "vm", "tags": ["t" * 40]} for i in range(3000)]}
+        raw = orjson.dumps(body)
+        assert len(raw) > 64 * 1024  # past INLINE_BYTES: on the prepare threads
+        status, answer, _ = await svc.request("POST", "/v1/records/cloud_scan", token=token, data=gzip.compress(raw),
+                                              headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+        assert status == 201, answer
+        (row,) = await stored(db, "cloud_scan", install_id)
+        key = await data_key(ks, master_key, install_id, row["key_id"])
+        opened = orjson.loads(open_document_json(key, bytes(row["sealed"]),
+                                                 record_context(install_id, "cloud_scan", scan_id, whole=True)))
+        assert opened == body

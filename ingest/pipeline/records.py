@@ -30,7 +30,7 @@ import orjson
 from crypto.documents import canonical, open_document_json, seal_document
 from crypto.envelope import DataKey, open_, seal
 from crypto.errors import DecryptionError
-from ingest.errors import Invalid
+from ingest.errors import Forbidden, Invalid
 from ingest.pipeline.filter import Allowlist
 from policy import Category, Field
 
@@ -152,14 +152,14 @@ class RecordCategory:
         """Filter, check the installation key, split into storage forms, hash and seal (CPU only).
 
         key: the epoch key (sealed whole) or the record key (encrypted fields); Invalid (422) on a bad
-        value, or in reject mode on an undeclared one; PermissionError if the installation key is not
+        value, or in reject mode on an undeclared one; Forbidden (403) if the installation key is not
         the sender's."""
         c = self.category
         kept, dropped = self.filter.filter_document(doc)
         if dropped and reject:
             raise Invalid(f"undeclared fields: {', '.join(dropped)}")
         if c.installation_key is not None and uuid.UUID(kept[c.installation_key]) != install_id:
-            raise PermissionError(c.installation_key)
+            raise Forbidden(f"{c.installation_key} is not this token's installation")
         record_id = self.record_id(kept)
         sealed = None
         if not self.sealed_whole:

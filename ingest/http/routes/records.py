@@ -23,7 +23,7 @@ from aiohttp import web
 
 from crypto.datakeys import epoch_end, new_wrapped_hash_key, hash_key_context
 from ingest import deadline
-from ingest.errors import Conflict, Forbidden, RestrictedProblem, Unauthorized
+from ingest.errors import Conflict, RestrictedProblem, Unauthorized
 from ingest.http.body import check_content_type, content_encoding, decode, parse_object, read_raw
 from ingest.http.net import anonymised_text, client_ip
 from ingest.http.routes import json_response
@@ -121,15 +121,12 @@ class Records:
         hash_key = await self.hash_keys.get(c.name) if rc.needs_hash_key else None
         peer = anonymised_text(client_ip(request, s.trusted_proxies)) if rc.peer_fields else None
         prepare = functools.partial(self.prepare, rc, raw, encoding, install_id, peer, hash_key, key)
-        try:
-            if len(raw) <= INLINE_BYTES:
-                prepared = prepare()
-            else:
-                with deadline.not_counted():  # waiting for a slot and CPU time, not the database's
-                    async with app[SCAN_SLOTS].hold(principal.token_id):
-                        prepared = await asyncio.get_running_loop().run_in_executor(app[SCAN_PREPARE], prepare)
-        except PermissionError:
-            raise Forbidden(f"{c.installation_key} is not this token's installation") from None
+        if len(raw) <= INLINE_BYTES:
+            prepared = prepare()
+        else:
+            with deadline.not_counted():  # waiting for a slot and CPU time, not the database's
+                async with app[SCAN_SLOTS].hold(principal.token_id):
+                    prepared = await asyncio.get_running_loop().run_in_executor(app[SCAN_PREPARE], prepare)
         del raw, prepare
         if prepared.dropped:
             self.dropped[c.name].inc(len(prepared.dropped))
