@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 
 import asyncpg
+import orjson
 
 from storage.audit import record
 from storage.pool import cursor
@@ -213,8 +214,47 @@ ORDER BY dimension, is_other, installations DESC, value
 """
 
 
-async def statistics(conn, *, k: int, active_days: int = 30) -> dict:
-    """Aggregate counts of active installations by each dimension, groups below k folded into 'other'."""
+# The same fold over the records of one category of a policy file (migration 0012): the group is the
+# records with one value of a declared dimension (its JSON value in `fields`, null when absent), and
+# each record is in exactly one group per dimension, as each installation is above.
+_RECORD_STATS_SQL = """
+WITH live AS (
+    SELECT r.fields FROM records r JOIN installations i ON i.install_id = r.install_id
+    WHERE r.category = $2 AND r.expires_at > now() AND NOT i.restricted AND NOT i.erasing
+),
+groups AS (
+    SELECT d.dimension, l.fields -> d.dimension AS value, count(*) AS n
+    FROM live l CROSS JOIN unnest($3::text[]) AS d(dimension)
+    GROUP BY 1, 2
+),
+marked AS (
+    SELECT *, (n < $1 OR coalesce(value = '"other"'::jsonb, false)) AS small FROM groups
+),
+ordered AS (
+    SELECT *,
+        coalesce(sum(n) FILTER (WHERE small) OVER (PARTITION BY dimension), 0) AS small_total,
+        coalesce(sum(n) OVER (PARTITION BY dimension ORDER BY small DESC, n, value NULLS FIRST
+                              ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+    FROM marked
+),
+folded AS (
+    SELECT dimension, (small OR (small_total > 0 AND before < $1)) AS is_other,
+           CASE WHEN small OR (small_total > 0 AND before < $1) THEN '"other"'::jsonb ELSE value END AS value, n
+    FROM ordered
+)
+SELECT dimension, value::text AS value, is_other, sum(n)::bigint AS records
+FROM folded
+GROUP BY dimension, value, is_other
+ORDER BY dimension, is_other, records DESC, value
+"""
+
+
+async def statistics(conn, *, k: int, active_days: int = 30, categories: Sequence[tuple[str, Sequence[str]]] = ()) -> dict:
+    """Aggregate counts of active installations by each dimension, groups below k folded into 'other'.
+
+    categories: (name, dimensions) of the policy file's categories kept in `records` that declare
+    statistics; each gets its record counts by dimension under "categories", folded the same way.
+    """
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         total, assets = await conn.fetchrow(
             "SELECT count(*), coalesce(sum(asset_count), 0)::bigint FROM installations "
@@ -222,15 +262,34 @@ async def statistics(conn, *, k: int, active_days: int = 30) -> dict:
             active_days,
         )
         rows = await conn.fetch(_STATS_SQL, k, active_days)
+        per_category = {}
+        for name, dimensions in categories:
+            n = await conn.fetchval(
+                "SELECT count(*) FROM records r JOIN installations i ON i.install_id = r.install_id "
+                "WHERE r.category = $1 AND r.expires_at > now() AND NOT i.restricted AND NOT i.erasing", name)
+            per_category[name] = (n, list(dimensions), await conn.fetch(_RECORD_STATS_SQL, k, name, list(dimensions)))
     by: dict[str, list[dict]] = {d: [] for d in STATS_DIMENSIONS}
     if total < k:
         # Fewer active installations than k: any count or total would describe a group below k.
-        return {"k": k, "active_days": active_days, "suppressed": True, "active_installations": None,
-                "asset_count_total": None, "by": by}
+        out = {"k": k, "active_days": active_days, "suppressed": True, "active_installations": None,
+               "asset_count_total": None, "by": by}
+    else:
+        for r in rows:
+            by[r["dimension"]].append({"value": r["value"], "installations": r["installations"], "asset_count": r["asset_count"]})
+        out = {"k": k, "active_days": active_days, "suppressed": False, "active_installations": total,
+               "asset_count_total": assets, "by": by}
+    if per_category:
+        out["categories"] = {name: _record_groups(k, n, dimensions, groups) for name, (n, dimensions, groups) in per_category.items()}
+    return out
+
+
+def _record_groups(k: int, total: int, dimensions: list[str], rows) -> dict:
+    by: dict[str, list[dict]] = {d: [] for d in dimensions}
+    if total < k:  # as above: with fewer than k records, every count describes a group below k
+        return {"suppressed": True, "records": None, "by": by}
     for r in rows:
-        by[r["dimension"]].append({"value": r["value"], "installations": r["installations"], "asset_count": r["asset_count"]})
-    return {"k": k, "active_days": active_days, "suppressed": False, "active_installations": total,
-            "asset_count_total": assets, "by": by}
+        by[r["dimension"]].append({"value": None if r["value"] is None else orjson.loads(r["value"]), "records": r["records"]})
+    return {"suppressed": False, "records": total, "by": by}
 
 
 # ---------------------------------------------------------------- compliance audit
@@ -367,3 +426,49 @@ async def audit_log_guards(conn) -> list[str]:
         "SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass('audit_log') AND NOT tgisinternal AND tgenabled <> 'D'"
     )
     return sorted(r[0] for r in rows)
+
+
+# ---------------------------------------------------------------- records of the file's categories
+
+
+async def record_categories(conn) -> dict[str, int]:
+    """How many records each category in `records` holds."""
+    return {r[0]: r[1] for r in await conn.fetch("SELECT category, count(*) FROM records GROUP BY category ORDER BY category")}
+
+
+async def record_paths_outside(conn, category: str, allowed: Iterable[str], *, limit: int = 20) -> list[str]:
+    """Paths in the category's `records.fields` (at every depth, list items as name[]) that are not in
+    allowed, without descending into one; '(not an object)' for a `fields` that is not an object."""
+    rows = await conn.fetch(
+        """
+        WITH RECURSIVE walk(path, value) AS (
+            SELECT NULL::text, fields FROM records WHERE category = $1
+            UNION ALL
+            SELECT c.path, c.value FROM walk w CROSS JOIN LATERAL (
+                SELECT coalesce(w.path || '.', '') || e.key AS path, e.value
+                FROM jsonb_each(CASE WHEN jsonb_typeof(w.value) = 'object' THEN w.value ELSE '{}'::jsonb END) e
+                UNION ALL
+                SELECT w.path || '[]', a.value
+                FROM jsonb_array_elements(CASE WHEN jsonb_typeof(w.value) = 'array' AND w.path IS NOT NULL
+                                               THEN w.value ELSE '[]'::jsonb END) a
+            ) c
+            WHERE w.path IS NULL OR w.path = ANY($2::text[])
+        )
+        SELECT * FROM (
+            SELECT DISTINCT path FROM walk WHERE path IS NOT NULL AND NOT (path = ANY($2::text[]))
+            UNION
+            SELECT '(not an object)' FROM records WHERE category = $1 AND jsonb_typeof(fields) <> 'object'
+        ) p ORDER BY 1 LIMIT $3
+        """,
+        category, list(allowed), limit,
+    )
+    return [r[0] for r in rows]
+
+
+async def record_values_not_matching(conn, category: str, json_path: str, pattern: str) -> int:
+    """Values at the SQL/JSON path in the category's `records.fields` that are not strings matching pattern."""
+    return await conn.fetchval(
+        "SELECT count(*) FROM records r CROSS JOIN LATERAL jsonb_path_query(r.fields, $2::jsonpath) v "
+        "WHERE r.category = $1 AND NOT (jsonb_typeof(v) = 'string' AND (v #>> '{}') ~ $3)",
+        category, json_path, pattern,
+    )

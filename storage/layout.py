@@ -77,6 +77,8 @@ AUDIT_DETAIL_KEYS = frozenset({
     "at", "rows_deleted", "partitions_dropped", "partitions_created", "installations_erased", "data_keys_added",
     # key rotation
     "primary", "from", "rewrapped", "kek_id",
+    # policy apply (storage.applied): the category and field path removed, and the totals
+    "category", "field", "categories_removed", "fields_removed", "categories_added", "fields_added",
     # table names used as keys of the counts above
     "heartbeats", "scans", "installations", "agents", "tokens", "data_keys", "audit_log", "records",
 })
@@ -128,6 +130,12 @@ TABLES: dict[str, Table] = {
     # The categories and fields the database holds, as last applied (`policy apply --confirm`).
     "policy_applied": Table(bookkeeping=("singleton", "declared", "source", "applied_at"), policy_json=("declared",)),
 }
+
+# The forms `audit` expects in records.fields (storage forms, docs/policy.md): a keyed hash is
+# HMAC-SHA256 as 64 lower-case hex digits; an anonymised address is its network, IPv4 /24 or
+# IPv6 /48, as text ("192.0.2.0/24", "2001:db8:1::/48"), the same form as installations.ip_prefix.
+KEYED_HASH_PATTERN = "^[0-9a-f]{64}$"
+ANONYMISED_PATTERN = r"^([0-9]{1,3}\.){3}0/24$|^(([0-9a-f]{1,4}:){1,3}|:):/48$"
 
 # Columns of key material: they belong in the key store (storage.keystore), never in the data database.
 KEY_COLUMNS = frozenset({"wrapped", "kek_id"})

@@ -17,6 +17,11 @@ finding per broken promise:
 - tokens      token hashes are 32-byte digests; no text column holds a bearer token
 - personal    no text column holds an e-mail address in plaintext
 - audit-log   the append-only triggers of audit_log are present and enabled
+- policy      the database against the policy file in force: every category in `records` is one
+              the file declares (not a built-in one, which has its own tables); every key of
+              `records.fields`, at every depth, is a field of its category the file keeps in the
+              clear; keyed-hash values are hashes and anonymised ones network prefixes; the policy
+              recorded in `policy_applied` is the file in force
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ from crypto.envelope import FORMAT_VERSION, HEADER_SIZE, TAG_SIZE
 from crypto.keyring import WRAPPED_SIZE, KeyRing
 from crypto.tokens import PREFIXES
 from ingest.settings import Settings
-from storage import admin, keystore
+from policy import Policy, builtin
+from policy.changes import clear_leaves, compare, source_name
+from storage import admin, applied, keystore
 from storage import audit as audit_log
 from storage import records as record_store
-from storage.layout import KEY_COLUMNS, TABLES
+from storage.layout import ANONYMISED_PATTERN, KEY_COLUMNS, KEYED_HASH_PATTERN, TABLES
 
 TEXT_TYPES = ("text", "character varying", "character", "json", "jsonb")
 JSON_TYPES = ("json", "jsonb")
@@ -52,8 +59,10 @@ class Finding:
     message: str
 
 
-async def audit_database(conn, ks, ring: KeyRing, settings: Settings) -> list[Finding]:
-    """Run every check on the data database `conn` and the key store `ks`; an empty list means both keep every promise."""
+async def audit_database(conn, ks, ring: KeyRing, settings: Settings, policy: Policy | None = None) -> list[Finding]:
+    """Run every check on the data database `conn` and the key store `ks` against the policy in force
+    (default: the built-in one); an empty list means both keep every promise."""
+    policy = policy or builtin()
     found: list[Finding] = []
     live = await admin.stored_columns(conn)
 
@@ -163,7 +172,55 @@ async def audit_database(conn, ks, ring: KeyRing, settings: Settings) -> list[Fi
     missing = [g for g in AUDIT_LOG_GUARDS if g not in guards]
     if missing:
         add("audit-log", f"audit_log is not append-only: trigger(s) {', '.join(missing)} missing or disabled")
+
+    # policy
+    if "records" in live:
+        await _check_records(conn, policy, add)
+    if "policy_applied" in live:
+        held = await applied.held(conn)
+        # No row: no serve has started on this database yet; the first one records the file in force.
+        change = None if held is None else compare(held[0], policy)
+        if change is not None and change.changes:
+            what = [f"no longer declares {change.removed_text()}"] if change.removes else []
+            if change.categories_added or change.fields_added:
+                what.append("adds " + "; ".join([f"category[{c}]" for c in change.categories_added]
+                                                + [f"category[{c}].field[{p}]" for c, p in change.fields_added]))
+            add("policy", f"the policy the database holds (applied from {held[1]}) is not the file in force "
+                          f"({source_name(policy)}): the file {', and '.join(what)}; "
+                          "`telemetry-ingest policy apply` shows what applying it deletes")
     return found
+
+
+async def _check_records(conn, policy: Policy, add) -> None:
+    in_records = {c.name: c for c in policy.categories if c.name not in applied.BUILTIN}
+    for name, n in (await admin.record_categories(conn)).items():
+        if name in applied.BUILTIN:
+            add("policy", f"{n} record(s) in records of category {name}, which has its own tables")
+        elif name not in in_records:
+            add("policy", f"{n} record(s) in records of category {name}, which the policy in force does not declare")
+    for name, category in in_records.items():
+        clear = clear_leaves(category)
+        allowed = set()
+        for path, _ in clear:
+            # every enclosing object and list of a declared leaf may be there too: a.b[].c needs a, a.b, a.b[]
+            for i, ch in enumerate(path):
+                if ch == ".":
+                    allowed.add(path[:i])
+                elif ch == "[":
+                    allowed.update((path[:i], path[:i + 2]))
+            allowed.add(path)
+        outside = await admin.record_paths_outside(conn, name, sorted(allowed))
+        if outside:
+            add("policy", f"records.fields of category {name} hold what the policy in force does not keep in the clear: "
+                          + ", ".join(outside))
+        for path, storage in clear:
+            form = {"keyed-hash": (KEYED_HASH_PATTERN, "keyed hashes (64 hex digits)"),
+                    "anonymised": (ANONYMISED_PATTERN, "network prefixes (IPv4 /24, IPv6 /48)")}.get(storage)
+            if form is None:
+                continue
+            n = await admin.record_values_not_matching(conn, name, applied.json_path(path), form[0])
+            if n:
+                add("policy", f"{n} value(s) of {name}.{path} in records.fields are not {form[1]}")
 
 
 def report(findings: list[Finding]) -> str:

@@ -76,13 +76,15 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    """Check the database against the policy; exit 1 with a report if any promise is broken."""
+    """Check the database against the policy in force; exit 1 with a report if any promise is broken."""
     from ingest.admin.compliance import audit_database, report
+    from ingest.cli.policy import policy_in_force
 
     settings = load_settings()
+    policy = policy_in_force(settings)  # the file in force: audit compares the database with it
 
     async def work(conn, resolved):
-        return await audit_database(conn, resolved.ks, resolved.ring, resolved.settings)
+        return await audit_database(conn, resolved.ks, resolved.ring, resolved.settings, policy)
 
     findings = with_db(settings, work)
     print(report(findings))

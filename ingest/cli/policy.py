@@ -1,10 +1,10 @@
-"""`telemetry-ingest policy show` and `policy check`, and the policy `serve` enforces."""
+"""`telemetry-ingest policy show`, `policy check` and `policy apply`, and the policy `serve` enforces."""
 
 from __future__ import annotations
 
 import argparse
 
-from ingest.cli.context import CliError, load_settings
+from ingest.cli.context import CliError, load_settings, positive
 from ingest.settings import Settings
 
 
@@ -95,6 +95,90 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
     return 0
 
 
+APPLY = "telemetry-ingest policy apply"
+
+
+async def check_applied(conn, policy) -> None:
+    """At serve's start: the file in force against the policy the database holds (storage.applied).
+
+    None held (a first start) or only additions: the file is recorded, and what it adds simply starts
+    being stored. A category or field it no longer declares: CliError naming them and the command that
+    deletes them; nothing is deleted here.
+    """
+    from policy.changes import compare, declared, source_name
+    from storage import applied
+    from storage.audit import record
+
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE policy_applied IN EXCLUSIVE MODE")  # workers of two serves starting at once
+        held = await applied.held(conn)
+        change = None if held is None else compare(held[0], policy)
+        if change is not None and change.removes:
+            raise CliError(
+                f"the policy in force ({source_name(policy)}) no longer declares what the database holds: "
+                f"{change.removed_text()}; `{APPLY}` shows what that deletes, `{APPLY} --confirm` deletes it "
+                "(nothing was deleted)")
+        if change is None or change.changes:  # the same fields in another order change nothing
+            await applied.record_applied(conn, declared(policy), source_name(policy))
+            if change is not None:
+                await record(conn, "cli", "policy.apply", None, {
+                    "categories_added": len(change.categories_added), "fields_added": len(change.fields_added)})
+
+
+def cmd_policy_apply(args: argparse.Namespace) -> int:
+    """Show what applying the file deletes from the database; with --confirm delete it and record the file."""
+    from ingest.cli.context import with_db
+    from policy.changes import compare, declared, source_name
+    from storage import applied
+    from storage.audit import record
+
+    settings = load_settings()
+    policy = policy_in_force(settings, args.file)
+    source = source_name(policy)
+
+    async def work(conn, resolved):
+        held = await applied.held(conn)
+        if held is None:
+            print(f"policy apply: the database holds no applied policy yet; {source} declares "
+                  f"{len(policy.categories)} categor{'y' if len(policy.categories) == 1 else 'ies'}: nothing to delete")
+            change = None
+        else:
+            change = compare(held[0], policy)
+            builtin_fields = [(c, p) for c, p in change.fields_removed if c in applied.BUILTIN]
+            if builtin_fields:
+                c, p = builtin_fields[0]
+                raise CliError(f"{source}: category[{c}].field[{p}]: a built-in category keeps its fields in its own "
+                               "tables' columns; it can be left out of the file whole, not changed")
+            print(f"policy apply: {source} against the policy the database holds (applied from {held[1]})")
+        steps = [] if change is None else ([applied.Removal(c) for c in change.categories_removed]
+                                           + [applied.Removal(c, p) for c, p in change.fields_removed])
+        for step in steps:
+            print(f"  {step.key}: {'deletes' if not args.confirm else 'deleting'} " + "; ".join(await applied.count(conn, step)))
+        if change is not None and not change.changes:
+            print("nothing to change: the database holds this policy")
+            return 0
+        if not args.confirm:
+            if steps:
+                print(f"nothing deleted: `{APPLY}{' ' + str(args.file) if args.file else ''} --confirm` deletes it and records the file")
+            else:
+                print(f"nothing to delete; `{APPLY} --confirm` records the file (serve does at its next start)")
+            return 0
+        total = 0
+        for step in steps:
+            n = await applied.remove(conn, step, "cli", batch=args.batch)
+            total += n
+            print(f"  {step.key}: {n} row(s) deleted or emptied")
+        async with conn.transaction():
+            await applied.record_applied(conn, declared(policy), source)
+            await record(conn, "cli", "policy.apply", None, {
+                "categories_removed": 0 if change is None else len(change.categories_removed),
+                "fields_removed": 0 if change is None else len(change.fields_removed), "rows": total})
+        print(f"policy applied: {source}")
+        return 0
+
+    return with_db(settings, work)
+
+
 def add_commands(sub) -> None:
     policy = sub.add_parser("policy", help="the data policy").add_subparsers(dest="action", required=True)
     show = policy.add_parser("show", help="print the disclosure table of the policy in force (TELEMETRY_POLICY or built-in)")
@@ -104,3 +188,9 @@ def add_commands(sub) -> None:
     check = policy.add_parser("check", help="check a policy file: `policy ok: N categories`, or one line per problem and exit 1")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_policy_check)
+    apply = policy.add_parser("apply", help="show what a policy change deletes from the database; with --confirm delete it "
+                                            "and record the file (serve refuses to start until then)")
+    apply.add_argument("file", nargs="?", metavar="FILE", help="the policy file to apply (default: the one in force)")
+    apply.add_argument("--confirm", action="store_true", help="delete the stored values of what the file no longer declares")
+    apply.add_argument("--batch", type=positive, default=5000, metavar="N", help="rows per transaction (default 5000)")
+    apply.set_defaults(func=cmd_policy_apply)

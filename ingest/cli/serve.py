@@ -8,7 +8,7 @@ import dataclasses
 import sys
 
 from ingest.cli.context import CliError, Resolved, connect_both, load_settings
-from ingest.cli.policy import check_served, policy_in_force
+from ingest.cli.policy import check_applied, check_served, policy_in_force
 from ingest.settings import Settings, describe, env_name, secret_fields
 
 
@@ -67,6 +67,8 @@ async def _prepare(resolved: Resolved) -> None:
             await check_keys(conn, ks, resolved.ring.key_ids)
         except KeysMissing as exc:
             raise CliError(f"TELEMETRY_KEYSTORE_DSN / TELEMETRY_MASTER_KEY: {exc}") from None
+        # What the database holds against the file in force: a removal waits for `policy apply --confirm`.
+        await check_applied(conn, policy_in_force(resolved.settings))
     finally:
         await conn.close()
         await ks.close()

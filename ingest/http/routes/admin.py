@@ -23,11 +23,13 @@ from ingest.keys import (
     DATA_KEYS,
     KEYRING,
     KEYSTORE_POOL,
+    POLICY,
     POOL,
     RESTRICTIONS,
     SETTINGS,
 )
 from storage import admin
+from storage.applied import BUILTIN
 from storage.pool import acquire_until
 
 log = logging.getLogger(__name__)
@@ -126,7 +128,8 @@ async def stats(request: web.Request) -> web.Response:
     app = request.app
     await app[AUTH].authenticate(request, "admin")
     async with deadline.connection(app) as conn:
-        body = await admin.statistics(conn, k=app[SETTINGS].stats_k)
+        body = await admin.statistics(conn, k=app[SETTINGS].stats_k, categories=[
+            (c.name, c.statistics) for c in app[POLICY].categories if c.statistics and c.name not in BUILTIN])
     return json_response(body)
 
 
