@@ -77,6 +77,22 @@ def rewrap(ring: KeyRing, install_id: uuid.UUID, key_id: int, kek_id: str, wrapp
     return ring.wrap(ring.unwrap(kek_id, bytes(wrapped), context), context)
 
 
+def hash_key_context(category: str) -> bytes:
+    """Associated data that binds a wrapped hash key (storage.keystore.hash_keys) to its category."""
+    return b"hash-key\x00" + category.encode()
+
+
+def new_wrapped_hash_key(ring: KeyRing, category: str) -> tuple[str, bytes]:
+    """A fresh 256-bit key for the keyed hashes of a category, wrapped by the primary KEK: (kek id, wrapped)."""
+    return ring.wrap(new_key_bytes(), hash_key_context(category))
+
+
+def rewrap_hash_key(ring: KeyRing, category: str, kek_id: str, wrapped: bytes) -> tuple[str, bytes]:
+    """A category's hash key wrapped by the primary KEK instead of kek_id (stored hashes stay valid)."""
+    context = hash_key_context(category)
+    return ring.wrap(ring.unwrap(kek_id, bytes(wrapped), context), context)
+
+
 class DataKeyCache:
     """Unwrapped data keys per installation, least recently used evicted first."""
 

@@ -34,6 +34,7 @@ DATA_KEYS = web.AppKey("data_keys", "DataKeyCache")
 AUTH = web.AppKey("auth", "Authenticator")
 HEARTBEAT_WRITER = web.AppKey("heartbeat_writer", "GroupCommitWriter")
 SCAN_WRITER = web.AppKey("scan_writer", "GroupCommitWriter")
+RECORD_WRITER = web.AppKey("record_writer", "GroupCommitWriter")  # POST /v1/records/{category}
 SCAN_PREPARE = web.AppKey("scan_prepare", ThreadPoolExecutor)
 SCAN_RETENTION = web.AppKey("scan_retention", "Retentions")
 SCAN_SLOTS = web.AppKey("scan_slots", "PrepareSlots")

@@ -74,12 +74,20 @@ class Category:
         """Name of the installation setting that shortens this category's retention, if it may."""
         return None if self.shortest_retention is None else f"{self.name}_retention_hours"
 
-    def retention_text(self, *, history_days: int | None = None, inactive_days: int) -> str:
-        """The retention as a privacy notice states it, for the configured limits."""
+    def retention_text(self, *, history_days: int | None = None, inactive_days: int, own_table: bool = True) -> str:
+        """The retention as a privacy notice states it, for the configured limits.
+
+        own_table False: a category received at POST /v1/records/{name} (not a built-in one with its
+        own tables), whose `current` state keeps the latest record only, `retention` after its receipt."""
+        if self.state == "current" and not own_table:
+            return f"the latest {self.record} only, {self._expiry_text()}"
         if self.state == "current":
             days = history_days if history_days is not None else self.retention.days
             return (f"current record until {inactive_days} days without a {self.record}; "
                     f"{self.record} history {days} days")
+        return self._expiry_text()
+
+    def _expiry_text(self) -> str:
         if self.shortest_retention is not None:
             lo = int(self.shortest_retention.total_seconds()) // 3600
             return (f"{self.retention_hours} hours after receipt by default; the installation may choose "
@@ -117,15 +125,18 @@ class Policy:
                   maximum=c.retention_hours)
             for c in self.categories if c.retention_setting is not None))
 
-    def disclosure_rows(self, *, heartbeat_retention_days: int | None = None, inactive_days: int) -> list[dict[str, str]]:
+    def disclosure_rows(self, *, heartbeat_retention_days: int | None = None, inactive_days: int,
+                        records: frozenset[str] = frozenset()) -> list[dict[str, str]]:
         """One row per declared field (nested ones by path): the table a privacy notice can quote.
 
         heartbeat_retention_days, when given, is the configured history of the categories that keep a
         current record (TELEMETRY_HEARTBEAT_RETENTION_DAYS); otherwise the file's retention is stated.
+        records: the categories received at POST /v1/records/{name} (the others have tables of their own).
         """
         rows = []
         for cat in self.categories:
-            retention = cat.retention_text(history_days=heartbeat_retention_days, inactive_days=inactive_days)
+            retention = cat.retention_text(history_days=heartbeat_retention_days, inactive_days=inactive_days,
+                                           own_table=cat.name not in records)
             for top in cat.fields:
                 for path, f in leaves(top, top.name):
                     stored = f.storage if not cat.sealed or f.storage == "key" else "encrypted"

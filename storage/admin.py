@@ -88,7 +88,9 @@ async def set_restricted(conn, install_id: uuid.UUID, restricted: bool, actor: s
 # marked `erasing` and a new enrollment of the same id waits (409) until it is clean.
 
 # Tables whose rows of an installation are deleted in bounded batches, in this order.
-ERASE_TABLES = ("heartbeats", "scans", "agents")
+# records and record_settings: the categories of a policy file (migration 0012; their foreign keys
+# cascade too, but in batches here the installation row's delete stays short).
+ERASE_TABLES = ("heartbeats", "scans", "records", "record_settings", "agents")
 ERASE_BATCH = 5000
 
 

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 
 import orjson
 
+from policy.categories import BUILTIN_NAMES
 from storage.audit import record
 from storage.layout import INSTALLATION, SCAN, TABLES
 
 BATCH = 5000
 # The built-in categories keep their own tables (storage.layout); every other one is in `records`.
-BUILTIN = (INSTALLATION.name, SCAN.name)
+BUILTIN = BUILTIN_NAMES
 # The metadata columns of an installation's current record: everything of its category but the key.
 _METADATA = tuple(c for c in TABLES["installations"].policy + TABLES["installations"].sealed if c != INSTALLATION.installation_key)
 

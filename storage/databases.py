@@ -101,6 +101,9 @@ SELECT install_id, key_id FROM (
     SELECT s.install_id, s.key_id FROM scans s
     WHERE s.expires_at > now()
     UNION
+    SELECT r.install_id, r.key_id FROM records r
+    WHERE r.expires_at > now() AND r.key_id IS NOT NULL
+    UNION
     SELECT i.install_id, {_KEY_ID_OF.format(c='i.email_ct')} FROM installations i
     WHERE i.email_ct IS NOT NULL AND length(i.email_ct) >= 5
 ) needed

@@ -294,14 +294,17 @@ async def replace_worn_keys(conn, now: dt.datetime, new_key: NewKey, *, max_uses
 
 
 async def kek_ids(conn) -> dict[str, int]:
-    """Data keys per wrapping key id."""
+    """Data keys and hash keys per wrapping key id."""
     return {r[0]: r[1] for r in await conn.fetch(
-        "SELECT kek_id, count(*) FROM data_keys WHERE kek_id IS NOT NULL GROUP BY kek_id ORDER BY kek_id")}
+        "SELECT kek_id, count(*) FROM (SELECT kek_id FROM data_keys WHERE kek_id IS NOT NULL "
+        "UNION ALL SELECT kek_id FROM hash_keys) k GROUP BY kek_id ORDER BY kek_id")}
 
 
 async def count_not_wrapped_by(conn, primary_id: str) -> int:
-    """Data keys still wrapped by another KEK than primary_id."""
-    return await conn.fetchval("SELECT count(*) FROM data_keys WHERE kek_id <> $1", primary_id)
+    """Data keys and hash keys still wrapped by another KEK than primary_id."""
+    return await conn.fetchval(
+        "SELECT (SELECT count(*) FROM data_keys WHERE kek_id <> $1) + (SELECT count(*) FROM hash_keys WHERE kek_id <> $1)",
+        primary_id)
 
 
 async def rewrap_batch(conn, primary_id: str, rewrap: Rewrap, *, limit: int = 1000) -> int:
@@ -327,6 +330,39 @@ async def rewrap_batch(conn, primary_id: str, rewrap: Rewrap, *, limit: int = 10
             "WHERE d.install_id = u.install_id AND d.key_id = u.key_id",
             primary_id, [r["install_id"] for r in rows], [r["key_id"] for r in rows], [w for _, w in new],
         )
+    return len(rows)
+
+
+# ---------------------------------------------------------------- keys of keyed hashes (per category)
+
+# (category, kek_id, wrapped) -> (primary kek id, wrapped anew)
+RewrapHash = Callable[[str, str, bytes], tuple[str, bytes]]
+
+
+async def hash_key(conn, category: str, kek_id: str, wrapped: bytes) -> tuple[str, bytes]:
+    """The category's hash key as stored (kek_id, wrapped): the one given, if the category had none yet
+    (made on first use), else the one another worker made first."""
+    await conn.execute("INSERT INTO hash_keys (category, kek_id, wrapped) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                       category, kek_id, wrapped)
+    r = await conn.fetchrow("SELECT kek_id, wrapped FROM hash_keys WHERE category = $1", category)
+    return r["kek_id"], bytes(r["wrapped"])
+
+
+async def stored_hash_key(conn, category: str) -> tuple[str, bytes] | None:
+    """The category's hash key (kek_id, wrapped), if it has one."""
+    r = await conn.fetchrow("SELECT kek_id, wrapped FROM hash_keys WHERE category = $1", category)
+    return None if r is None else (r["kek_id"], bytes(r["wrapped"]))
+
+
+async def rewrap_hash_keys(conn, primary_id: str, rewrap: RewrapHash) -> int:
+    """Re-wrap every hash key not wrapped by primary_id (few: one per category), in one transaction."""
+    async with conn.transaction():
+        rows = await conn.fetch("SELECT category, kek_id, wrapped FROM hash_keys WHERE kek_id <> $1 FOR UPDATE", primary_id)
+        for r in rows:
+            kek, wrapped = rewrap(r["category"], r["kek_id"], bytes(r["wrapped"]))
+            if kek != primary_id:
+                raise ValueError("rewrap must wrap with the primary key-encryption key")
+            await conn.execute("UPDATE hash_keys SET kek_id = $2, wrapped = $3 WHERE category = $1", r["category"], kek, wrapped)
     return len(rows)
 
 

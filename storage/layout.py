@@ -80,7 +80,7 @@ AUDIT_DETAIL_KEYS = frozenset({
     # policy apply (storage.applied): the category and field path removed, and the totals
     "category", "field", "categories_removed", "fields_removed", "categories_added", "fields_added",
     # table names used as keys of the counts above
-    "heartbeats", "scans", "installations", "agents", "tokens", "data_keys", "audit_log",
+    "heartbeats", "scans", "installations", "agents", "tokens", "data_keys", "audit_log", "records",
 })
 
 TABLES: dict[str, Table] = {
@@ -121,7 +121,7 @@ TABLES: dict[str, Table] = {
     # clear values by name (audit compares its keys with the file in force), `sealed` the encrypted part.
     "records": Table(
         policy=("fields",),
-        bookkeeping=("category", "install_id", "record_id", "received_at", "expires_at", "key_id"),
+        bookkeeping=("category", "install_id", "record_id", "received_at", "expires_at", "key_id", "content_mac"),
         sealed=("sealed",),
         policy_json=("fields",),
     ),

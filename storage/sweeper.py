@@ -14,7 +14,8 @@ One sweep, `sweep(conn, now, rules)`, in this order:
    partition behind a long transaction is left for the next sweep, its rows go by step 5);
 5. delete the remaining expired rows in batches of `batch_rows` (one statement and transaction
    each, by ctid within one partition): scans with expires_at <= now, heartbeat history with
-   received_at <= now - retention. This is the guarantee: every row is gone within one sweep
+   received_at <= now - retention, and the records of the policy file's categories (`records`,
+   not partitioned) with expires_at <= now. This is the guarantee: every row is gone within one sweep
    interval of its expiry, whatever its retention. The partition drops are the cheap path for
    whole expired days (after an outage, or the dead space of a day deleted row by row) and
    return the space at once, without VACUUM;
@@ -70,6 +71,7 @@ import asyncpg
 
 from policy.categories import MAX_SCAN_RETENTION_HOURS
 from storage import admin, keystore, partitions
+from storage import records as record_store
 from storage import scans as scan_store
 from storage.audit import delete_older_than, record
 
@@ -192,6 +194,11 @@ async def sweep(conn: asyncpg.Connection, ks: asyncpg.Connection, now: dt.dateti
             async with _unless_locked(result, "deleting scans"):
                 await delete_expired_rows(conn, "scans", "expires_at", now, rules.batch_rows, result, lock_timeout_ms=ms,
                                           tick=lease.renew)
+        result.rows_deleted["records"] = 0
+        async with _unless_locked(result, "deleting records"):
+            async for deleted in delete_in_batches(conn, "records", "expires_at", now, rules.batch_rows, lock_timeout_ms=ms,
+                                                   tick=lease.renew):
+                result.rows_deleted["records"] += deleted
         async with _unless_locked(result, "deleting audit rows"):
             result.audit_rows_deleted = await delete_older_than(conn, now - rules.audit_retention, batch=rules.batch_rows)
         await lease.renew()
@@ -410,7 +417,8 @@ async def retire_spare_epoch_keys(conn: asyncpg.Connection, ks: asyncpg.Connecti
     Its row stays until its epoch ends, so the id is never made again.
     """
     candidates = await keystore.spent_by_expiry(ks, now, now - grace)
-    used_pairs = await scan_store.referenced_pairs(conn, candidates, now)
+    # Epoch keys seal scans and the records of sealed categories (storage.records): a key either still needs stays.
+    used_pairs = await scan_store.referenced_pairs(conn, candidates, now) | await record_store.referenced_pairs(conn, candidates, now)
     by_install: dict[uuid.UUID, list[int]] = {}
     for install_id, key_id in candidates:
         if (install_id, key_id) not in used_pairs:
@@ -421,7 +429,7 @@ async def retire_spare_epoch_keys(conn: asyncpg.Connection, ks: asyncpg.Connecti
         install_id = r["install_id"]
         landing = now + dt.timedelta(hours=r["scan_retention_hours"])
         spare = await keystore.epoch_keys_starting_after(ks, install_id, landing)
-        used = await scan_store.referenced_keys(conn, install_id, now, from_key_id=keystore.EPOCH_KEY_BASE)
+        used = await _referenced_keys(conn, install_id, now, keystore.EPOCH_KEY_BASE)
         ready = [k["key_id"] for k in spare if k["key_id"] not in used and k["created_at"] <= now - grace]
         if ready:
             await keystore.retire(ks, install_id, ready, now)
@@ -429,11 +437,17 @@ async def retire_spare_epoch_keys(conn: asyncpg.Connection, ks: asyncpg.Connecti
             await scan_store.clear_shortened(conn, install_id, r["retention_shortened_at"])
     destroyed = 0
     for install_id, key_ids in (await keystore.retired_before(ks, now - grace)).items():
-        used = await scan_store.referenced_keys(conn, install_id, now, from_key_id=min(key_ids))
+        used = await _referenced_keys(conn, install_id, now, min(key_ids))
         if keep := [k for k in key_ids if k in used]:
             await keystore.unretire(ks, install_id, keep)
         destroyed += await keystore.spend(ks, install_id, [k for k in key_ids if k not in used])
     return destroyed
+
+
+async def _referenced_keys(conn: asyncpg.Connection, install_id: uuid.UUID, now: dt.datetime, from_key_id: int) -> set[int]:
+    """Key ids (from from_key_id up) that unexpired scans or records of the installation are sealed under."""
+    return (await scan_store.referenced_keys(conn, install_id, now, from_key_id=from_key_id)
+            | await record_store.referenced_keys(conn, install_id, now, from_key_id=from_key_id))
 
 
 # ---------------------------------------------------------------- erasure

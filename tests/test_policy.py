@@ -307,20 +307,28 @@ def test_serve_stops_on_a_bad_policy_file_with_one_line_naming_the_key(tmp_path)
     assert shown.returncode == 1 and shown.stderr == proc.stderr
 
 
-def test_serve_refuses_a_good_file_whose_categories_it_does_not_serve_yet(tmp_path):
-    data = tmp_path / "data"
-    path = ROOT / "examples/policies/download-log.toml"
-    proc = run_cli("serve", env={"TELEMETRY_POLICY": str(path), "TELEMETRY_DATA_DIR": str(data)}, check=False, timeout=60)
-    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
-    assert proc.stderr.startswith(f"telemetry-ingest: TELEMETRY_POLICY: {path}:10: category[download]: not served yet: "
-                                  "this version receives only the built-in categories (installation, scan)")
-    assert not data.exists()
-    # the built-in file minus its scans: scans would still be received, so it is refused as well
-    partial = tmp_path / "partial.toml"
+def test_serve_takes_every_example_and_a_built_in_category_only_as_built_in(tmp_path):
+    """check_served (what serve runs before it starts anything): a category of the file's own is
+    received at POST /v1/records/{category}; a built-in one, declared, must be as built in."""
+    from ingest.cli.context import CliError
+    from ingest.cli.policy import check_served
+
+    for path in sorted((ROOT / "examples/policies").glob("*.toml")):
+        check_served(policy.load(path))  # no error
     text = policy.BUILTIN_PATH.read_text(encoding="utf-8")
+    # the built-in file minus its scans: served (POST /v1/scans then answers 404)
+    partial = tmp_path / "partial.toml"
     partial.write_text(text.split("# ----------------------------------------------------------------- agent scans")[0])
-    proc = run_cli("serve", env={"TELEMETRY_POLICY": str(partial), "TELEMETRY_DATA_DIR": str(data)}, check=False, timeout=60)
-    assert proc.returncode == 1 and "category[scan]: left out, but still received" in proc.stderr
+    check_served(policy.load(partial))
+    changed = tmp_path / "changed.toml"
+    changed.write_text(text.replace('max_length = 32\npattern = "^[0-9A-Za-z.+-]+$"', 'max_length = 40\npattern = "^[0-9A-Za-z.+-]+$"'))
+    with pytest.raises(CliError) as exc:
+        check_served(policy.load(changed))
+    assert str(exc.value).startswith(f"TELEMETRY_POLICY: {changed}:8: category[installation]: differs from the built-in one: ")
+    agents = tmp_path / "agents.toml"
+    agents.write_text(text.replace('max_length = 128\nrequired = true\npurpose = "the installation\'s label', 'max_length = 64\nrequired = true\npurpose = "the installation\'s label'))
+    with pytest.raises(CliError, match="agents: differs from the built-in agent registration"):
+        check_served(policy.load(agents))
 
 
 # ------------------------------------------------------------------ docs/policy.md

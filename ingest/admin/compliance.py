@@ -4,7 +4,7 @@ Each check reads the database itself (not the code's intentions) and reports a
 finding per broken promise:
 
 - schema      every table and column is declared in storage/layout.py
-- retention   no scan past expires_at, no heartbeat history past its retention,
+- retention   no scan or record (of a policy file's categories) past expires_at, no heartbeat history past its retention,
               no installation kept past the inactivity limit, no audit row past the audit
               log's retention (each beyond one sweep interval)
 - erasure     no erasure left half-done, no row of an installation that no longer exists
@@ -42,6 +42,7 @@ from policy import Policy, builtin
 from policy.changes import clear_leaves, compare, source_name
 from storage import admin, applied, keystore, roles
 from storage import audit as audit_log
+from storage import records as record_store
 from storage.layout import ANONYMISED_PATTERN, KEY_COLUMNS, KEYED_HASH_PATTERN, TABLES
 
 TEXT_TYPES = ("text", "character varying", "character", "json", "jsonb")
@@ -92,6 +93,9 @@ async def audit_database(conn, ks, ring: KeyRing, settings: Settings, policy: Po
         "heartbeats": f"of heartbeat history older than {settings.heartbeat_retention_days} days",
         "installations": f"without a heartbeat for more than {settings.inactive_days} days",
     }
+    if "records" in live:
+        overdue["records"] = await record_store.count_overdue(conn, settings.sweep_interval)
+        limits["records"] = "past their expires_at"
     for table, n in overdue.items():
         if n:
             add("retention", f"{n} row(s) in {table} {limits[table]}")

@@ -9,7 +9,13 @@ The export document (JSON, one object, written as a stream)::
      "agents": [{"agent_id", "name", "created_at", "revoked_at"}],
      "tokens": [{"token_id", "role", "agent_id", "created_at", "revoked_at"}],   (handles only, never a hash)
      "scans": [{"scan_id", "agent_id", "received_at", "expires_at", "scan": {decrypted document}}],
+     "records": [{"category", "record_id", "received_at", "expires_at", "record": {...}}],
      "audit": [{"at", "action"}]}
+
+"records" holds the records of every category of the policy file (POST /v1/records/{category}),
+unexpired, by category then receipt: the clear fields as stored (a keyed-hash value as its hash,
+an anonymised address as its prefix) with the encrypted ones decrypted and put back in place; a
+category sealed whole, its record decrypted. A not-stored field is not there: it never was.
 
 A record that cannot be decrypted is listed with its value null and "unreadable": true.
 """
@@ -31,10 +37,12 @@ from crypto.documents import open_document_json
 from crypto.envelope import DataKey, key_id_of, open_
 from crypto.errors import DecryptionError
 from crypto.keyring import KeyRing
+from ingest.pipeline.records import open_record
 from ingest.pipeline.sealed import email_context, scan_context
 from ingest.worker.background import POLL_INTERVAL
 from policy.categories import DEFAULT_HEARTBEAT_RETENTION_DAYS
 from storage import admin, keystore
+from storage import records as record_store
 from storage import scans as scan_store
 from storage.audit import record
 
@@ -105,6 +113,7 @@ class Export:
             ("agents", self._rows(admin.agents_of(conn, install_id))),
             ("tokens", self._rows(admin.tokens_of(conn, install_id))),
             ("scans", self._scans()),
+            ("records", self._records()),
             ("audit", self._rows(admin.audit_of(conn, install_id))),
         )
         for name, pieces in sections:
@@ -149,6 +158,34 @@ class Export:
                 meta["unreadable"] = True
             else:
                 meta["scan"] = orjson.Fragment(plain)
+            yield _dumps(meta)
+
+
+    async def _records(self) -> AsyncIterator[bytes]:
+        """Each unexpired record of the file's categories as JSON, its sealed part opened (a few fetched at a time)."""
+        install_id = self.install_id
+        async for r in record_store.records_of(self._conn, install_id, prefetch=SCAN_PREFETCH):
+            meta = {"category": r["category"], "record_id": r["record_id"], "received_at": r["received_at"],
+                    "expires_at": r["expires_at"]}
+            fields = orjson.loads(r["fields"])
+            if r["sealed"] is None:
+                meta["record"] = fields
+                yield _dumps(meta)
+                continue
+            sealed = bytes(r["sealed"])
+
+            def opener(key: DataKey, sealed=sealed, fields=fields, name=r["category"], record_id=r["record_id"]) -> bytes:
+                return _dumps(open_record(name, None, install_id, record_id, fields, sealed, key))
+
+            if len(sealed) >= OFFLOAD_BYTES:
+                plain = await asyncio.get_running_loop().run_in_executor(None, _open, self._keys, sealed, opener)
+            else:
+                plain = _open(self._keys, sealed, opener)
+            if plain is None:
+                meta["record"] = fields
+                meta["unreadable"] = True
+            else:
+                meta["record"] = orjson.Fragment(plain)
             yield _dumps(meta)
 
 

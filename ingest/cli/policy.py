@@ -23,26 +23,25 @@ def policy_in_force(settings: Settings, path=None):
 
 
 def check_served(policy) -> None:
-    """CliError unless serve enforces every category of the policy: today, the built-in ones on their own paths.
+    """CliError unless serve can enforce every category of the policy as the file says.
 
-    POST /v1/records/{category} is not built yet, so a file declaring any other category (or changing,
-    or leaving out, a built-in one) would promise what the service does not do: serve refuses it.
+    A category of the file's own is received at POST /v1/records/{category}. A built-in category
+    (installation, scan) has tables made for it: declared, it must be declared exactly as built in
+    (or renamed, to become a category of the file's own); left out, its path answers 404. The same
+    for `[agents]`: as built in, or left out (then /v1/agents answers 404).
     """
     from policy import builtin
 
     served = {c.name: c for c in builtin().categories}
-    given = {c.name: c for c in policy.categories}
-    why = "this version receives only the built-in categories ({}) on their own paths; POST /v1/records/{{category}} is not implemented".format(
-        ", ".join(served))
-    for name, c in given.items():
-        if served.get(name) != c:
-            what = "differs from the built-in one" if name in served else "not served yet"
-            raise CliError(f"TELEMETRY_POLICY: {policy.source}:{policy.lines.get(name, '?')}: category[{name}]: {what}: {why}")
-    for name in served:
-        if name not in given:
-            raise CliError(f"TELEMETRY_POLICY: {policy.source}: category[{name}]: left out, but still received: {why}")
-    if policy.agents != builtin().agents:
-        raise CliError(f"TELEMETRY_POLICY: {policy.source}: agents: differs from the built-in agent registration: {why}")
+    why = "a built-in category keeps its own path and tables, so it is declared exactly as built in (policy/builtin.toml) or left out; " \
+          "give a category of your own another name"
+    for c in policy.categories:
+        if c.name in served and served[c.name] != c:
+            raise CliError(f"TELEMETRY_POLICY: {policy.source}:{policy.lines.get(c.name, '?')}: category[{c.name}]: "
+                           f"differs from the built-in one: {why}")
+    if policy.agents is not None and policy.agents != builtin().agents:
+        raise CliError(f"TELEMETRY_POLICY: {policy.source}: agents: differs from the built-in agent registration: "
+                       "[agents] is declared exactly as built in (policy/builtin.toml) or left out")
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
@@ -73,12 +72,14 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
     import orjson
 
     from policy import builtin
+    from policy.categories import file_categories
 
     settings = load_settings()
     policy = policy_in_force(settings, args.file)
     # The configured heartbeat history applies to the policy serve enforces; another file states its own.
     history = settings.heartbeat_retention_days if policy == builtin() else None
-    rows = policy.disclosure_rows(heartbeat_retention_days=history, inactive_days=settings.inactive_days)
+    rows = policy.disclosure_rows(heartbeat_retention_days=history, inactive_days=settings.inactive_days,
+                                  records=frozenset(c.name for c in file_categories(policy)))
     rows += audit_log_disclosure(settings.audit_retention_days)
     if args.format == "json":
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())

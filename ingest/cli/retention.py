@@ -32,7 +32,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print("sweep skipped: another process holds the sweeper lease and is sweeping now")
         return 0
     for table in sorted(result.rows_deleted):
-        print(f"{table}: {result.rows_deleted[table]} row(s) deleted, {result.partitions_dropped[table]} partition(s) dropped")
+        dropped = result.partitions_dropped.get(table)  # None: not a partitioned table (records)
+        print(f"{table}: {result.rows_deleted[table]} row(s) deleted" + ("" if dropped is None else f", {dropped} partition(s) dropped"))
     print(f"audit log rows past retention deleted: {result.audit_rows_deleted}")
     print(f"installations erased: {result.installations_erased}")
     print(f"data keys added: {result.data_keys_added}")
@@ -69,9 +70,9 @@ async def wait_for_nodes(ks, primary_id: str, timeout: float) -> list:
 async def rotate(conn, ks, ring, *, batch: int) -> int:
     """Re-wrap every data key of the key store `ks` not wrapped by the ring's primary KEK; returns
     how many. Each batch is audited in the data database `conn`."""
-    from crypto.datakeys import rewrap
+    from crypto.datakeys import rewrap, rewrap_hash_key
     from storage.audit import record
-    from storage.keystore import count_not_wrapped_by, kek_ids, rewrap_batch
+    from storage.keystore import count_not_wrapped_by, kek_ids, rewrap_batch, rewrap_hash_keys
 
     missing = ring.missing(list(await kek_ids(ks)))
     if missing:
@@ -84,7 +85,10 @@ async def rotate(conn, ks, ring, *, batch: int) -> int:
         raise CliError(f"keys rotate: {len(lacking)} running worker(s) do not hold the new primary key {ring.primary_id}: "
                        f"{_describe(lacking)}. Restart them with it (TELEMETRY_MASTER_KEY, the new key first; in embedded "
                        "mode they load the key file by themselves within seconds) and run `keys rotate` again")
-    total = 0
+    # The keys of keyed hashes (one per policy category) first: few, one transaction.
+    total = await rewrap_hash_keys(ks, ring.primary_id, lambda *row: rewrap_hash_key(ring, *row))
+    if total:
+        await record(conn, "cli", "key.rotate", detail={"kek_id": ring.primary_id, "rewrapped": total})
     retries = 0
     while True:
         n = await rewrap_batch(ks, ring.primary_id, lambda *row: rewrap(ring, *row), limit=batch)

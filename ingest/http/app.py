@@ -17,6 +17,7 @@ from ingest.http.middleware import middleware
 from ingest.http.routes import admin as routes_admin
 from ingest.http.routes import core as routes_core
 from ingest.http.routes import ops as routes_ops
+from ingest.http.routes import records as routes_records
 from ingest.http.routes import scans as routes_scans
 from ingest.keys import (
     ACCESS_LOG,
@@ -28,6 +29,7 @@ from ingest.keys import (
     METRICS,
     POLICY,
     POOL,
+    RECORD_WRITER,
     SCAN_WRITER,
     SETTINGS,
 )
@@ -124,7 +126,7 @@ async def gauges_ctx(app: web.Application):
     (or maximum) over workers a scrape reports is at most a second old whichever worker answers it."""
 
     async def sample_forever() -> None:
-        writers = [app[key] for key in (HEARTBEAT_WRITER, SCAN_WRITER) if key in app]
+        writers = [app[key] for key in (HEARTBEAT_WRITER, SCAN_WRITER, RECORD_WRITER) if key in app]
         while True:
             app[METRICS].sample(app[POOL], writers)
             await asyncio.sleep(SAMPLE_INTERVAL)
@@ -154,5 +156,6 @@ def create_app(settings: Settings, *, key_file: Path | None = None) -> web.Appli
     routes_core.setup(app)
     routes_admin.setup(app)
     routes_scans.setup(app)
+    routes_records.setup(app)
     app.cleanup_ctx.append(gauges_ctx)  # after the writers' contexts: it samples them
     return app

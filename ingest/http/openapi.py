@@ -7,14 +7,8 @@ from typing import Any
 from aiohttp import web
 
 from ingest.pipeline.filter import PERSONAL_PATTERN
-from policy.categories import (
-    AGENT_REGISTRATION,
-    ENROLLMENT,
-    INSTALLATION,
-    MAX_SCAN_RETENTION_HOURS,
-    SCAN,
-    Field,
-)
+from policy import Policy, builtin
+from policy.categories import AGENT_REGISTRATION, ENROLLMENT, INSTALLATION, SCAN, Field, declares, file_categories
 
 # What a plaintext string of a category not sealed whole may not hold (ingest.pipeline.filter): U+0000, or a
 # word shaped like an e-mail address, an IP address or a MAC address.
@@ -104,8 +98,25 @@ def _dropped() -> dict[str, Any]:
     return {"type": "array", "items": {"type": "string"}}
 
 
-def build() -> dict[str, Any]:
-    """The whole document."""
+def _settings_schema(policy: Policy) -> dict[str, Any]:
+    """PUT /v1/installation/settings: one retention per category the policy lets installations shorten."""
+    from ingest.http.routes.scans import settings_body
+
+    body = settings_body(policy)
+    schema = field_schema(body)
+    if len(body.fields) > 1:
+        schema["anyOf"] = [{"required": [f.name]} for f in body.fields]
+    return schema
+
+
+def _record_answer() -> dict[str, Any]:
+    return {"type": "object", "required": ["record_id", "expires_at", "dropped_fields"], "properties": {
+        "record_id": {"type": "string"}, "expires_at": {"type": "string", "format": "date-time"}, "dropped_fields": _dropped()}}
+
+
+def build(policy: Policy | None = None) -> dict[str, Any]:
+    """The whole document, for the policy in force (default: the built-in one): its paths and bodies."""
+    policy = policy or builtin()
     uuid_param = lambda name: {"name": name, "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}  # noqa: E731
     token = {"type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}}
     paths: dict[str, Any] = {
@@ -123,9 +134,9 @@ def build() -> dict[str, Any]:
         }},
         "/v1/installation/settings": {"put": {
             "summary": "Change the installation's settings (installation token)", "security": [{"bearer": []}],
-            "requestBody": _body({"type": "object", "required": ["scan_retention_hours"], "properties": {
-                "scan_retention_hours": {"type": "integer", "minimum": 1, "maximum": MAX_SCAN_RETENTION_HOURS}}}),
-            "responses": _responses({"200": _json({"type": "object", "properties": {"scan_retention_hours": {"type": "integer"}}})}, *_BODY_FAILURES),
+            "requestBody": _body(_settings_schema(policy)),
+            "responses": _responses({"200": _json({"type": "object", "properties": {
+                f.name: {"type": "integer"} for f in policy.settings_field().fields}})}, *_BODY_FAILURES),
         }},
         "/v1/agents": {"post": {
             "summary": "Create an agent (installation token)", "security": [{"bearer": []}],
@@ -172,6 +183,23 @@ def build() -> dict[str, Any]:
             "200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json({"type": "object"})}}},
     }
+    if not declares(policy, INSTALLATION):
+        del paths["/v1/heartbeats"]
+    if not declares(policy, SCAN):
+        del paths["/v1/scans"]
+    if policy.agents is None:
+        del paths["/v1/agents"], paths["/v1/agents/{agent_id}"]
+    for c in file_categories(policy):
+        paths[f"/v1/records/{c.name}"] = {"post": {
+            "summary": f"Send a {c.record} of category {c.name}: {c.purpose} (installation token)",
+            "security": [{"bearer": []}],
+            "requestBody": _body(field_schema(c.root)),
+            "responses": _responses({
+                "201": _json(_record_answer(), "Stored"),
+                **({"200": _json(_record_answer(), f"Already stored (same {c.idempotency_key}, same content)")}
+                   if c.idempotency_key else {}),
+            }, *((409,) if c.idempotency_key else ()), *_BODY_FAILURES),
+        }}
     return {
         "openapi": "3.1.0",
         "info": {"title": "telemetry-ingest", "version": "1", "description": "Secure telemetry ingestion. Undeclared fields are dropped and reported, not refused (unless the operator chose reject mode)."},
@@ -195,7 +223,9 @@ def setup(app: web.Application) -> None:
     """Serve the document at /openapi.json (built once)."""
     import orjson
 
-    body = orjson.dumps(build())
+    from ingest.keys import POLICY
+
+    body = orjson.dumps(build(app[POLICY]))
 
     async def openapi(request: web.Request) -> web.Response:
         return web.Response(body=body, content_type="application/json")

@@ -14,6 +14,7 @@ CREATE TABLE records (
     fields       jsonb NOT NULL DEFAULT '{}'::jsonb,
     sealed       bytea,
     key_id       integer,
+    content_mac  bytea,                       -- keyed hash of the stored content: a resent key with other content is 409
     PRIMARY KEY (category, install_id, record_id),
     CHECK ((sealed IS NULL) = (key_id IS NULL))
 );

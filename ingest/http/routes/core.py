@@ -24,12 +24,13 @@ from ingest.keys import (
     KEYRING,
     KEYSTORE_POOL,
     METRICS,
+    POLICY,
     RESTRICTIONS,
     SETTINGS,
 )
 from ingest.pipeline.filter import Allowlist
 from ingest.pipeline.sealed import email_context
-from policy.categories import ENROLLMENT, INSTALLATION
+from policy.categories import ENROLLMENT, INSTALLATION, declares
 from storage import installations, keystore
 from storage import tokens as token_store
 from storage.errors import AlreadyExists
@@ -133,6 +134,7 @@ class Heartbeats:
 
 
 def setup(app: web.Application) -> None:
-    """Add enrollment and heartbeat routes."""
+    """Add enrollment and heartbeat routes (heartbeats only if the policy in force declares the built-in category)."""
     app.router.add_post("/v1/enroll", enroll)
-    app.router.add_post("/v1/heartbeats", Heartbeats(app).handle)
+    if declares(app[POLICY], INSTALLATION):
+        app.router.add_post("/v1/heartbeats", Heartbeats(app).handle)

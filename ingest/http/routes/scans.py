@@ -12,6 +12,7 @@ commit. The sealed row holds nothing else of the document in the clear.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import functools
 import hmac
@@ -50,6 +51,7 @@ from ingest.keys import (
     AUTH,
     DATA_KEYS,
     METRICS,
+    POLICY,
     POOL,
     RESTRICTIONS,
     SCAN_PREPARE,
@@ -61,8 +63,10 @@ from ingest.keys import (
 from ingest.pipeline.batching import GroupCommitWriter
 from ingest.pipeline.filter import Allowlist
 from ingest.pipeline.sealed import scan_context
-from policy.categories import AGENT_REGISTRATION, SCAN, SCAN_SETTINGS
+from policy import Field, Policy
+from policy.categories import AGENT_REGISTRATION, SCAN, declares
 from storage import agents as agent_store
+from storage import records as record_store
 from storage import scans as scan_store
 from storage.errors import NotFound, QuotaReached
 from storage.installations import GONE, RESTRICTED, REVOKED
@@ -91,7 +95,6 @@ RETENTION_TTL = 10.0
 QUOTA_RETRY_AFTER = 3600
 
 _AGENT = Allowlist(AGENT_REGISTRATION)
-_SETTINGS = Allowlist(SCAN_SETTINGS)
 _ABSENT = object()
 
 
@@ -145,19 +148,57 @@ async def delete_agent(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def put_settings(request: web.Request) -> web.Response:
-    """PUT /v1/installation/settings: set the scan retention; stored scans' expiry moves earlier, never later."""
-    app = request.app
-    principal = await app[AUTH].authenticate(request, "installation")
-    with deadline.not_counted():
-        doc, _, _ = await read_json(request, limit=SMALL_BODY, decoded_limit=SMALL_BODY)
-    kept, _ = _SETTINGS.filter_document(doc)
-    async with deadline.connection(app) as conn:
-        hours = await scan_store.set_retention(conn, principal.install_id, kept["scan_retention_hours"])
-    if hours is None:
-        raise Unauthorized("this installation no longer exists")
-    app[SCAN_RETENTION].put(principal.install_id, hours)
-    return json_response({"scan_retention_hours": hours})
+def settings_body(policy: Policy) -> Field:
+    """The body of PUT /v1/installation/settings: one `<category>_retention_hours` per category the policy lets
+    installations shorten (Policy.settings_field); with several, each is optional and at least one is sent."""
+    body = policy.settings_field()
+    if len(body.fields) <= 1:
+        return body
+    return Field(body.name, "object", fields=tuple(dataclasses.replace(f, required=False) for f in body.fields))
+
+
+class InstallationSettings:
+    """PUT /v1/installation/settings: set retentions; stored records' expiry moves earlier, never later."""
+
+    def __init__(self, app: web.Application, policy: Policy) -> None:
+        self.body = settings_body(policy)
+        self.filter = Allowlist(self.body)
+        # setting name -> category; the built-in scan category keeps its retention on the installation's row
+        self.categories = {c.retention_setting: c for c in policy.categories if c.retention_setting is not None}
+
+    async def handle(self, request: web.Request) -> web.Response:
+        app = request.app
+        principal = await app[AUTH].authenticate(request, "installation")
+        with deadline.not_counted():
+            doc, _, _ = await read_json(request, limit=SMALL_BODY, decoded_limit=SMALL_BODY)
+        kept, _ = self.filter.filter_document(doc)
+        if not kept:
+            raise Invalid(f"send one of: {', '.join(self.categories) or '(no category may be shortened)'}")
+        answer: dict[str, int] = {}
+        async with deadline.connection(app) as conn:
+            for setting, hours in kept.items():
+                category = self.categories[setting]
+                if category.name == SCAN.name:
+                    now = await scan_store.set_retention(conn, principal.install_id, hours)
+                    if now is None:
+                        raise Unauthorized("this installation no longer exists")
+                    app[SCAN_RETENTION].put(principal.install_id, now)
+                    answer[setting] = now
+                else:
+                    async with conn.transaction():
+                        if not await record_store.set_retention(conn, principal.install_id, category.name, hours):
+                            raise Unauthorized("this installation no longer exists")
+                    answer[setting] = hours
+            if len(self.categories) > len(answer):  # the whole settings now in force
+                chosen = await record_store.retentions_of(conn, principal.install_id)
+                for setting, category in self.categories.items():
+                    if setting in answer:
+                        continue
+                    if category.name == SCAN.name:
+                        answer[setting] = await scan_store.retention_of(conn, principal.install_id)
+                    else:
+                        answer[setting] = chosen.get(category.name, category.retention_hours)
+        return json_response(answer)
 
 
 class Retentions:
@@ -334,9 +375,15 @@ async def scan_writer_ctx(app: web.Application):
 
 
 def setup(app: web.Application) -> None:
-    """Add the agent, settings and scan routes, and the scan writer (after the other writers, so it drains first)."""
+    """Add the agent, settings and scan routes, and the scan writer (after the other writers, so it drains first).
+
+    Each as the policy in force says: /v1/agents only with its `[agents]` table, /v1/scans only if it declares
+    the built-in scan category (the prepare threads serve the records path's large bodies too, so they stay)."""
+    policy = app[POLICY]
     app.cleanup_ctx.append(scan_writer_ctx)
-    app.router.add_post("/v1/agents", create_agent)
-    app.router.add_delete("/v1/agents/{agent_id}", delete_agent)
-    app.router.add_put("/v1/installation/settings", put_settings)
-    app.router.add_post("/v1/scans", Scans(app).handle)
+    if policy.agents is not None:
+        app.router.add_post("/v1/agents", create_agent)
+        app.router.add_delete("/v1/agents/{agent_id}", delete_agent)
+    app.router.add_put("/v1/installation/settings", InstallationSettings(app, policy).handle)
+    if declares(policy, SCAN):
+        app.router.add_post("/v1/scans", Scans(app).handle)
