@@ -400,7 +400,13 @@ class _Reader:
                          at, (), "state")
         idempotency_key = self.get(raw, "idempotency_key", str, path, at, (), "a field name")
         installation_key = self.get(raw, "installation_key", str, path, at, (), "a field name")
-        if sealed and idempotency_key is None:
+        if state == "current" and idempotency_key is not None:
+            self.problem(f"{path}.idempotency_key", 'a state = "current" category keeps one record per installation, '
+                         "each new one replacing it: it has no idempotency key", at, (), "idempotency_key")
+        elif state == "current" and sealed:
+            self.problem(f"{path}.sealed", 'a state = "current" category cannot be sealed whole (a sealed category '
+                         "names each record by its idempotency key); seal its fields with storage = \"encrypted\"", at, (), "sealed")
+        elif sealed and idempotency_key is None:
             self.problem(f"{path}.idempotency_key", "a sealed category needs an idempotency key (the field naming each record, "
                          "such as scan_id)", at, (), "sealed")
         if idempotency_key is not None and idempotency_key == installation_key:

@@ -410,3 +410,62 @@ def test_the_checker_answers_every_document_with_a_policy_or_problems(doc):
     assert (found is None) == bool(problems)
     for p in problems:
         assert p.key and p.message and len(p.render("f.toml").splitlines()) == 1
+
+
+# ------------------------------------------------------------------ rules found by the docs review
+
+_EVENTS = """
+format = 1
+
+[[category]]
+name = "ticket"
+purpose = "support tickets"
+retention = "30d"
+{extra}
+
+[[category.field]]
+name = "ticket_ref"
+type = "string"
+max_length = 300
+required = true
+
+[[category.field]]
+name = "contact"
+type = "email"
+max_length = 400
+storage = "encrypted"
+"""
+
+
+@pytest.mark.parametrize("extra, key", [
+    ('state = "current"\nidempotency_key = "ticket_ref"', "category[ticket].idempotency_key"),
+    ('state = "current"\nsealed = true', "category[ticket].sealed"),
+])
+def test_a_current_category_has_no_idempotency_key_and_is_not_sealed_whole(extra, key):
+    found, problems = check_text(_EVENTS.format(extra=extra))
+    assert found is None and any(key in str(p) for p in problems), problems
+
+
+def test_a_string_lookup_key_is_refused_when_it_is_an_email_and_an_email_is_at_most_254_characters():
+    found, problems = check_text(_EVENTS.format(extra='idempotency_key = "ticket_ref"'))
+    assert found is not None, problems
+    allow = Allowlist(found.category("ticket").root)
+    kept, _ = allow.filter_document({"ticket_ref": "T-1234", "contact": "a@example.com"})
+    assert kept["ticket_ref"] == "T-1234"
+    with pytest.raises(Invalid):  # a lookup key is kept in the clear: no people in it
+        allow.filter_document({"ticket_ref": "alice@example.com"})
+    with pytest.raises(Invalid):  # max_length = 400 does not lift the e-mail's own limit
+        allow.filter_document({"ticket_ref": "T-1", "contact": "a" * 290 + "@example.com"})
+
+
+def test_policy_show_states_the_configured_heartbeat_history_for_a_file_with_the_builtin_heartbeats(tmp_path):
+    text = (ROOT / "examples" / "policies" / "it-inventory.toml").read_text()
+    text += (ROOT / "examples" / "policies" / "download-log.toml").read_text().split("format = 1", 1)[1]
+    path = tmp_path / "both.toml"
+    path.write_text(text)
+    shown = run_cli("policy", "show", str(path), "--format", "json", env={"TELEMETRY_HEARTBEAT_RETENTION_DAYS": "7",
+                                                                          "TELEMETRY_DATA_DIR": str(tmp_path)})
+    rows = orjson.loads(shown.stdout)
+    heartbeat = {r["retention"] for r in rows if r["category"] == "installation"}
+    assert heartbeat and all("history 7 days" in r for r in heartbeat), heartbeat
+    assert any(r["category"] == "download" for r in rows)

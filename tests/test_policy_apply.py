@@ -22,7 +22,7 @@ from ingest.admin.compliance import audit_database
 from ingest.settings import Settings
 from policy.changes import compare, declared
 from storage import applied
-from tests.support import ROOT, run_cli, start_service
+from tests.support import ROOT, run_cli, service_role_dsn, start_service
 from tests.test_serve import ServeProcess, free_port
 
 DIAGNOSTICS = ROOT / "examples" / "policies" / "diagnostics.toml"
@@ -304,6 +304,7 @@ async def test_audit_finds_anonymised_values_that_are_not_prefixes(db, ks, maste
 async def test_audit_command_reads_the_file_in_force(env, db, tmp_path):
     install_id = await installation(db)
     await plant(db, "diagnostic", install_id, diagnostic())
+    env = env | {"TELEMETRY_SERVICE_DSN": await service_role_dsn(env["TELEMETRY_DSN"])}  # a role fit to serve
     proc = await asyncio.to_thread(run_cli, "audit", env=env, check=False)  # the built-in file declares no diagnostic
     assert proc.returncode == 1 and "category diagnostic, which the policy in force does not declare" in proc.stdout
     proc = await asyncio.to_thread(run_cli, "audit", env=env | {"TELEMETRY_POLICY": str(DIAGNOSTICS)}, check=False)

@@ -71,13 +71,13 @@ def audit_log_disclosure(days: int) -> list[dict[str, str]]:
 def cmd_policy_show(args: argparse.Namespace) -> int:
     import orjson
 
-    from policy import builtin
-    from policy.categories import file_categories
+    from policy.categories import INSTALLATION, file_categories
 
     settings = load_settings()
     policy = policy_in_force(settings, args.file)
-    # The configured heartbeat history applies to the policy serve enforces; another file states its own.
-    history = settings.heartbeat_retention_days if policy == builtin() else None
+    # The configured heartbeat history (TELEMETRY_HEARTBEAT_RETENTION_DAYS) is what the sweeper keeps
+    # wherever the built-in heartbeats are served; a file without them states its own retentions.
+    history = settings.heartbeat_retention_days if INSTALLATION in policy.categories else None
     rows = policy.disclosure_rows(heartbeat_retention_days=history, inactive_days=settings.inactive_days,
                                   records=frozenset(c.name for c in file_categories(policy)))
     rows += audit_log_disclosure(settings.audit_retention_days)

@@ -120,7 +120,7 @@ def _compile_scalar(f: Field, plaintext: bool) -> Check:
     kind, max_len = f.kind, f.max_length
     if kind == "string":
         pattern = re.compile(f.pattern) if f.pattern else None
-        no_people = plaintext and f.storage == "plaintext"
+        no_people = plaintext and f.storage in ("plaintext", "key")  # lookup keys are in the clear too
 
         def check(v, path, dropped):
             if type(v) is not str:
@@ -184,7 +184,7 @@ def _compile_scalar(f: Field, plaintext: bool) -> Check:
     elif kind == "email":
 
         def check(v, path, dropped):
-            if type(v) is not str or len(v) > (max_len or 254) or not _EMAIL.fullmatch(v):
+            if type(v) is not str or len(v) > min(max_len or 254, 254) or not _EMAIL.fullmatch(v):
                 raise _type_error(path, "must be an e-mail address")
             return v
 
