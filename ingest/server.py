@@ -51,7 +51,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run_worker(settings: Settings, sock: socket.socket, beat_fd: int, key_file: Path | None) -> None:
+def _run_worker(settings: Settings, sock: socket.socket, beat_fd: int, key_file: Path | None, policy=None) -> None:
     """Body of a worker process: serve on the inherited socket until told to stop, beating on beat_fd."""
     from aiohttp import web
 
@@ -101,7 +101,7 @@ def _run_worker(settings: Settings, sock: socket.socket, beat_fd: int, key_file:
             await runner.cleanup()
 
     loop.call_soon(beat)
-    app = create_app(settings, key_file=key_file)
+    app = create_app(settings, key_file=key_file, policy=policy)
     app.on_startup.append(ready)  # after the cleanup contexts' start: pools open, migrations done
     try:
         loop.run_until_complete(serve_until_stopped())
@@ -126,8 +126,9 @@ class Supervisor:
     """
 
     def __init__(self, settings: Settings, sock: socket.socket, metrics_dir: Path, *,
-                 key_file: Path | None = None, reload: Callable[[Settings], Settings] | None = None) -> None:
+                 key_file: Path | None = None, reload: Callable[[Settings], Settings] | None = None, policy=None) -> None:
         self.settings = settings
+        self.policy = policy  # the policy checked at start: every worker enforces it, reloads too
         self.sock = sock
         self.metrics_dir = metrics_dir
         self.key_file = key_file
@@ -157,7 +158,7 @@ class Supervisor:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the supervisor's (a HUP to the group too)
-                _run_worker(self.settings, self.sock, w, self.key_file)
+                _run_worker(self.settings, self.sock, w, self.key_file, self.policy)
             except BaseException:
                 log.exception("worker failed")
                 code = 1
@@ -328,9 +329,10 @@ def prepare_metrics_dir(data_dir: Path) -> Path:
 
 
 def serve(settings: Settings, *, key_file: Path | None = None,
-          reload: Callable[[Settings], Settings] | None = None) -> int:
+          reload: Callable[[Settings], Settings] | None = None, policy=None) -> int:
     """Bind, fork the workers, supervise. Returns the exit code. key_file: embedded mode's, watched by
-    the workers; reload: the settings for the workers a SIGHUP starts."""
+    the workers; reload: the settings for the workers a SIGHUP starts; policy: the policy `serve`
+    checked at start, which every worker enforces (None: each worker loads TELEMETRY_POLICY)."""
     # A setting the operating system refuses ends in one line naming it, like any bad value.
     try:
         metrics_dir = prepare_metrics_dir(settings.data_dir)
@@ -343,4 +345,4 @@ def serve(settings: Settings, *, key_file: Path | None = None,
                             f"{exc.strerror or type(exc).__name__}") from None
     log.info("listening", extra={"host": settings.host, "port": sock.getsockname()[1], "workers": settings.workers})
     print(f"telemetry-ingest listening on http://{settings.host}:{sock.getsockname()[1]} with {settings.workers} worker(s)", file=sys.stderr, flush=True)
-    return Supervisor(settings, sock, metrics_dir, key_file=key_file, reload=reload).run()
+    return Supervisor(settings, sock, metrics_dir, key_file=key_file, reload=reload, policy=policy).run()

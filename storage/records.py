@@ -217,28 +217,6 @@ async def find(conn, category: str, install_id: uuid.UUID, record_id: str) -> as
     )
 
 
-async def referenced_keys(conn, install_id: uuid.UUID, now: dt.datetime, *, from_key_id: int) -> set[int]:
-    """Key ids (from from_key_id up) that records of the installation unexpired at `now` are sealed under."""
-    rows = await conn.fetch(
-        "SELECT DISTINCT key_id FROM records WHERE install_id = $1 AND expires_at > $2 AND key_id >= $3",
-        install_id, now, from_key_id,
-    )
-    return {r[0] for r in rows}
-
-
-async def referenced_pairs(conn, pairs: Sequence[tuple[uuid.UUID, int]], now: dt.datetime) -> set[tuple[uuid.UUID, int]]:
-    """Those (install_id, key_id) among pairs that some record unexpired at `now` is sealed under."""
-    if not pairs:
-        return set()
-    rows = await conn.fetch(
-        "SELECT DISTINCT r.install_id, r.key_id FROM records r "
-        "JOIN unnest($1::uuid[], $2::int[]) AS u(install_id, key_id) ON r.install_id = u.install_id AND r.key_id = u.key_id "
-        "WHERE r.expires_at > $3",
-        [p[0] for p in pairs], [p[1] for p in pairs], now,
-    )
-    return {(r[0], r[1]) for r in rows}
-
-
 async def count_overdue(conn, grace_seconds: float) -> int:
     """Records kept past their expires_at by more than grace_seconds (the sweeper's slack)."""
     return await conn.fetchval(

@@ -218,23 +218,28 @@ async def clear_shortened(conn, install_id: uuid.UUID, marked_at: dt.datetime) -
     )
 
 
+# The tables whose rows are sealed under epoch keys: scans, and the records of policy-file categories.
+SEALED_TABLES = ("scans", "records")
+
+
 async def referenced_keys(conn, install_id: uuid.UUID, now: dt.datetime, *, from_key_id: int) -> set[int]:
-    """Key ids (from from_key_id up) that scans of the installation unexpired at `now` are sealed under."""
+    """Key ids (from from_key_id up) that scans or records of the installation unexpired at `now` are sealed under."""
     rows = await conn.fetch(
-        "SELECT DISTINCT key_id FROM scans WHERE install_id = $1 AND expires_at > $2 AND key_id >= $3",
+        " UNION ".join(f"SELECT key_id FROM {t} WHERE install_id = $1 AND expires_at > $2 AND key_id >= $3" for t in SEALED_TABLES),
         install_id, now, from_key_id,
     )
     return {r[0] for r in rows}
 
 
 async def referenced_pairs(conn, pairs: Sequence[tuple[uuid.UUID, int]], now: dt.datetime) -> set[tuple[uuid.UUID, int]]:
-    """Those (install_id, key_id) among pairs that some scan unexpired at `now` is sealed under."""
+    """Those (install_id, key_id) among pairs that some scan or record unexpired at `now` is sealed under."""
     if not pairs:
         return set()
     rows = await conn.fetch(
-        "SELECT DISTINCT s.install_id, s.key_id FROM scans s "
-        "JOIN unnest($1::uuid[], $2::int[]) AS u(install_id, key_id) ON s.install_id = u.install_id AND s.key_id = u.key_id "
-        "WHERE s.expires_at > $3",
+        " UNION ".join(
+            f"SELECT s.install_id, s.key_id FROM {t} s "
+            "JOIN unnest($1::uuid[], $2::int[]) AS u(install_id, key_id) ON s.install_id = u.install_id AND s.key_id = u.key_id "
+            "WHERE s.expires_at > $3" for t in SEALED_TABLES),
         [p[0] for p in pairs], [p[1] for p in pairs], now,
     )
     return {(r[0], r[1]) for r in rows}

@@ -71,7 +71,6 @@ import asyncpg
 
 from policy.categories import MAX_SCAN_RETENTION_HOURS
 from storage import admin, keystore, partitions
-from storage import records as record_store
 from storage import scans as scan_store
 from storage.audit import delete_older_than, record
 
@@ -418,7 +417,7 @@ async def retire_spare_epoch_keys(conn: asyncpg.Connection, ks: asyncpg.Connecti
     """
     candidates = await keystore.spent_by_expiry(ks, now, now - grace)
     # Epoch keys seal scans and the records of sealed categories (storage.records): a key either still needs stays.
-    used_pairs = await scan_store.referenced_pairs(conn, candidates, now) | await record_store.referenced_pairs(conn, candidates, now)
+    used_pairs = await scan_store.referenced_pairs(conn, candidates, now)
     by_install: dict[uuid.UUID, list[int]] = {}
     for install_id, key_id in candidates:
         if (install_id, key_id) not in used_pairs:
@@ -429,7 +428,7 @@ async def retire_spare_epoch_keys(conn: asyncpg.Connection, ks: asyncpg.Connecti
         install_id = r["install_id"]
         landing = now + dt.timedelta(hours=r["scan_retention_hours"])
         spare = await keystore.epoch_keys_starting_after(ks, install_id, landing)
-        used = await _referenced_keys(conn, install_id, now, keystore.EPOCH_KEY_BASE)
+        used = await scan_store.referenced_keys(conn, install_id, now, from_key_id=keystore.EPOCH_KEY_BASE)
         ready = [k["key_id"] for k in spare if k["key_id"] not in used and k["created_at"] <= now - grace]
         if ready:
             await keystore.retire(ks, install_id, ready, now)
@@ -437,17 +436,11 @@ async def retire_spare_epoch_keys(conn: asyncpg.Connection, ks: asyncpg.Connecti
             await scan_store.clear_shortened(conn, install_id, r["retention_shortened_at"])
     destroyed = 0
     for install_id, key_ids in (await keystore.retired_before(ks, now - grace)).items():
-        used = await _referenced_keys(conn, install_id, now, min(key_ids))
+        used = await scan_store.referenced_keys(conn, install_id, now, from_key_id=min(key_ids))
         if keep := [k for k in key_ids if k in used]:
             await keystore.unretire(ks, install_id, keep)
         destroyed += await keystore.spend(ks, install_id, [k for k in key_ids if k not in used])
     return destroyed
-
-
-async def _referenced_keys(conn: asyncpg.Connection, install_id: uuid.UUID, now: dt.datetime, from_key_id: int) -> set[int]:
-    """Key ids (from from_key_id up) that unexpired scans or records of the installation are sealed under."""
-    return (await scan_store.referenced_keys(conn, install_id, now, from_key_id=from_key_id)
-            | await record_store.referenced_keys(conn, install_id, now, from_key_id=from_key_id))
 
 
 # ---------------------------------------------------------------- erasure

@@ -509,3 +509,36 @@ async def test_build_info_metric(external_env, db):
     assert len(lines) == 1, lines  # one series however many workers
     assert f'postgresql="{pg}"' in lines[0] and f'python="{platform.python_version()}"' in lines[0]
     assert f'version="{version("telemetry-ingest")}"' in lines[0] and lines[0].endswith(" 1.0")
+
+
+async def test_sighup_keeps_the_policy_serve_checked_at_start(external_env, db, tmp_path):
+    """An edited policy file takes effect at a restart, after the start checks; never through a reload."""
+    import shutil
+
+    path = tmp_path / "policy.toml"
+    shutil.copy(ROOT / "examples" / "policies" / "download-log.toml", path)
+    env = external_env | {"TELEMETRY_POLICY": str(path)}
+    server = ServeProcess(env, "--workers", "1")
+    body = {"download_id": str(uuid.uuid4()), "downloaded_at": "2026-12-01T10:00:00Z", "licence_number": "ABCD-1234",
+            "program": "inventory", "version": "4.2.1", "address": "203.0.113.7"}
+    try:
+        await server.wait_ready()
+        old = set(server.workers())
+        async with aiohttp.ClientSession() as http:
+            install_id, token = await enroll(http, server.url, env)
+            # The file now says the service keeps no downloads: a start would refuse it until
+            # `policy apply --confirm`; a reload must not quietly enforce it instead.
+            path.write_text((ROOT / "policy" / "builtin.toml").read_text())
+            server.proc.send_signal(signal.SIGHUP)
+            assert await _wait_for(lambda: (now := set(server.workers())) and not (now & old), 60), "workers not replaced"
+            async with http.post(server.url + "/v1/records/download", json=body,
+                                 headers={"Authorization": f"Bearer {token}"}) as r:
+                status = r.status
+            async with http.post(server.url + "/v1/heartbeats", json=heartbeat_body(install_id),
+                                 headers={"Authorization": f"Bearer {token}"}) as r:
+                heartbeat_status = r.status
+    finally:
+        assert server.stop() == 0
+    assert status == 201  # the new worker serves the policy checked at start
+    assert heartbeat_status == 404  # ... which has no heartbeats
+    assert await db.fetchval("SELECT count(*) FROM records WHERE category = 'download'") == 1

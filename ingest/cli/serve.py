@@ -17,18 +17,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(args)
     setup_logging(settings.log_format)
-    check_served(policy_in_force(settings))  # before any database is started: a bad file costs nothing
+    # Read once, before any database is started (a bad file costs nothing); the workers, those a
+    # SIGHUP starts too, enforce this policy, not whatever the file holds later.
+    policy = policy_in_force(settings)
+    check_served(policy)
     resolved = Resolved(settings, create=True)
     try:
         if resolved.embedded is not None:
             print(f"telemetry-ingest: no TELEMETRY_DSN set; using the embedded PostgreSQL in {resolved.embedded.pgdata}", file=sys.stderr)
-        asyncio.run(_prepare(resolved))
+        asyncio.run(_prepare(resolved, policy))
         from ingest.cli import address
         from ingest.server import serve
 
         written = address.write(resolved.settings)
         try:
-            return serve(resolved.settings, key_file=resolved.key_file, reload=_reloader(resolved.key_file))
+            return serve(resolved.settings, key_file=resolved.key_file, reload=_reloader(resolved.key_file), policy=policy)
         finally:
             if written:
                 address.remove(resolved.settings)
@@ -51,7 +54,7 @@ def _reloader(key_file):
     return reload
 
 
-async def _prepare(resolved: Resolved) -> None:
+async def _prepare(resolved: Resolved, policy) -> None:
     import datetime as dt
 
     from storage.databases import KeysMissing, check_keys, replay_erasures
@@ -68,7 +71,7 @@ async def _prepare(resolved: Resolved) -> None:
         except KeysMissing as exc:
             raise CliError(f"TELEMETRY_KEYSTORE_DSN / TELEMETRY_MASTER_KEY: {exc}") from None
         # What the database holds against the file in force: a removal waits for `policy apply --confirm`.
-        await check_applied(conn, policy_in_force(resolved.settings))
+        await check_applied(conn, policy)
         if resolved.settings.service_dsn is not None:
             await _set_up_service_role(resolved, conn, ks)
     finally:

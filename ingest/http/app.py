@@ -41,7 +41,7 @@ from ingest.worker.background import background
 from ingest.worker.nodes import nodes_ctx
 from ingest.worker.restrictions import restrictions_ctx
 from ingest.worker.sweeper import sweeper_ctx
-from policy import load_in_force
+from policy import Policy, load_in_force
 from storage import installations, keystore, roles
 from storage.databases import check_migrated, ensure_keystore_database, migrate_both, replay_erasures
 from storage.partitions import ensure_partitions
@@ -135,7 +135,7 @@ async def gauges_ctx(app: web.Application):
         yield
 
 
-def create_app(settings: Settings, *, key_file: Path | None = None) -> web.Application:
+def create_app(settings: Settings, *, key_file: Path | None = None, policy: Policy | None = None) -> web.Application:
     """Build the service for resolved settings (dsn and master_key set); key_file: the embedded
     mode's key file, watched for new keys (ingest.worker.nodes)."""
     # auto_decompress off: bodies are inflated by ingest.http.body, within limits, never by the parser.
@@ -145,8 +145,8 @@ def create_app(settings: Settings, *, key_file: Path | None = None) -> web.Appli
     handler_args = {"auto_decompress": False, "keepalive_timeout": settings.read_timeout}
     app = web.Application(middlewares=[middleware], handler_args=handler_args)
     app[SETTINGS] = settings
-    # The policy in force, read once per worker (serve checked it before forking: a bad file never gets here).
-    app[POLICY] = load_in_force(settings.policy)
+    # The policy in force: the one serve read and checked before forking (or, without serve, read here).
+    app[POLICY] = policy if policy is not None else load_in_force(settings.policy)
     app[METRICS] = Metrics()
     app[ACCESS_LOG] = AccessSampler(settings.access_log)
     app[KEY_FILE] = key_file
