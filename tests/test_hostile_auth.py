@@ -56,8 +56,8 @@ async def test_a_deleted_agent_cannot_store_a_scan_even_on_a_worker_that_still_c
 
 
 async def _waiting_for_locks(db, n: int) -> None:
-    """Until n other backends wait for a lock (within 10 s)."""
-    deadline = time.monotonic() + 10
+    """Until n other backends wait for a lock (within 30 s: on a loaded machine a request takes seconds to reach it)."""
+    deadline = time.monotonic() + 30
     while await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()") < n:
         assert time.monotonic() < deadline, ("nobody is waiting", n, await db.fetch("SELECT wait_event_type, wait_event, left(query, 60) FROM pg_stat_activity WHERE datname = current_database()"))
         await asyncio.sleep(0.02)
@@ -66,8 +66,9 @@ async def _waiting_for_locks(db, n: int) -> None:
 async def test_a_scan_queued_before_the_delete_answered_but_committed_after_it_is_refused(db_dsn, master_key, tmp_path, db):
     """The race made certain: the installation row is held, so the revocation and then the scan's batch both
     wait; the revocation commits first (204), the batch then sees it: 401 and nothing stored."""
-    async with start_service(db_dsn, master_key, tmp_path / "a", db_timeout=20) as a, \
-            start_service(db_dsn, master_key, tmp_path / "b", db_timeout=20) as b:
+    # db_timeout well above the waits below: a request must still be waiting on the lock when it is released.
+    async with start_service(db_dsn, master_key, tmp_path / "a", db_timeout=90) as a, \
+            start_service(db_dsn, master_key, tmp_path / "b", db_timeout=90) as b:
         install_id, token = await a.enroll()
         for trial in range(3):
             agent_id, agent_token = await agent_of(a, token, f"agent-{trial}")
