@@ -113,7 +113,10 @@ async def count(conn, step: Removal) -> list[str]:
         "FROM records WHERE category = $1", step.category, json_path(step.path))
     out = [f"its value in {clear} record(s)"]
     if sealed:
-        out.append(f"not its encrypted values inside {sealed} sealed record(s): they go with their records, "
+        # The applied declaration holds paths, not forms: whether this field was ever sealed is not
+        # known here, so the note says what may be there, not that it is.
+        out.append(f"not what the encrypted part of {sealed} sealed record(s) of the category holds of it (if it was "
+                   f"stored encrypted, or the category is sealed): that goes with its records, "
                    f"the last by {until.astimezone(dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
     return out
 

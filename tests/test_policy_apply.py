@@ -198,7 +198,7 @@ async def test_policy_apply_deletes_exactly_the_removed_fields_at_every_depth(en
     out = shown.stdout
     assert "category[diagnostic].field[machine]: deletes its value in 3 record(s)" in out
     assert "category[diagnostic].field[stack.frames[]]: deletes its value in 4 record(s)" in out
-    assert "inside 1 sealed record(s): they go with their records" in out
+    assert "encrypted part of 1 sealed record(s) of the category holds of it" in out and "goes with its records" in out
     assert await fields_of(db) == before
 
     await asyncio.to_thread(run_cli, "policy", "apply", str(changed), "--confirm", env=env)
