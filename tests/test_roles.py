@@ -3,11 +3,8 @@ docs/admin.md#roles); embedded mode makes it and serves as it; `audit` reports a
 
 import asyncio
 import datetime as dt
-import shutil
 import stat
-import tempfile
 import uuid
-from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -176,21 +173,11 @@ async def _eventually(predicate, timeout: float = 60):
     return False
 
 
-@pytest.fixture
-def own_tmp():
-    """A directory outside pytest's basetemp: another pytest run on the machine resets that to 0700
-    (and prunes it), which the embedded server's own OS user (when run as root) then cannot enter."""
-    base = Path(tempfile.mkdtemp(prefix="telemetry-test-role-"))
-    base.chmod(0o755)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
-
-
 @pytest.mark.slow
-async def test_embedded_mode_serves_as_its_own_role(own_tmp):
-    from tests.test_serve import ServeProcess
+async def test_embedded_mode_serves_as_its_own_role(own_data_dir):
+    from tests.test_serve import ServeProcess, enroll
 
-    data_dir = own_tmp / "data"
+    data_dir = own_data_dir
     env = {"TELEMETRY_DATA_DIR": str(data_dir), "TELEMETRY_SWEEP_INTERVAL": "0.5"}
     server = ServeProcess(env, "--workers", "1")
     embedded = None
@@ -235,13 +222,8 @@ async def test_embedded_mode_serves_as_its_own_role(own_tmp):
                 await service.close()
 
             admin_token = run_cli("admin-token", "create", env=env).stdout.strip().splitlines()[-1]
-            secret = run_cli("enroll-secret", "create", env=env).stdout.strip().splitlines()[-1]
-            install_id = uuid.uuid4()
             async with aiohttp.ClientSession() as http:
-                async with http.post(server.url + "/v1/enroll", json={"install_id": str(install_id)},
-                                     headers={"Authorization": f"Bearer {secret}"}) as r:
-                    assert r.status == 201
-                    token = (await r.json())["token"]
+                install_id, token = await enroll(http, server.url, env)
                 async with http.post(server.url + "/v1/heartbeats", json=heartbeat_body(install_id),
                                      headers={"Authorization": f"Bearer {token}"}) as r:
                     assert r.status == 200
@@ -281,7 +263,7 @@ def test_service_dsn_is_refused_in_embedded_mode(tmp_path):
 
 @pytest.mark.slow
 async def test_serve_with_a_service_dsn_serves_as_that_role(db_dsn, db, master_key, tmp_path):
-    from tests.test_serve import ServeProcess
+    from tests.test_serve import ServeProcess, enroll
 
     env = {"TELEMETRY_DSN": db_dsn, "TELEMETRY_MASTER_KEY": master_key, "TELEMETRY_DATA_DIR": str(tmp_path),
            "TELEMETRY_SERVICE_DSN": roles.with_login(db_dsn, ROLE, None)}
@@ -299,13 +281,8 @@ async def test_serve_with_a_service_dsn_serves_as_that_role(db_dsn, db, master_k
             return await backends() == {ROLE}
 
         assert await _eventually(only_the_service), await backends()
-        secret = run_cli("enroll-secret", "create", env=env).stdout.strip().splitlines()[-1]
-        install_id = uuid.uuid4()
         async with aiohttp.ClientSession() as http:
-            async with http.post(server.url + "/v1/enroll", json={"install_id": str(install_id)},
-                                 headers={"Authorization": f"Bearer {secret}"}) as r:
-                assert r.status == 201
-                token = (await r.json())["token"]
+            install_id, token = await enroll(http, server.url, env)
             async with http.post(server.url + "/v1/heartbeats", json=heartbeat_body(install_id),
                                  headers={"Authorization": f"Bearer {token}"}) as r:
                 assert r.status == 200
