@@ -149,10 +149,7 @@ class Export:
             def opener(key: DataKey, ciphertext=ciphertext, context=context) -> bytes:
                 return open_document_json(key, ciphertext, context)
 
-            if len(ciphertext) >= OFFLOAD_BYTES:  # megabytes to decrypt and inflate: not on the event loop
-                plain = await asyncio.get_running_loop().run_in_executor(None, _open, self._keys, ciphertext, opener)
-            else:
-                plain = _open(self._keys, ciphertext, opener)
+            plain = await self._opened(ciphertext, opener)
             if plain is None:
                 meta["scan"] = None
                 meta["unreadable"] = True
@@ -160,6 +157,12 @@ class Export:
                 meta["scan"] = orjson.Fragment(plain)
             yield _dumps(meta)
 
+
+    async def _opened(self, ciphertext: bytes, opener: Callable[[DataKey], bytes]) -> bytes | None:
+        """_open(...) of one sealed value; megabytes to decrypt and inflate go to a thread, not the event loop."""
+        if len(ciphertext) >= OFFLOAD_BYTES:
+            return await asyncio.get_running_loop().run_in_executor(None, _open, self._keys, ciphertext, opener)
+        return _open(self._keys, ciphertext, opener)
 
     async def _records(self) -> AsyncIterator[bytes]:
         """Each unexpired record of the file's categories as JSON, its sealed part opened (a few fetched at a time)."""
@@ -177,10 +180,7 @@ class Export:
             def opener(key: DataKey, sealed=sealed, fields=fields, name=r["category"], record_id=r["record_id"]) -> bytes:
                 return _dumps(open_record(name, None, install_id, record_id, fields, sealed, key))
 
-            if len(sealed) >= OFFLOAD_BYTES:
-                plain = await asyncio.get_running_loop().run_in_executor(None, _open, self._keys, sealed, opener)
-            else:
-                plain = _open(self._keys, sealed, opener)
+            plain = await self._opened(sealed, opener)
             if plain is None:
                 meta["record"] = fields
                 meta["unreadable"] = True
