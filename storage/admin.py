@@ -174,9 +174,31 @@ async def unlink(conn, install_id: uuid.UUID, actor: str, rows: int) -> bool:
 
 STATS_DIMENSIONS = ("version", "license_type", "db_server_type", "web_server_type")
 
+
 # Groups below k are folded into 'other'. If 'other' would then be a non-empty group
 # below k, the smallest shown groups join it until it is not: otherwise a single small
 # group could be read off as the difference. A stored value 'other' is folded too.
+def _fold(other: str, carried: str = "") -> str:
+    """The CTEs that fold `groups` (dimension, value, n) below k ($1) into `other`, a SQL literal of
+    the value's type, as `folded`; carried: further columns of `groups` kept along (", assets")."""
+    return f"""marked AS (
+    SELECT *, (n < $1 OR coalesce(value = {other}, false)) AS small FROM groups
+),
+ordered AS (
+    SELECT *,
+        coalesce(sum(n) FILTER (WHERE small) OVER (PARTITION BY dimension), 0) AS small_total,
+        coalesce(sum(n) OVER (PARTITION BY dimension ORDER BY small DESC, n, value NULLS FIRST
+                              ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+    FROM marked
+),
+folded AS (
+    SELECT dimension, (small OR (small_total > 0 AND before < $1)) AS is_other,
+           CASE WHEN small OR (small_total > 0 AND before < $1) THEN {other} ELSE value END AS value, n{carried}
+    FROM ordered
+)
+"""
+
+
 _STATS_SQL = """
 WITH active AS (
     SELECT version, license_type, db_server_type, web_server_type, asset_count::bigint AS asset_count
@@ -192,22 +214,7 @@ groups AS (
     UNION ALL
     SELECT 'web_server_type', web_server_type, count(*), sum(asset_count) FROM active GROUP BY web_server_type
 ),
-marked AS (
-    SELECT *, (n < $1 OR coalesce(value = 'other', false)) AS small FROM groups
-),
-ordered AS (
-    SELECT *,
-        coalesce(sum(n) FILTER (WHERE small) OVER (PARTITION BY dimension), 0) AS small_total,
-        coalesce(sum(n) OVER (PARTITION BY dimension ORDER BY small DESC, n, value NULLS FIRST
-                              ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
-    FROM marked
-),
-folded AS (
-    SELECT dimension, (small OR (small_total > 0 AND before < $1)) AS is_other,
-           CASE WHEN small OR (small_total > 0 AND before < $1) THEN 'other' ELSE value END AS value, n, assets
-    FROM ordered
-)
-SELECT dimension, value, is_other, sum(n)::bigint AS installations, sum(assets)::bigint AS asset_count
+""" + _fold("'other'", ", assets") + """SELECT dimension, value, is_other, sum(n)::bigint AS installations, sum(assets)::bigint AS asset_count
 FROM folded
 GROUP BY dimension, value, is_other
 ORDER BY dimension, is_other, installations DESC, value
@@ -227,22 +234,7 @@ groups AS (
     FROM live l CROSS JOIN unnest($3::text[]) AS d(dimension)
     GROUP BY 1, 2
 ),
-marked AS (
-    SELECT *, (n < $1 OR coalesce(value = '"other"'::jsonb, false)) AS small FROM groups
-),
-ordered AS (
-    SELECT *,
-        coalesce(sum(n) FILTER (WHERE small) OVER (PARTITION BY dimension), 0) AS small_total,
-        coalesce(sum(n) OVER (PARTITION BY dimension ORDER BY small DESC, n, value NULLS FIRST
-                              ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
-    FROM marked
-),
-folded AS (
-    SELECT dimension, (small OR (small_total > 0 AND before < $1)) AS is_other,
-           CASE WHEN small OR (small_total > 0 AND before < $1) THEN '"other"'::jsonb ELSE value END AS value, n
-    FROM ordered
-)
-SELECT dimension, value::text AS value, is_other, sum(n)::bigint AS records
+""" + _fold("'\"other\"'::jsonb") + """SELECT dimension, value::text AS value, is_other, sum(n)::bigint AS records
 FROM folded
 GROUP BY dimension, value, is_other
 ORDER BY dimension, is_other, records DESC, value
