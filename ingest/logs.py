@@ -202,11 +202,11 @@ ACCESS = AccessLine()
 
 class AccessSampler:
     """Which requests get an access line (TELEMETRY_ACCESS_LOG): "on" every one, "off" none,
-    "sample:N" every request answered 5xx and one in N of the others."""
+    "sample:N" (the default, N = 100) every request answered 4xx or 5xx and one in N of the others."""
 
     __slots__ = ("_every", "_seen")
 
-    def __init__(self, mode: str = "on") -> None:
+    def __init__(self, mode: str = "sample:100") -> None:
         self._every = 0 if mode == "off" else 1 if mode == "on" else int(mode.partition(":")[2])
         self._seen = 0
 
@@ -216,7 +216,7 @@ class AccessSampler:
             return True
         if every == 0:
             return False
-        if status >= 500:
+        if status >= 400:
             return True
         self._seen += 1
         if self._seen >= every:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -38,6 +39,7 @@ START_GRACE = 30.0
 BEAT, READY = b".", b"R"
 # A stopping worker keeps connections it has just accepted this long for their request to arrive.
 ACCEPT_DRAIN = 0.3
+GC_THRESHOLD = 7000  # allocations between young-generation collections in a worker (Python: 700)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -80,6 +82,12 @@ def _run_worker(settings: Settings, sock: socket.socket, beat_fd: int, key_file:
             loop.call_later(BEAT_INTERVAL, beat)
 
     async def ready(app: web.Application) -> None:
+        # What start-up made (modules, the app, pools) lives as long as the worker: frozen, the
+        # cyclic collector no longer walks it, and it runs a tenth as often (requests make many
+        # short-lived containers, freed by reference counting long before a collection).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
         say(READY)
 
     async def serve_until_stopped() -> None:

@@ -152,7 +152,7 @@ class Settings:
     db_timeout: float = _setting(1.5, _float(0.1, 3600), "seconds a request may wait for the database, all its waits together, from its arrival (body reception not counted; plus 1 s per 10 MB committed) before 503")
     retry_after: int = _setting(1, _int(1, 3600), "seconds suggested in Retry-After when overloaded")
     log_format: str = _setting("text", _choice("text", "json"), "log lines as text or JSON")
-    access_log: str = _setting("on", _access_log, "the access line: on (every request), off, or sample:N (every request answered 5xx and one in N of the others)")
+    access_log: str = _setting("sample:100", _access_log, "the access line: on (every request), off, or sample:N (every request answered 4xx or 5xx and one in N of the others)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, overrides: Mapping[str, str | None] | None = None) -> "Settings":

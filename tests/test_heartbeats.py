@@ -460,7 +460,7 @@ async def test_current_record_updates_are_heap_only(db):
 
 
 async def test_deferred_metric_writes_equal_direct_ones():
-    """The per-loop-turn tally (ingest.metrics.Tally) writes the same values as direct calls would."""
+    """The tally (ingest.metrics.Tally) writes the same values as direct calls would."""
     from prometheus_client import generate_latest
 
     from ingest.metrics import Metrics

@@ -30,6 +30,15 @@ def captured_log(fmt: str):
         root.setLevel(level)
 
 
+@pytest.fixture
+async def service(db_dsn, master_key, tmp_path):
+    """The real app with an access line for every request (TELEMETRY_ACCESS_LOG=on; the default samples)."""
+    from tests.support import start_service
+
+    async with start_service(db_dsn, master_key, tmp_path, access_log="on") as svc:
+        yield svc
+
+
 def access_lines(text: str) -> list[dict]:
     lines = [orjson.loads(line) for line in text.splitlines() if line.strip()]
     return [line for line in lines if line["logger"] == "ingest.access"]
@@ -187,19 +196,22 @@ async def test_access_log_setting_turns_the_line_off_or_samples_it_but_every_req
             status, _, _ = await svc.request("GET", "/v1/no-such")
             assert status == 404
         lines = access_lines(out.getvalue())
-        # sample:4: the worker's 4th and 8th requests (the enrollment was its 1st), not the 404 (no 5xx)
-        assert len(lines) == (0 if mode == "off" else 2)
+        # sample:4: the worker's 4th and 8th 2xx requests (the enrollment was its 1st), and the 404 (every 4xx, 5xx)
+        assert [line["status"] for line in lines] == ([] if mode == "off" else [200, 200, 404])
         metrics = (await svc.request("GET", "/metrics"))[1]
         assert 'telemetry_requests_total{method="POST",route="/v1/heartbeats",status="200"} 8.0' in metrics
 
 
-def test_access_log_sampling_keeps_every_5xx_and_one_in_n_of_the_rest():
+def test_access_log_sampling_keeps_every_4xx_and_5xx_and_one_in_n_of_the_rest():
     from ingest.logs import AccessSampler
     from ingest.settings import Settings, SettingsError
 
     sampler = AccessSampler("sample:3")
-    kept = [sampler.wanted(s) for s in (200, 200, 200, 503, 200, 200, 200, 500)]
-    assert kept == [False, False, True, True, False, False, True, True]
+    kept = [sampler.wanted(s) for s in (200, 200, 200, 503, 200, 401, 200, 200, 500, 204)]
+    assert kept == [False, False, True, True, False, True, False, True, True, False]
+    assert Settings().access_log == "sample:100"  # the default: errors always, one in 100 of the rest
+    default = AccessSampler(Settings().access_log)
+    assert sum(default.wanted(200) for _ in range(1000)) == 10 and default.wanted(422)
     assert all(AccessSampler("on").wanted(200) for _ in range(3))
     assert not any(AccessSampler("off").wanted(s) for s in (200, 500))
     assert Settings.from_env({"TELEMETRY_ACCESS_LOG": "sample:10"}).access_log == "sample:10"

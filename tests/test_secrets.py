@@ -137,7 +137,8 @@ async def workload(svc, port: int, s: Secrets) -> list[uuid.UUID]:
 async def test_no_secret_in_the_logs_or_the_database(db_dsn, master_key, tmp_path, db):
     s = Secrets()
     with every_log_line() as logged:
-        async with start_service(db_dsn, master_key, tmp_path, trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),)) as svc:
+        async with start_service(db_dsn, master_key, tmp_path, trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),),
+                                 access_log="on") as svc:
             ids = await workload(svc, int(svc.url.rsplit(":", 1)[1]), s)
             s.add("master key", master_key)  # not a token, but never to be logged either
         lines = logged()
@@ -157,7 +158,8 @@ async def test_no_secret_in_the_logs_or_the_database(db_dsn, master_key, tmp_pat
 
 @pytest.mark.slow
 async def test_no_secret_in_the_standard_error_of_serve(db_dsn, master_key, tmp_path, db):
-    env = {"TELEMETRY_DSN": db_dsn, "TELEMETRY_MASTER_KEY": master_key, "TELEMETRY_DATA_DIR": str(tmp_path)}
+    env = {"TELEMETRY_DSN": db_dsn, "TELEMETRY_MASTER_KEY": master_key, "TELEMETRY_DATA_DIR": str(tmp_path),
+           "TELEMETRY_ACCESS_LOG": "on"}
     s = Secrets()
     outputs = []
     for fmt in ("text", "json"):

@@ -22,6 +22,8 @@ ENCODINGS = ("identity", "gzip", "zstd")
 
 def check_content_type(request: web.Request) -> None:
     """415 unless the body is declared application/json (charset, if any, utf-8)."""
+    if request.headers.get("Content-Type") == "application/json":  # the usual header, without parsing it
+        return
     if request.content_type != "application/json":
         raise UnsupportedMedia("Content-Type must be application/json")
     charset = request.charset

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import logging
+import os
 import re
 import secrets
 import time
@@ -105,10 +107,32 @@ def request_id_of(request: web.Request) -> str:
     shaped like one (a UUID such as an install_id, a bearer token, an IP address) is
     replaced too; the id actually used is echoed in the response header.
     """
-    given = request.headers.get(REQUEST_ID_HEADER, "")
-    if _REQUEST_ID.fullmatch(given) and not _looks_identifying(given):
+    given = request.headers.get(REQUEST_ID_HEADER)
+    if given and _REQUEST_ID.fullmatch(given) and not _looks_identifying(given):
         return given
-    return secrets.token_hex(8)
+    return _fresh_id()
+
+
+class _RequestIds:
+    """Fresh request ids: a random prefix per process and a counter, 16 hex digits in all.
+
+    Unique without a system call per request (secrets.token_hex reads the kernel's random source
+    each time). A request id correlates log lines; it is not a secret and grants nothing. A forked
+    worker draws its own prefix."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._prefix = secrets.token_hex(4)
+        self._next = itertools.count().__next__
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{self._next() & 0xFFFFFFFF:08x}"
+
+
+_fresh_id = _RequestIds()
 
 
 # The form every install_id, agent_id and scan_id travels in. 32 bare hex digits are allowed:

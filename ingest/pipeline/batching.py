@@ -30,6 +30,7 @@ Item = tuple[Any, int, asyncio.Future, float | None]  # record, size, its future
 WriteBatch = Callable[[asyncpg.Connection, Sequence[T]], Awaitable[Sequence[Any]]]
 
 _BYTES_PER_SECOND = 10_000_000  # commit time allowed for a record's size, on top of the timeout
+HOLD_IDLE = 1.0  # seconds a flusher keeps its connection while its queue is empty
 
 # Errors that mean "the database is not there or not taking work": answer 503 and carry on.
 DATABASE_TROUBLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -156,15 +157,14 @@ class GroupCommitWriter(Generic[T]):
         return batch, stop
 
     async def _run(self) -> None:
-        # A flusher keeps its connection while batches keep coming and hands it back when the queue
-        # runs dry (or a batch fails): the pool's reset of a connection handed back (a round trip
-        # and four statements) then runs once per busy spell, not once per batch.
+        # A flusher keeps its connection while batches keep coming and hands it back once the queue
+        # has stayed empty for HOLD_IDLE seconds (or a batch fails): the pool's reset of a connection
+        # handed back (a round trip and four statements) then runs once per busy spell, not once per
+        # batch (under load the queue runs dry between batches all the time).
         held = _Held()
         try:
             while True:
-                if held.conn is not None and self._queue.empty():
-                    await self._release(held)
-                first = await self._queue.get()
+                first = await self._next_record(held)
                 if first is None:  # stop sentinel from close(): everything before it is flushed
                     return
                 batch, stop = self._take_batch(first)
@@ -181,6 +181,16 @@ class GroupCommitWriter(Generic[T]):
                     return
         finally:
             await self._release(held)
+
+    async def _next_record(self, held: _Held) -> Item | None:
+        """The next queued record; a held connection is handed back if none comes within HOLD_IDLE."""
+        if held.conn is not None and self._queue.empty():
+            try:
+                async with asyncio.timeout(HOLD_IDLE):
+                    return await self._queue.get()
+            except TimeoutError:
+                await self._release(held)
+        return await self._queue.get()
 
     async def _release(self, held: _Held) -> None:
         conn, held.conn = held.conn, None

@@ -89,6 +89,7 @@ def looks_personal(value: str) -> bool:
 
 # Short values repeat (versions such as "4.2.1", server types): each is searched once per worker.
 _REMEMBERED_LENGTH = 64
+_REMEMBERED_VALUES = 4096  # per string field and worker
 
 
 @functools.lru_cache(maxsize=4096)
@@ -122,9 +123,15 @@ def _compile_scalar(f: Field, plaintext: bool) -> Check:
         pattern = re.compile(f.pattern) if f.pattern else None
         no_people = plaintext and f.storage in ("plaintext", "key")  # lookup keys are in the clear too
 
+        # Values seen to pass, remembered (short ones, a bounded number): plaintext categories
+        # ("pro", "4.2.1", "nginx") repeat in nearly every document.
+        passed: dict[str, None] = {}
+
         def check(v, path, dropped):
             if type(v) is not str:
                 raise _type_error(path, "must be a string")
+            if v in passed:
+                return v
             if max_len is not None and len(v) > max_len:
                 raise _type_error(path, f"must be at most {max_len} characters")
             if pattern is not None and not pattern.fullmatch(v):
@@ -134,6 +141,10 @@ def _compile_scalar(f: Field, plaintext: bool) -> Check:
             if no_people and looks_personal(v):
                 raise _type_error(path, "looks like an e-mail address, IP address or MAC address; "
                                         "this field is stored in plaintext and holds categories, not people")
+            if len(v) <= _REMEMBERED_LENGTH:
+                if len(passed) >= _REMEMBERED_VALUES:
+                    passed.clear()
+                passed[v] = None
             return v
 
     elif kind == "integer":
