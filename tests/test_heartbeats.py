@@ -432,6 +432,22 @@ async def test_method_not_allowed_is_a_problem_with_allow(service):
     assert headers["Allow"] == "POST"
 
 
+async def test_the_batch_function_is_planned_once_per_connection_with_index_lookups(db):
+    """write_heartbeat_batch runs with generic plans (migration 0015), and the generic plan of its
+    locking statement finds installations by primary key, not by reading the table."""
+    config = await db.fetchval("SELECT proconfig FROM pg_proc WHERE proname = 'write_heartbeat_batch'")
+    assert config == ["plan_cache_mode=force_generic_plan"]
+    await db.execute("INSERT INTO installations (install_id) SELECT gen_random_uuid() FROM generate_series(1, 2000)")
+    await db.execute("ANALYZE installations")
+    async with db.transaction():
+        await db.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        await db.execute("PREPARE lock_batch(uuid[]) AS SELECT 1 FROM installations WHERE install_id = ANY($1) "
+                         "ORDER BY install_id FOR UPDATE")
+        plan = "\n".join(r[0] for r in await db.fetch("EXPLAIN EXECUTE lock_batch(ARRAY[gen_random_uuid()])"))
+        await db.execute("DEALLOCATE lock_batch")
+    assert "Index" in plan and "Seq Scan" not in plan, plan
+
+
 async def test_current_record_updates_are_heap_only(db):
     """Every heartbeat rewrites its installation's current record: no index may cover a column it
     changes (last_seen_at among them, in a key or a partial index's predicate), so PostgreSQL can

@@ -91,8 +91,8 @@ class GroupCommitWriter(Generic[T]):
         self._tasks: list[asyncio.Task] = []
         self._closing = False
         self._depth = metrics.deferred(metrics.queue_depth.labels(name))
-        self._rows = metrics.batch_rows.labels(name)
-        self._latency = metrics.flush_latency.labels(name)
+        self._rows = metrics.deferred(metrics.batch_rows.labels(name))
+        self._latency = metrics.deferred(metrics.flush_latency.labels(name))
         self._overload = metrics.deferred(metrics.rejected.labels("overload"))
 
     def fill(self) -> float:
