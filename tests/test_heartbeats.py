@@ -12,6 +12,7 @@ import zstandard
 from crypto.datakeys import wrap_context
 from crypto.envelope import DataKey, open_
 from crypto.keyring import KeyRing
+from ingest.http.app import HEARTBEAT_FLUSHERS
 from ingest.keys import METRICS, POOL
 from ingest.pipeline.sealed import email_context
 from tests.support import heartbeat_body, start_service
@@ -306,19 +307,20 @@ async def test_full_queue_answers_503_with_retry_after(db_dsn, master_key, tmp_p
         await tx.start()
         await db.execute("SELECT 1 FROM installations WHERE install_id = $1 FOR UPDATE", install_id)
         tasks = [asyncio.create_task(svc.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, asset_count=i))) for i in range(8)]
+        taken = HEARTBEAT_FLUSHERS + 1  # a batch of one being written per flusher, and one queued
         done = []
         for _ in range(200):
             done = [t for t in tasks if t.done()]
-            if len(done) >= 5:  # 2 batches in flight + 1 queued; the other 5 must be refused
+            if len(done) >= 8 - taken:  # the others must be refused
                 break
             await asyncio.sleep(0.02)
         refused = [t.result() for t in done]
-        assert len(refused) == 5 and all(s == 503 and h.get("Retry-After") for s, _, h in refused)
+        assert len(refused) == 8 - taken and all(s == 503 and h.get("Retry-After") for s, _, h in refused)
         await tx.rollback()
         results = await asyncio.gather(*tasks)
         accepted = [r for r in results if r[0] == 200]
-        assert len(accepted) == 3
-        assert await db.fetchval("SELECT count(*) FROM heartbeats") == 3
+        assert len(accepted) == taken
+        assert await db.fetchval("SELECT count(*) FROM heartbeats") == taken
 
 
 async def test_shutdown_commits_queued_heartbeats(db_dsn, master_key, tmp_path, db):
@@ -416,14 +418,14 @@ async def test_queue_fill_ratio_can_reach_the_alert_threshold_on_one_worker(db_d
         await tx.start()
         await db.execute("SELECT 1 FROM installations WHERE install_id = $1 FOR UPDATE", install_id)
         sent = [asyncio.create_task(svc.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id)))
-                for _ in range(6)]  # two taken by the flushers (batches of one), four queued
+                for _ in range(4 + HEARTBEAT_FLUSHERS)]  # one taken by each flusher (a batch of one), four queued
         try:
             fill = await _sampled(registry, "telemetry_queue_fill_ratio", {"writer": "heartbeat"}, lambda v: v >= 1.0)
         finally:
             await tx.rollback()
         statuses = [(await t)[0] for t in sent]
         assert fill == 1.0, fill
-        assert statuses == [200] * 6
+        assert statuses == [200] * (4 + HEARTBEAT_FLUSHERS)
 
 
 async def test_method_not_allowed_is_a_problem_with_allow(service):
