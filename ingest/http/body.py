@@ -221,7 +221,7 @@ async def read_json(request: web.Request, *, limit: int, decoded_limit: int) -> 
     """Check type and encoding, read within limits, inflate within limits and the value budget, parse;
     returns (doc, wire bytes, decoded bytes)."""
     check_content_type(request)
-    encoding = content_encoding(request)
+    encoding = "identity" if "Content-Encoding" not in request.headers else content_encoding(request)
     settings = request.app[SETTINGS]
     raw = await read_raw(request, limit, settings.read_timeout)
     data = decode(raw, encoding, decoded_limit, max_values=settings.json_max_values, max_depth=settings.json_max_depth)

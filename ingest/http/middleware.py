@@ -166,8 +166,9 @@ async def middleware(request: web.Request, handler) -> web.StreamResponse:
     started = time.perf_counter()
     status = 500
     request_id = request_id_of(request)
+    app = request.app
     # From here every wait of this request for the database shares one deadline (ingest.deadline).
-    token = deadline.begin(request.app[SETTINGS].db_timeout)
+    token = deadline.begin(app[SETTINGS].db_timeout)
     try:
         try:
             response = await handler(request)
@@ -182,8 +183,8 @@ async def middleware(request: web.Request, handler) -> web.StreamResponse:
         elapsed = time.perf_counter() - started
         route = route_of(request)
         method = method_of(request)
-        request.app[METRICS].observe_request(route, method, status, elapsed)
-        if request.app[ACCESS_LOG].wanted(status):
+        app[METRICS].observe_request(route, method, status, elapsed)
+        if app[ACCESS_LOG].wanted(status):
             extra = {"route": route, "method": method, "status": status, "latency_ms": round(elapsed * 1000, 2),
                      "request_id": request_id}
             token_id = request.get(TOKEN_ID)

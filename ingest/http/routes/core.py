@@ -83,11 +83,17 @@ class Heartbeats:
         self.decoded_bytes = metrics.deferred(metrics.request_bytes.labels("/v1/heartbeats", "decoded"))
         self.dropped = metrics.deferred(metrics.fields_dropped.labels("installation"))
         self.encrypt_latency = metrics.deferred(metrics.encrypt_latency.labels("installation"))
+        self._parts: tuple | None = None  # what the app's start-up makes (auth, restrictions, keys, writer): bound at the first request
 
     async def handle(self, request: web.Request) -> web.Response:
-        app, settings = self.app, self.settings
-        principal = await app[AUTH].authenticate(request, "installation")
-        app[RESTRICTIONS].check(principal.install_id)  # early; the writer checks again, locked
+        settings = self.settings
+        parts = self._parts
+        if parts is None:
+            app = self.app
+            parts = self._parts = (app[AUTH], app[RESTRICTIONS], app[DATA_KEYS], app[HEARTBEAT_WRITER])
+        auth, restrictions, data_keys, writer = parts
+        principal = await auth.authenticate(request, "installation")
+        restrictions.check(principal.install_id)  # early; the writer checks again, locked
         limit = settings.heartbeat_max_bytes
         with deadline.not_counted():
             doc, wire, decoded = await read_json(request, limit=limit, decoded_limit=limit)
@@ -105,7 +111,7 @@ class Heartbeats:
         email = kept.get("email")
         email_ct = None
         if email is not None:
-            key = await app[DATA_KEYS].current(install_id)  # may wait for the database: not sealing time
+            key = await data_keys.current(install_id)  # may wait for the database: not sealing time
             started = time.perf_counter()
             email_ct = seal(key, email.encode(), email_context(install_id))
             self.encrypt_latency.observe(time.perf_counter() - started)
@@ -121,7 +127,7 @@ class Heartbeats:
             anonymised_text(client_ip(request, settings.trusted_proxies)),
             principal.token_id,
         )
-        outcome = await app[HEARTBEAT_WRITER].submit(row, decoded)
+        outcome = await writer.submit(row, decoded)
         if outcome == installations.RESTRICTED:
             raise RestrictedProblem("processing of this installation is restricted; nothing was stored")
         if outcome == installations.GONE:
