@@ -15,6 +15,7 @@ import uuid
 import orjson
 import pytest
 
+from storage.pool import connect
 from tests.fault_tools import JSON, agent_of, raw_http, scan_body
 from tests.support import heartbeat_body, run_cli, start_service
 
@@ -56,7 +57,10 @@ async def test_a_deleted_agent_cannot_store_a_scan_even_on_a_worker_that_still_c
 
 
 async def _waiting_for_locks(db, n: int) -> None:
-    """Until n other backends wait for a lock (within 30 s: on a loaded machine a request takes seconds to reach it)."""
+    """Until n other backends wait for a lock (within 30 s: on a loaded machine a request takes seconds to reach it).
+
+    db must not be inside a transaction: PostgreSQL shows a transaction the backends as they were
+    at its first look at pg_stat_activity, so a connection opened later would never be seen."""
     deadline = time.monotonic() + 30
     while await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()") < n:
         assert time.monotonic() < deadline, ("nobody is waiting", n, await db.fetch("SELECT wait_event_type, wait_event, left(query, 60) FROM pg_stat_activity WHERE datname = current_database()"))
@@ -70,6 +74,7 @@ async def test_a_scan_queued_before_the_delete_answered_but_committed_after_it_i
     async with start_service(db_dsn, master_key, tmp_path / "a", db_timeout=90) as a, \
             start_service(db_dsn, master_key, tmp_path / "b", db_timeout=90) as b:
         install_id, token = await a.enroll()
+        watcher = await connect(db_dsn)  # outside the transaction that holds the row (see _waiting_for_locks)
         for trial in range(3):
             agent_id, agent_token = await agent_of(a, token, f"agent-{trial}")
             assert (await b.request("POST", "/v1/scans", token=agent_token, json=scan_body()))[0] == 201  # B caches it
@@ -77,14 +82,15 @@ async def test_a_scan_queued_before_the_delete_answered_but_committed_after_it_i
             await tx.start()
             await db.execute("SELECT 1 FROM installations WHERE install_id = $1 FOR UPDATE", install_id)
             delete = asyncio.create_task(a.request("DELETE", f"/v1/agents/{agent_id}", token=token))
-            await _waiting_for_locks(db, 1)
+            await _waiting_for_locks(watcher, 1)
             scan = asyncio.create_task(b.request("POST", "/v1/scans", token=agent_token, json=scan_body()))
-            await _waiting_for_locks(db, 2)
+            await _waiting_for_locks(watcher, 2)
             await tx.commit()
             assert (await delete)[0] == 204
             status, problem, _ = await scan
             assert status == 401, (trial, status, problem)
             assert await scans_of(db, agent_id) == 1, trial
+        await watcher.close()
 
 
 # ------------------------------------------------------------------ 7. secrets never on the command line
