@@ -295,18 +295,21 @@ async def measure(
 
     rate = ctx.open_rate or (ctx.open_fraction * closed.rps if ctx.open_fraction else None)
     if rate:
-        async with make_session(ctx.concurrency) as session:
-            with _pinned(ctx.client_cores):
-                meter = CpuMeter(server_pid, ctx.pg_pid)
-                opened = await open_loop(
-                    session,
-                    factory,
-                    rate=rate,
-                    duration=ctx.duration,
-                    warmup=ctx.warmup,
-                    max_outstanding=max(1000, 10 * ctx.concurrency),
-                )
-                usage = meter.read(opened.ok)
-        details = {**opened.summary(), **usage, "driver": "aiohttp driver (open loop)", "pinning": pinned}
+        with _pinned(ctx.client_cores):
+            meter = CpuMeter(server_pid, ctx.pg_pid)
+            if cycle:  # the requests repeat: the raw driver sends them (rawload), cheap enough to keep its schedule
+                from . import rawload
+
+                opened = await rawload.open_loop(factory, cycle=cycle, rate=rate, duration=ctx.duration,
+                                                 warmup=ctx.warmup, connections=ctx.concurrency,
+                                                 max_outstanding=max(1000, 10 * ctx.concurrency))
+                open_driver = "raw asyncio driver (open loop)"
+            else:
+                async with make_session(ctx.concurrency) as session:
+                    opened = await open_loop(session, factory, rate=rate, duration=ctx.duration, warmup=ctx.warmup,
+                                             max_outstanding=max(1000, 10 * ctx.concurrency))
+                open_driver = "aiohttp driver (open loop)"
+            usage = meter.read(opened.ok)
+        details = {**opened.summary(), **usage, "driver": open_driver, "pinning": pinned}
         results.append(Result(f"{name}.open", opened.percentile_ms(99), "ms p99", None, details))
     return results, closed
