@@ -160,13 +160,35 @@ def budget(ctx: Context) -> float:
     return 180 + 12 * (ctx.duration + ctx.warmup) * len(ctx.workers) * (2 if ctx.open_fraction or ctx.open_rate else 1)
 
 
+SETTLE_TIMEOUT = 120.0  # seconds for the VACUUM and CHECKPOINT between benchmarks
+
+
+async def settle(dsn: str) -> None:
+    """Do now the background work the last benchmark left PostgreSQL (autovacuum of its rows, the
+    checkpoint of its dirty buffers), so that the next one's PostgreSQL CPU is not billed for it:
+    a scan benchmark writes gigabytes, whose checkpoint would otherwise run during the next
+    measurement. CHECKPOINT needs a superuser or pg_checkpoint: skipped without it."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with asyncio.timeout(SETTLE_TIMEOUT):
+            await conn.execute("VACUUM (ANALYZE)")
+            try:
+                await conn.execute("CHECKPOINT")
+            except asyncpg.InsufficientPrivilegeError:
+                pass
+    finally:
+        await conn.close()
+
+
 async def run_all(ctx: Context, benchmarks: Sequence[Benchmark]) -> tuple[dict[str, Any], list[Result], list[Failure]]:
     meta = await environment(ctx)
     results: list[Result] = []
     failures: list[Failure] = []
     try:
-        for bench in benchmarks:
+        for n, bench in enumerate(benchmarks):
             print(f"[{bench.name}] {bench.doc}", file=sys.stderr, flush=True)
+            if n:
+                await settle(ctx.dsn)
             try:
                 async with asyncio.timeout(budget(ctx)):
                     found = await bench.run(ctx)
