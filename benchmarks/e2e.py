@@ -343,9 +343,15 @@ async def e2e_paired(ctx: Context) -> list[Result]:
     One worker each (the issue's --workers 1), whatever --workers says.
     Needs wrk (the aiohttp driver cannot load the bare app hard enough to be its ceiling).
     """
-    from . import wrk as wrk_mod
-    from .ceilings import NAIVE_DDL, NAIVE_STORED_NEEDLE, bench_table, fake_installations, reference_app
     from . import apps
+    from . import wrk as wrk_mod
+    from .ceilings import (
+        NAIVE_DDL,
+        NAIVE_STORED_NEEDLE,
+        bench_table,
+        fake_installations,
+        reference_app,
+    )
     from .procs import CpuMeter
 
     service_cli()

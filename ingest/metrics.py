@@ -49,7 +49,7 @@ class Tally:
     `_upper_bounds`) directly, as Counter.inc and Histogram.observe do.
     """
 
-    __slots__ = ("_pending", "_last")
+    __slots__ = ("_last", "_pending")
 
     def __init__(self) -> None:
         self._pending: dict[object, float] = {}

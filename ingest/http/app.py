@@ -111,7 +111,7 @@ async def keys_ctx(app: web.Application):
 # A second flusher would start at once with the first heartbeat to arrive, a batch of one or two,
 # and each batch has a fixed cost (a round trip, the function's two statements, the commit's WAL
 # flush: about 0.25 ms of PostgreSQL CPU, several heartbeats' worth); with one, batches are about
-# half again as large under load and PostgreSQL's CPU per heartbeat a fifth lower (issue 16).
+# half again as large under load and PostgreSQL's CPU per heartbeat a tenth to a fifth lower (issue 16).
 HEARTBEAT_FLUSHERS = 1
 
 
