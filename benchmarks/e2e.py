@@ -357,6 +357,8 @@ async def e2e_paired(ctx: Context) -> list[Result]:
     service_cli()
     if ctx.wrk is None:
         raise Unavailable("e2e_paired needs wrk")
+    if ctx.pg_pid is None:
+        raise Unavailable("e2e_paired needs PostgreSQL on this machine (its CPU is read from /proc)")
     slice_s = max(3.0, ctx.duration / 2)
     async with bench_table(ctx.dsn, apps.NAIVE_TABLE, NAIVE_DDL), \
             reference_app(ctx, "http", 1) as bare, reference_app(ctx, "naive", 1) as naive, service(ctx, 1) as srv:

@@ -80,6 +80,7 @@ class _Connection(asyncio.Protocol):
                 self.stats.add(now() - t_sched, str(status), ok, None if ok else f"{status} {body[:200]!r}")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.outstanding[0] -= len(self.pending)
         for _, measured, _ in self.pending:
             if measured:
                 self.stats.add_unsent("socket_closed")

@@ -166,4 +166,10 @@ def create_app(settings: Settings, *, key_file: Path | None = None, policy: Poli
     routes_scans.setup(app)
     routes_records.setup(app)
     app.cleanup_ctx.append(gauges_ctx)  # after the writers' contexts: it samples them
+    app.on_cleanup.append(_write_metrics)  # after the contexts' ends: the writers' last batches are counted
     return app
+
+
+async def _write_metrics(app: web.Application) -> None:
+    """on_cleanup: the tally's last sums written, so a worker that stops gracefully loses no count."""
+    app[METRICS].tally.flush()

@@ -183,8 +183,14 @@ class GroupCommitWriter(Generic[T]):
             await self._release(held)
 
     async def _next_record(self, held: _Held) -> Item | None:
-        """The next queued record; a held connection is handed back if none comes within HOLD_IDLE."""
+        """The next queued record; a held connection is handed back if none comes within HOLD_IDLE,
+        and at once when the pool has no idle connection and no room for another (a small pool's
+        other users, token lookups among them, must not wait for flushers that keep theirs)."""
         if held.conn is not None and self._queue.empty():
+            pool = self._pool
+            if pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size():
+                await self._release(held)
+                return await self._queue.get()
             try:
                 async with asyncio.timeout(HOLD_IDLE):
                     return await self._queue.get()
