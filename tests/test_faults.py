@@ -423,6 +423,38 @@ async def test_a_fault_in_the_writer_fails_its_batch_and_the_flushers_carry_on(d
         await pool.close()
 
 
+async def test_a_flusher_hands_its_connection_back_at_once_when_the_pool_is_exhausted(db_dsn, monkeypatch):
+    """A flusher keeps its connection across an empty queue (HOLD_IDLE), but not when the pool has
+    none left for anyone else: with a pool of one, the connection is back in the pool right after
+    the batch, though the hold would last a minute."""
+    from ingest.metrics import Metrics
+    from ingest.pipeline import batching
+    from storage.pool import create_pool
+
+    monkeypatch.setattr(batching, "HOLD_IDLE", 60.0)
+
+    async def write(conn, records):
+        await conn.execute("SELECT 1")
+        return ["stored"] * len(records)
+
+    pool = await create_pool(db_dsn, max_size=1)
+    writer = batching.GroupCommitWriter("test", pool, write, Metrics(), max_queue=10, max_rows=10, max_bytes=1 << 20,
+                                        timeout=5, flushers=1)
+    writer.start()
+    try:
+        assert await writer.submit("one") == "stored"
+        until = time.monotonic() + 5
+        while pool.get_idle_size() == 0 and time.monotonic() < until:
+            await asyncio.sleep(0.01)
+        assert pool.get_idle_size() == 1
+        async with pool.acquire() as conn:  # the test itself can use the pool's only connection
+            assert await conn.fetchval("SELECT 1") == 1
+        assert await writer.submit("two") == "stored"  # and the flusher takes it again for the next batch
+    finally:
+        await writer.close()
+        await pool.close()
+
+
 # ------------------------------------------------------------------ one deadline per request, on every route
 
 
