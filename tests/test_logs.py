@@ -218,3 +218,25 @@ def test_access_log_sampling_keeps_every_4xx_and_5xx_and_one_in_n_of_the_rest():
     for bad in ("sample:0", "sample:", "sometimes", "sample:x"):
         with pytest.raises(SettingsError, match="TELEMETRY_ACCESS_LOG"):
             Settings.from_env({"TELEMETRY_ACCESS_LOG": bad})
+
+
+def test_fresh_request_ids_are_random_and_a_forked_worker_draws_its_own():
+    """Generated request ids are 16 random hex digits (read in bulk, not counted), and a worker
+    forked from a process that already handed some out does not repeat the parent's next ones."""
+    import os
+    import re
+
+    from ingest.http.middleware import _fresh_id
+
+    ids = [_fresh_id() for _ in range(2000)]
+    assert len(set(ids)) == 2000 and all(re.fullmatch("[0-9a-f]{16}", i) for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first four ids, then out at once
+        os.write(write, "".join(_fresh_id() for _ in range(4)).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert len(child) == 64 and child != "".join(_fresh_id() for _ in range(4))

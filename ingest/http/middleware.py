@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import itertools
 import logging
 import os
 import re
@@ -114,22 +113,29 @@ def request_id_of(request: web.Request) -> str:
 
 
 class _RequestIds:
-    """Fresh request ids: a random prefix per process and a counter, 16 hex digits in all.
+    """Fresh request ids: 16 hex digits of the kernel's random source, as secrets.token_hex(8)
+    gives, read for 512 ids at a time instead of one system call per request.
 
-    Unique without a system call per request (secrets.token_hex reads the kernel's random source
-    each time). A request id correlates log lines; it is not a secret and grants nothing. A forked
-    worker draws its own prefix."""
+    Random, not counted: an id echoed to a client tells it nothing of other requests (a counter
+    would show a worker's request volume and let a client send the id another will get). A
+    forked worker starts with an empty buffer, so no two processes hand out the same ids."""
+
+    _BATCH = 512
 
     def __init__(self) -> None:
         self._reset()
         os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
-        self._prefix = secrets.token_hex(4)
-        self._next = itertools.count().__next__
+        self._hex = ""
+        self._at = 0
 
     def __call__(self) -> str:
-        return f"{self._prefix}{self._next() & 0xFFFFFFFF:08x}"
+        at = self._at
+        if at >= len(self._hex):
+            self._hex, at = secrets.token_hex(8 * self._BATCH), 0
+        self._at = at + 16
+        return self._hex[at:at + 16]
 
 
 _fresh_id = _RequestIds()
