@@ -338,7 +338,7 @@ async def e2e_paired(ctx: Context) -> list[Result]:
     The machine's speed drifts on a shared host (the bare ceiling has read from 18,000 to 32,000
     req/s within minutes here), so ratios of measurements a minute apart carry that drift. Here the
     three servers run side by side (idle while another is loaded) and each round loads them one
-    after another, half of --duration each (at least 3 s, after 1 s of uncounted load); every
+    after another (the order turning from round to round), half of --duration each (at least 3 s, after 1 s of uncounted load); every
     figure is the median of the five rounds' ratios, each taken from measurements seconds apart.
     One worker each (the issue's --workers 1), whatever --workers says.
     Needs wrk (the aiohttp driver cannot load the bare app hard enough to be its ceiling).
@@ -375,9 +375,13 @@ async def e2e_paired(ctx: Context) -> list[Result]:
             scripts[who] = (ctx.workdir / f"paired-{who}.lua", "/".join(requests[0].url.split("/", 3)[:3]), requests[0].expect)
             wrk_mod.write_script(scripts[who][0], requests, needle)
         rounds: list[dict[str, dict[str, float]]] = []
-        for _ in range(PAIRED_ROUNDS):
+        order = list(targets)
+        for n in range(PAIRED_ROUNDS):
             row = {}
-            for who, (server, _, _) in targets.items():
+            # The order turns each round: what one server leaves PostgreSQL (WAL, autovacuum) lands
+            # in the next one's slice, so no server is always the one after the naive peer.
+            for who in order[n % 3:] + order[:n % 3]:
+                server = targets[who][0]
                 script, url, expect = scripts[who]
                 await wrk_mod.run(ctx.wrk, script, url, concurrency=ctx.concurrency, duration=1.0,
                                   cores=ctx.client_cores, expect=expect)  # warm-up, not counted
@@ -399,7 +403,7 @@ async def e2e_paired(ctx: Context) -> list[Result]:
         return r["server_us"] + r["pg_us"]
 
     details = {"rounds": rounds, "seconds_per_measurement": slice_s, "driver": ctx.driver,
-               "note": f"median of {PAIRED_ROUNDS} rounds (bare, naive, service, each {slice_s:g} s)"}
+               "note": f"median of {PAIRED_ROUNDS} rounds (bare, naive, service in turn, each {slice_s:g} s)"}
     figures = [
         ("vs_bare", lambda r: r["service"]["rps"] / r["bare"]["rps"], "x", ">= 0.4"),
         ("vs_naive", lambda r: r["service"]["rps"] / r["naive"]["rps"], "x", ">= 1.5"),
