@@ -13,10 +13,10 @@ from crypto.datakeys import wrap_context
 from crypto.envelope import new_key_bytes, seal
 from crypto.tokens import new_token
 from ingest import deadline
-from ingest.errors import Conflict, Forbidden, Invalid, RestrictedProblem, Unauthorized
+from ingest.errors import Conflict, Forbidden, Invalid, Unauthorized
 from ingest.http.body import read_json
 from ingest.http.net import anonymised_text, client_ip
-from ingest.http.routes import json_response
+from ingest.http.routes import json_response, refuse_unless_written
 from ingest.keys import (
     AUTH,
     DATA_KEYS,
@@ -128,12 +128,7 @@ class Heartbeats:
             principal.token_id,
         )
         outcome = await writer.submit(row, decoded)
-        if outcome == installations.RESTRICTED:
-            raise RestrictedProblem("processing of this installation is restricted; nothing was stored")
-        if outcome == installations.GONE:
-            raise Unauthorized("this installation no longer exists")
-        if outcome == installations.REVOKED:
-            raise Unauthorized("this token was revoked; nothing was stored")
+        refuse_unless_written(outcome)
         if not dropped:
             return web.Response(body=_STORED_NOTHING_DROPPED, content_type="application/json")
         return json_response({"stored": True, "dropped_fields": dropped})

@@ -23,10 +23,10 @@ from aiohttp import web
 
 from crypto.datakeys import epoch_end, new_wrapped_hash_key, hash_key_context
 from ingest import deadline
-from ingest.errors import Conflict, RestrictedProblem, Unauthorized
+from ingest.errors import Conflict
 from ingest.http.body import check_content_type, content_encoding, decode, parse_object, read_raw
 from ingest.http.net import anonymised_text, client_ip
-from ingest.http.routes import json_response
+from ingest.http.routes import json_response, refuse_unless_written
 from ingest.keys import (
     AUTH,
     DATA_KEYS,
@@ -47,7 +47,6 @@ from policy import Policy
 from policy.categories import file_categories
 from storage import keystore
 from storage import records as record_store
-from storage.installations import GONE, RESTRICTED, REVOKED
 
 # A body up to this size (on the wire) is prepared on the event loop; a larger one on a worker thread.
 INLINE_BYTES = 64 * 1024
@@ -136,12 +135,7 @@ class Records:
             prepared.content_mac, rc.current, principal.token_id,
         )
         outcome = await app[RECORD_WRITER].submit(row, len(prepared.fields) + len(prepared.sealed or b""))
-        if outcome.status == RESTRICTED:
-            raise RestrictedProblem("processing of this installation is restricted; nothing was stored")
-        if outcome.status == GONE:
-            raise Unauthorized("this installation no longer exists")
-        if outcome.status == REVOKED:
-            raise Unauthorized("this token was revoked; nothing was stored")
+        refuse_unless_written(outcome.status)
         body = {"record_id": prepared.record_id, "expires_at": rfc3339(outcome.expires_at) if outcome.expires_at else None,
                 "dropped_fields": prepared.dropped}
         if outcome.status == record_store.STORED:

@@ -34,7 +34,6 @@ from ingest.errors import (
     Invalid,
     NotFoundProblem,
     QuotaExceeded,
-    RestrictedProblem,
     Unauthorized,
 )
 from ingest.http.body import (
@@ -45,7 +44,7 @@ from ingest.http.body import (
     read_json,
     read_raw,
 )
-from ingest.http.routes import json_response
+from ingest.http.routes import json_response, refuse_unless_written
 from ingest.http.slots import PrepareSlots
 from ingest.keys import (
     AUTH,
@@ -69,7 +68,6 @@ from storage import agents as agent_store
 from storage import records as record_store
 from storage import scans as scan_store
 from storage.errors import NotFound, QuotaReached
-from storage.installations import GONE, RESTRICTED, REVOKED
 
 SMALL_BODY = 64 * 1024  # agent registration and settings bodies
 SCAN_BATCH_BYTES = 2 << 20  # sealed bytes per scan batch (at most batch_max_bytes): short transactions
@@ -283,12 +281,7 @@ class Scans:
             sealed.content_mac, size_wire, sealed.size_decoded, sealed.size_plain, sealed.ciphertext, principal.token_id,
         )
         outcome = await app[SCAN_WRITER].submit(row, len(sealed.ciphertext))
-        if outcome.status == RESTRICTED:
-            raise RestrictedProblem("processing of this installation is restricted; nothing was stored")
-        if outcome.status == GONE:
-            raise Unauthorized("this installation no longer exists")
-        if outcome.status == REVOKED:
-            raise Unauthorized("this token was revoked; nothing was stored")
+        refuse_unless_written(outcome.status)
         if outcome.status == scan_store.OVER_QUOTA:
             limit = s.scan_bytes_per_installation
             raise QuotaExceeded("scan_bytes_per_installation", limit,
