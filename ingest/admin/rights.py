@@ -149,14 +149,20 @@ class Export:
             def opener(key: DataKey, ciphertext=ciphertext, context=context) -> bytes:
                 return open_document_json(key, ciphertext, context)
 
-            plain = await self._opened(ciphertext, opener)
-            if plain is None:
-                meta["scan"] = None
-                meta["unreadable"] = True
-            else:
-                meta["scan"] = orjson.Fragment(plain)
-            yield _dumps(meta)
+            yield await self._with_opened(meta, "scan", ciphertext, opener, unreadable=None)
 
+
+    async def _with_opened(self, meta: dict, name: str, ciphertext: bytes, opener: Callable[[DataKey], bytes],
+                           *, unreadable: Any) -> bytes:
+        """meta as JSON with meta[name] the opened value spliced in as it opened (JSON), or, when no key
+        this node holds opens it, `unreadable` and "unreadable": true."""
+        plain = await self._opened(ciphertext, opener)
+        if plain is None:
+            meta[name] = unreadable
+            meta["unreadable"] = True
+        else:
+            meta[name] = orjson.Fragment(plain)
+        return _dumps(meta)
 
     async def _opened(self, ciphertext: bytes, opener: Callable[[DataKey], bytes]) -> bytes | None:
         """_open(...) of one sealed value; megabytes to decrypt and inflate go to a thread, not the event loop."""
@@ -180,13 +186,7 @@ class Export:
             def opener(key: DataKey, sealed=sealed, fields=fields, name=r["category"], record_id=r["record_id"]) -> bytes:
                 return _dumps(open_record(name, None, install_id, record_id, fields, sealed, key))
 
-            plain = await self._opened(sealed, opener)
-            if plain is None:
-                meta["record"] = fields
-                meta["unreadable"] = True
-            else:
-                meta["record"] = orjson.Fragment(plain)
-            yield _dumps(meta)
+            yield await self._with_opened(meta, "record", sealed, opener, unreadable=fields)
 
 
 def _open(keys: dict[int, DataKey], ciphertext: bytes, opener: Callable[[DataKey], bytes]) -> bytes | None:
