@@ -45,7 +45,7 @@ from .ceilings import (
     stored_answer,
 )
 from .core import Context, Result, Unavailable, benchmark
-from .loadgen import Request, measure
+from .loadgen import Request, WrkScript, measure
 from .payloads import SCAN_UNKNOWN_KEYS, fifty_kib_scans, json_headers
 from .procs import Server, free_port, server_process
 
@@ -344,7 +344,6 @@ async def e2e_paired(ctx: Context) -> list[Result]:
     Needs wrk (the aiohttp driver cannot load the bare app hard enough to be its ceiling).
     """
     from . import apps
-    from . import wrk as wrk_mod
     from .ceilings import (
         NAIVE_DDL,
         NAIVE_STORED_NEEDLE,
@@ -352,7 +351,6 @@ async def e2e_paired(ctx: Context) -> list[Result]:
         fake_installations,
         reference_app,
     )
-    from .procs import CpuMeter
 
     service_cli()
     if ctx.wrk is None:
@@ -369,11 +367,8 @@ async def e2e_paired(ctx: Context) -> list[Result]:
             "service": (srv, heartbeat_requests(srv.url + "/v1/heartbeats",
                                                 [(i.install_id, i.token) for i in installations], 200), STORED_NEEDLE),
         }
-        scripts = {}
-        for who, (server, factory, needle) in targets.items():
-            requests = [factory(i) for i in range(INSTALLATIONS)]
-            scripts[who] = (ctx.workdir / f"paired-{who}.lua", "/".join(requests[0].url.split("/", 3)[:3]), requests[0].expect)
-            wrk_mod.write_script(scripts[who][0], requests, needle)
+        scripts = {who: WrkScript(ctx, f"paired-{who}", factory, INSTALLATIONS, needle)
+                   for who, (_, factory, needle) in targets.items()}
         rounds: list[dict[str, dict[str, float]]] = []
         order = list(targets)
         for n in range(PAIRED_ROUNDS):
@@ -381,16 +376,9 @@ async def e2e_paired(ctx: Context) -> list[Result]:
             # The order turns each round: what one server leaves PostgreSQL (WAL, autovacuum) lands
             # in the next one's slice, so no server is always the one after the naive peer.
             for who in order[n % 3:] + order[:n % 3]:
-                server = targets[who][0]
-                script, url, expect = scripts[who]
-                await wrk_mod.run(ctx.wrk, script, url, concurrency=ctx.concurrency, duration=1.0,
-                                  cores=ctx.client_cores, expect=expect)  # warm-up, not counted
-                meter = CpuMeter(server.pid, ctx.pg_pid)
-                stats, client_cpu = await wrk_mod.run(ctx.wrk, script, url, concurrency=ctx.concurrency,
-                                                      duration=slice_s, cores=ctx.client_cores, expect=expect)
+                stats, usage = await scripts[who].measure(targets[who][0].pid, duration=slice_s, warmup=1.0)
                 if stats.errors:
                     raise RuntimeError(f"e2e_paired: {who} answered {dict(stats.statuses)}")
-                usage = meter.read(stats.ok, client_seconds=client_cpu)
                 row[who] = {"rps": stats.rps, "server_us": usage.get("server_us_per_req", 0.0),
                             "pg_us": usage.get("pg_us_per_req", 0.0), "p99_ms": stats.percentile_ms(99)}
             rounds.append(row)

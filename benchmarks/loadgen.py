@@ -248,6 +248,34 @@ def _pinned(cores: Sequence[int]) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+class WrkScript:
+    """A fixed cycle of requests written once as a wrk script (benchmarks/wrk.py), run as often as wanted."""
+
+    def __init__(self, ctx: Context, name: str, factory: RequestFactory, cycle: int, needle: bytes | None) -> None:
+        from . import wrk
+
+        requests = [factory(i) for i in range(cycle)]
+        self.ctx = ctx
+        self.path = ctx.workdir / f"{name}.lua"
+        self.url = "/".join(requests[0].url.split("/", 3)[:3])
+        self.expect = requests[0].expect
+        wrk.write_script(self.path, requests, needle)
+
+    async def measure(self, server_pid: int | None, *, duration: float, warmup: float) -> tuple[LoadStats, dict[str, float]]:
+        """warmup seconds of uncounted load, then duration seconds measured: the run's stats and the
+        CPU it cost (CpuMeter.read: cores and µs per answered request of client, server tree, PostgreSQL)."""
+        from . import wrk
+
+        ctx = self.ctx
+        if warmup > 0:
+            await wrk.run(ctx.wrk, self.path, self.url, concurrency=ctx.concurrency, duration=warmup,
+                          cores=ctx.client_cores, expect=self.expect)
+        meter = CpuMeter(server_pid, ctx.pg_pid)
+        stats, client_cpu = await wrk.run(ctx.wrk, self.path, self.url, concurrency=ctx.concurrency,
+                                          duration=duration, cores=ctx.client_cores, expect=self.expect)
+        return stats, meter.read(stats.ok, client_seconds=client_cpu)
+
+
 async def measure(
     ctx: Context,
     name: str,
@@ -268,21 +296,8 @@ async def measure(
     """
     driver = "aiohttp driver"
     if ctx.wrk and cycle:
-        from . import wrk
-
-        requests = [factory(i) for i in range(cycle)]
-        script = ctx.workdir / f"{name}.lua"
-        wrk.write_script(script, requests, needle)
-        base = requests[0].url.split("/", 3)
-        url = "/".join(base[:3])
-        if ctx.warmup > 0:
-            await wrk.run(ctx.wrk, script, url, concurrency=ctx.concurrency, duration=ctx.warmup,
-                          cores=ctx.client_cores, expect=requests[0].expect)
-        meter = CpuMeter(server_pid, ctx.pg_pid)
-        closed, client_cpu = await wrk.run(ctx.wrk, script, url, concurrency=ctx.concurrency,
-                                           duration=ctx.duration, cores=ctx.client_cores,
-                                           expect=requests[0].expect)
-        usage = meter.read(closed.ok, client_seconds=client_cpu)
+        script = WrkScript(ctx, name, factory, cycle, needle)
+        closed, usage = await script.measure(server_pid, duration=ctx.duration, warmup=ctx.warmup)
         driver = ctx.driver
     else:
         async with make_session(ctx.concurrency) as session:
