@@ -47,23 +47,20 @@ async def enroll(conn, install_id: uuid.UUID, *, token_id: str, token_hash: byte
         await store_key()
 
 
-def _prefix_text(prefix: object) -> str | None:
-    return prefix if prefix is None or isinstance(prefix, str) else str(prefix)
-
-
 async def write_heartbeats(conn, rows: Sequence[HeartbeatRow]) -> list[str]:
     """Store a batch: update each current record, append history; the outcome of each row, in order.
 
-    One call of write_heartbeat_batch (migration 0014): alone, one implicit transaction and one
-    round trip; inside the caller's transaction, part of it. Inside, two statements: row locks on
-    the installations in a fixed order (concurrent batches cannot deadlock; an erasure, restriction
-    or revocation, each of which locks the installation row first, either commits before them or
-    waits), then, in a fresh snapshot, judge and write everything.
+    One call of write_heartbeat_batch (migrations 0014 and 0016), the rows sent as one array of
+    heartbeat_row: alone, one implicit transaction and one round trip; inside the caller's
+    transaction, part of it. Inside, two statements: row locks on the installations in a fixed
+    order (concurrent batches cannot deadlock; an erasure, restriction or revocation, each of which
+    locks the installation row first, either commits before them or waits), then, in a fresh
+    snapshot, judge and write everything.
     """
-    columns = [list(col) for col in zip(*rows)]
-    columns[8] = [_prefix_text(p) for p in columns[8]]  # ip_prefix as text (cast to cidr in SQL)
-    return await conn.fetchval(_WRITE_BATCH, *columns)
+    # ip_prefix as text (cast to cidr in SQL); the request path already gives text
+    rows = [r if r.ip_prefix is None or type(r.ip_prefix) is str else r._replace(ip_prefix=str(r.ip_prefix))
+            for r in rows]
+    return await conn.fetchval(_WRITE_BATCH, rows)
 
 
-_WRITE_BATCH = ("SELECT write_heartbeat_batch($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::int[], "
-                "$6::text[], $7::text[], $8::bytea[], $9::text[], $10::text[])")
+_WRITE_BATCH = "SELECT write_heartbeat_batch($1::heartbeat_row[])"

@@ -435,17 +435,19 @@ async def test_method_not_allowed_is_a_problem_with_allow(service):
 
 
 async def test_the_batch_function_is_planned_once_per_connection_with_index_lookups(db):
-    """write_heartbeat_batch runs with generic plans (migration 0015), and the generic plan of its
+    """write_heartbeat_batch runs with generic plans (migrations 0015 and 0016), and the generic plan of its
     locking statement finds installations by primary key, not by reading the table."""
-    config = await db.fetchval("SELECT proconfig FROM pg_proc WHERE proname = 'write_heartbeat_batch'")
+    config = await db.fetchval("SELECT proconfig FROM pg_proc WHERE oid = 'write_heartbeat_batch(heartbeat_row[])'::regprocedure")
     assert config == ["plan_cache_mode=force_generic_plan"]
     await db.execute("INSERT INTO installations (install_id) SELECT gen_random_uuid() FROM generate_series(1, 2000)")
     await db.execute("ANALYZE installations")
     async with db.transaction():
         await db.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        await db.execute("PREPARE lock_batch(uuid[]) AS SELECT 1 FROM installations WHERE install_id = ANY($1) "
+        await db.execute("PREPARE lock_batch(heartbeat_row[]) AS SELECT 1 FROM installations "
+                         "WHERE install_id = ANY(ARRAY(SELECT r.install_id FROM unnest($1) r)) "
                          "ORDER BY install_id FOR UPDATE")
-        plan = "\n".join(r[0] for r in await db.fetch("EXPLAIN EXECUTE lock_batch(ARRAY[gen_random_uuid()])"))
+        plan = "\n".join(r[0] for r in await db.fetch(
+            "EXPLAIN EXECUTE lock_batch(ARRAY[ROW(gen_random_uuid(), now(), 'pro', '1', 1, NULL, NULL, NULL, NULL, NULL)::heartbeat_row])"))
         await db.execute("DEALLOCATE lock_batch")
     assert "Index" in plan and "Seq Scan" not in plan, plan
 
@@ -475,6 +477,34 @@ async def test_current_record_updates_are_heap_only(db):
         "WHERE x.indrelid = 'installations'::regclass AND (a.attnum = ANY(x.indkey) "
         "OR pg_get_expr(x.indpred, x.indrelid) LIKE '%last_seen_at%')")
     assert covered == 0
+
+
+async def test_the_ten_array_form_of_older_code_judges_and_writes_as_the_row_form(db):
+    """Older code on the new schema (a rolling upgrade) calls write_heartbeat_batch with ten arrays
+    (migration 0014); since 0016 that form hands its batch to the row form: stored, gone and revoked
+    alike, in order, and the history and current record written."""
+    import datetime as dt
+
+    from storage import installations
+    from storage.partitions import ensure_partitions
+
+    await ensure_partitions(db, dt.datetime.now(dt.timezone.utc).date())
+    live, revoked = uuid.uuid4(), uuid.uuid4()
+    await db.executemany("INSERT INTO installations (install_id) VALUES ($1)", [(live,), (revoked,)])
+    await db.executemany("INSERT INTO tokens (token_id, token_hash, role, install_id, revoked_at) VALUES ($1, $2, 'installation', $3, $4)",
+                         [("tok-live", b"a" * 32, live, None), ("tok-revoked", b"b" * 32, revoked, dt.datetime.now(dt.timezone.utc))])
+    now = dt.datetime.now(dt.timezone.utc)
+    rows = [installations.HeartbeatRow(i, now, "pro", "1.0", 1, None, None, b"sealed", "192.0.2.0/24", token)
+            for i, token in [(live, "tok-live"), (uuid.uuid4(), None), (revoked, "tok-revoked"), (live, None)]]
+    columns = [list(c) for c in zip(*rows)]
+    outcomes = await db.fetchval(
+        "SELECT write_heartbeat_batch($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::int[], "
+        "$6::text[], $7::text[], $8::bytea[], $9::text[], $10::text[])", *columns)
+    assert outcomes == [installations.STORED, installations.GONE, installations.REVOKED, installations.STORED]
+    assert await installations.write_heartbeats(db, rows) == outcomes
+    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", live) == 4
+    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", revoked) == 0
+    assert await db.fetchval("SELECT ip_prefix::text FROM installations WHERE install_id = $1", live) == "192.0.2.0/24"
 
 
 async def test_deferred_metric_writes_equal_direct_ones():
