@@ -8,8 +8,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple
 
-import asyncpg
-
 from storage.errors import AlreadyExists
 from storage.tokens import insert_token
 
