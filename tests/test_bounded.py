@@ -10,6 +10,7 @@ import asyncio
 import gzip
 import json
 import uuid
+from unittest import mock
 
 import aiohttp
 import orjson
@@ -362,6 +363,18 @@ def test_counter_bounds_values_and_depth_however_the_text_is_cut(value, indent, 
     if true > 1:
         with pytest.raises(TooLarge):
             check_budget(text, true - 1, 1000)
+
+
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.sampled_from(["\\", '"', "\n", "a", "\u00e9", "/", "{", ",", ":"]), max_size=200))
+def test_escapes_are_cut_as_a_parser_reads_them_whether_few_or_many(parts):
+    """Escapes are cut one by one up to FEW_ESCAPES per chunk and in bulk past them: the count is exact either way."""
+    from ingest.http import budget
+
+    text = json.dumps({"k": "".join(parts), "l": ["".join(reversed(parts)), {"m": "\\" * len(parts)}]}).encode()
+    for few in (0, 1, 3, budget.FEW_ESCAPES):
+        with mock.patch.object(budget, "FEW_ESCAPES", few):
+            assert check_budget(text, 10**9, 32) == _values(json.loads(text)) == 6
 
 
 def test_counter_is_exact_without_empty_arrays_or_cuts():

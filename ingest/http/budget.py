@@ -24,8 +24,8 @@ every array is taken as non-empty: an overcount, on the safe side.)
 
 Strings are excluded without visiting them one by one in Python:
 
-1. Escapes: the `\\\\` pairs, then the `\\"` pairs, are deleted (left to right, as a parser
-   reads them); afterwards every `"` left opens or closes a string.
+1. Escapes: every escape, a backslash and the byte after it, is deleted (left to right, as a
+   parser reads them; `_without_escapes`); afterwards every `"` left opens or closes a string.
 2. translate deletes every byte but `" { } [ ] , :` (whitespace, scalars, string contents).
 3. Two strings are always separated by a `,` or `:` (outside strings), so `""` is now
    exactly a string whose contents held none of those bytes: replaced by a marker `0`.
@@ -50,11 +50,37 @@ import re
 from ingest.errors import BadRequest, TooLarge
 
 CHUNK = 1 << 20
+FEW_ESCAPES = 64  # per chunk, cut out one by one (_without_escapes); past them, replaced in bulk
 
 _KEEP = b'"{}[],:'
 _DELETE_ALL_BUT_STRUCTURE = bytes(b for b in range(256) if b not in _KEEP)
 _STRING = re.compile(rb'"[^"]*"')
 _BRACKETS = bytes.maketrans(b"[]", b"{}")
+
+
+def _without_escapes(chunk: bytes) -> bytes:
+    """chunk with every escape (a backslash and the byte after it) deleted, read left to right as a parser does.
+
+    For valid JSON this deletes what step 1 of the module docstring does (every escaped quote and
+    backslash; the other escapes hold no structural byte). The few escapes of a usual document
+    (a Windows path, DOMAIN\\user) are cut out by find, one copy of the chunk in all; past
+    FEW_ESCAPES of them, the rest of the chunk is done by two replaces over all of it (a find per
+    escape in Python would cost more there). Measured on the 50 KiB benchmark scan, which holds
+    two: 97 us for the two replaces over all of it before.
+    """
+    parts = []
+    start = 0
+    find = chunk.find
+    at = find(b"\\")
+    for _ in range(FEW_ESCAPES):
+        if at < 0:
+            parts.append(chunk[start:])
+            return b"".join(parts)
+        parts.append(chunk[start:at])
+        start = at + 2
+        at = find(b"\\", start)
+    parts.append(chunk[start:].replace(b"\\\\", b"").replace(b'\\"', b""))
+    return b"".join(parts)
 
 
 class JsonBudget:
@@ -82,7 +108,7 @@ class JsonBudget:
             kept = chunk.rstrip(b"\\")
             chunk, self._tail = kept, chunk[len(kept) :]
         if b"\\" in chunk:
-            chunk = chunk.replace(b"\\\\", b"").replace(b'\\"', b"")
+            chunk = _without_escapes(chunk)
         t = chunk.translate(None, _DELETE_ALL_BUT_STRUCTURE)
         if self._inside:
             end = t.find(b'"')
