@@ -304,6 +304,55 @@ async def test_prepare_slots_bound_the_worker_and_share_it_between_tokens():
     assert sorted(order) == ["a", "a", "b", "c"] and slots.busy == 0
 
 
+async def test_prepare_slots_hand_a_freed_slot_to_the_first_waiter_it_may_go_to():
+    """Waiters go in arrival order, one per freed slot; one at its token's share does not hold up a later
+    one of another token; a waiter whose wait ends (503) or that is cancelled takes no slot with it."""
+    slots = PrepareSlots(1, 1, wait=5.0, retry_after=1)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def use(token: str, name: str) -> None:
+        async with slots.hold(token):
+            order.append(name)
+            if name == "first":
+                await release.wait()
+
+    first = asyncio.create_task(use("a", "first"))
+    await asyncio.sleep(0)
+    waiters = [asyncio.create_task(use(t, n)) for t, n in [("a", "a2"), ("b", "b1"), ("c", "c1"), ("b", "b2")]]
+    await asyncio.sleep(0.01)
+    assert order == ["first"] and slots.busy == 1
+    release.set()
+    await asyncio.gather(first, *waiters)
+    assert order == ["first", "a2", "b1", "c1", "b2"] and slots.busy == 0
+
+    # two slots, token a holds one and queues again; b, arriving later, takes the other at once
+    slots = PrepareSlots(2, 1, wait=5.0, retry_after=1)
+    async with slots.hold("a"):
+        queued = asyncio.create_task(use("a", "a-again"))
+        await asyncio.sleep(0.01)
+        async with slots.hold("b"):
+            assert slots.busy == 2 and not queued.done()
+        assert not queued.done()  # b's slot freed, but a is at its share
+    await queued
+    assert slots.busy == 0
+
+    # a wait that ends, and a waiter cancelled: neither keeps a slot
+    slots = PrepareSlots(1, 1, wait=0.05, retry_after=1)
+    async with slots.hold("a"):
+        with pytest.raises(Unavailable):
+            async with slots.hold("b"):
+                pass
+        cancelled = asyncio.create_task(use("c", "never"))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+    assert slots.busy == 0
+    async with slots.hold("d"):
+        assert slots.busy == 1
+
+
 # ------------------------------------------------------------------ the counter itself
 
 
