@@ -424,6 +424,30 @@ def test_escapes_are_cut_as_a_parser_reads_them_whether_few_or_many(parts):
     for few in (0, 1, 3, budget.FEW_ESCAPES):
         with mock.patch.object(budget, "FEW_ESCAPES", few):
             assert check_budget(text, 10**9, 32) == _values(json.loads(text)) == 6
+            for piece in (2, 5):  # and cut: the bulk switch may come right after a piece's first byte
+                counter = JsonBudget(10**9, 32)
+                for start in range(0, len(text), piece):
+                    counter.feed(text[start : start + piece])
+                assert counter.values == 6
+
+
+def test_a_run_of_backslashes_across_pieces_is_counted_exactly_in_constant_memory():
+    """A string of backslashes fed in pieces (odd and even cuts) keeps at most one unpaired backslash between
+    pieces, not the run so far (which cost quadratic time and the run's memory), and counts exactly."""
+    from ingest.http.budget import CHUNK
+
+    for run in (1, 2, 3, 2 * CHUNK + 6):
+        text = json.dumps({"a": "\\" * run + '"', "b": ["\\" * run]}).encode()
+        for piece in (1, 2, 3, 7, CHUNK - 1):
+            if piece < 64 and len(text) > 100_000:
+                continue  # byte-sized pieces of megabytes: the short texts cover those cuts
+            budget = JsonBudget(10**9, 32)
+            longest_tail = 0
+            for start in range(0, len(text), piece):
+                budget.feed(text[start : start + piece])
+                longest_tail = max(longest_tail, len(budget._tail))
+            budget.finish()
+            assert longest_tail <= 1 and budget.values == 4, (run, piece)
 
 
 def test_counter_is_exact_without_empty_arrays_or_cuts():
