@@ -333,9 +333,43 @@ async def test_prepare_slots_hand_a_freed_slot_to_the_first_waiter_it_may_go_to(
         await asyncio.sleep(0.01)
         async with slots.hold("b"):
             assert slots.busy == 2 and not queued.done()
-        assert not queued.done()  # b's slot freed, but a is at its share
+        await asyncio.sleep(0.01)
+        assert slots.busy == 1 and not queued.done()  # b's slot freed, but a is at its share
     await queued
     assert slots.busy == 0
+
+    # a queued waiter at its token's share is passed over for a later one of another token
+    slots = PrepareSlots(2, 1, wait=5.0, retry_after=1)
+    order.clear()
+    gate = asyncio.Event()
+
+    async def hold_until_gate(token: str) -> None:
+        async with slots.hold(token):
+            order.append(token)
+            await gate.wait()
+
+    holders = [asyncio.create_task(hold_until_gate(t)) for t in ("a", "b")]
+    await asyncio.sleep(0.01)
+    queued = [asyncio.create_task(use(t, n)) for t, n in [("a", "a-queued"), ("c", "c-queued")]]
+    await asyncio.sleep(0.01)
+    holders[1].cancel()  # b's slot frees while a still holds its own: a-queued must wait, c-queued goes
+    await asyncio.sleep(0.01)
+    assert order == ["a", "b", "c-queued"] and not queued[0].done()
+    gate.set()
+    await asyncio.gather(holders[0], *queued)
+    assert order[-1] == "a-queued" and slots.busy == 0
+
+    # a waiter cancelled in the same step as its slot is handed to it hands the slot on
+    slots = PrepareSlots(1, 1, wait=5.0, retry_after=1)
+    order.clear()
+    held = slots.hold("a")
+    await held.__aenter__()
+    never, later = asyncio.create_task(use("b", "b-never")), asyncio.create_task(use("c", "c-later"))
+    await asyncio.sleep(0.01)
+    await held.__aexit__(None, None, None)  # hands the slot to b's turn; b has not run yet
+    never.cancel()
+    await asyncio.gather(never, later, return_exceptions=True)
+    assert order == ["c-later"] and never.cancelled() and slots.busy == 0
 
     # a wait that ends, and a waiter cancelled: neither keeps a slot
     slots = PrepareSlots(1, 1, wait=0.05, retry_after=1)
