@@ -481,30 +481,36 @@ async def test_current_record_updates_are_heap_only(db):
 
 async def test_the_ten_array_form_of_older_code_judges_and_writes_as_the_row_form(db):
     """Older code on the new schema (a rolling upgrade) calls write_heartbeat_batch with ten arrays
-    (migration 0014); since 0016 that form hands its batch to the row form: stored, gone and revoked
-    alike, in order, and the history and current record written."""
+    (migration 0014); since 0016 that form hands its batch to the row form: stored, gone, revoked and
+    restricted alike, in order, and the history and current record written."""
     import datetime as dt
+    import ipaddress
 
     from storage import installations
     from storage.partitions import ensure_partitions
 
     await ensure_partitions(db, dt.datetime.now(dt.timezone.utc).date())
-    live, revoked = uuid.uuid4(), uuid.uuid4()
-    await db.executemany("INSERT INTO installations (install_id) VALUES ($1)", [(live,), (revoked,)])
+    live, revoked, restricted = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await db.executemany("INSERT INTO installations (install_id, restricted) VALUES ($1, $2)",
+                         [(live, False), (revoked, False), (restricted, True)])
     await db.executemany("INSERT INTO tokens (token_id, token_hash, role, install_id, revoked_at) VALUES ($1, $2, 'installation', $3, $4)",
                          [("tok-live", b"a" * 32, live, None), ("tok-revoked", b"b" * 32, revoked, dt.datetime.now(dt.timezone.utc))])
     now = dt.datetime.now(dt.timezone.utc)
     rows = [installations.HeartbeatRow(i, now, "pro", "1.0", 1, None, None, b"sealed", "192.0.2.0/24", token)
-            for i, token in [(live, "tok-live"), (uuid.uuid4(), None), (revoked, "tok-revoked"), (live, None)]]
+            for i, token in [(live, "tok-live"), (uuid.uuid4(), None), (revoked, "tok-revoked"), (restricted, None),
+                             (live, None)]]
     columns = [list(c) for c in zip(*rows)]
     outcomes = await db.fetchval(
         "SELECT write_heartbeat_batch($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::int[], "
         "$6::text[], $7::text[], $8::bytea[], $9::text[], $10::text[])", *columns)
-    assert outcomes == [installations.STORED, installations.GONE, installations.REVOKED, installations.STORED]
+    assert outcomes == [installations.STORED, installations.GONE, installations.REVOKED, installations.RESTRICTED,
+                        installations.STORED]
+    # the row form, with the address prefix also given as an ipaddress network (the non-request callers)
+    rows[-1] = rows[-1]._replace(ip_prefix=ipaddress.ip_network("2001:db8:1::/48"))
     assert await installations.write_heartbeats(db, rows) == outcomes
     assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", live) == 4
-    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", revoked) == 0
-    assert await db.fetchval("SELECT ip_prefix::text FROM installations WHERE install_id = $1", live) == "192.0.2.0/24"
+    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = ANY($1)", [revoked, restricted]) == 0
+    assert await db.fetchval("SELECT ip_prefix::text FROM installations WHERE install_id = $1", live) == "2001:db8:1::/48"
 
 
 async def test_deferred_metric_writes_equal_direct_ones():
