@@ -33,12 +33,15 @@ class PrepareSlots:
     def busy(self) -> int:
         return self._busy
 
+    def _free_for(self, token_id: str) -> bool:
+        return self._busy < self.slots and self._held[token_id] < self.per_token
+
     @contextlib.asynccontextmanager
     async def hold(self, token_id: str) -> AsyncIterator[None]:
         """Hold a slot for the block (503 if none frees up in time)."""
         # A free slot with waiters still queued means none of them may take it (each is at its
         # token's share): a newcomer under its share takes it without queueing behind them.
-        if self._busy < self.slots and self._held[token_id] < self.per_token:
+        if self._free_for(token_id):
             self._take(token_id)
         else:
             await self._queue(token_id)
@@ -78,11 +81,9 @@ class PrepareSlots:
         i = 0
         while self._busy < self.slots and i < len(waiting):
             waiter, turn = waiting[i]
-            if turn.done():  # its wait ended; it removes itself when it runs
+            if turn.done() or not self._free_for(waiter):  # a wait that ended removes itself when it runs
                 i += 1
-            elif self._held[waiter] < self.per_token:
-                del waiting[i]
-                self._take(waiter)
-                turn.set_result(None)
-            else:
-                i += 1
+                continue
+            del waiting[i]
+            self._take(waiter)
+            turn.set_result(None)
