@@ -151,7 +151,6 @@ class Export:
 
             yield await self._with_opened(meta, "scan", ciphertext, opener, unreadable=None)
 
-
     async def _with_opened(self, meta: dict, name: str, ciphertext: bytes, opener: Callable[[DataKey], bytes],
                            *, unreadable: Any) -> bytes:
         """meta as JSON with meta[name] the opened value spliced in as it opened (JSON), or, when no key
