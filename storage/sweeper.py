@@ -460,8 +460,9 @@ async def erase_inactive(conn: asyncpg.Connection, ks: asyncpg.Connection, cutof
                          grace: float = 1.0) -> int:
     """Erase installations with no heartbeat since cutoff (never seen: enrolled before it); returns how many.
 
-    A sequential scan of installations (once per sweep): last_seen_at has no index, so that every
-    heartbeat updates its current record in place (HOT, migration 0014).
+    A sequential scan of installations (once per sweep): last_seen_at has no index, so that a
+    heartbeat updates its current record in place (HOT, migration 0014). last_seen_at trails the
+    latest heartbeat by under a second (migration 0017): nothing at the scale of days.
     """
     erased = 0
     while True:

@@ -453,9 +453,9 @@ async def test_the_batch_function_is_planned_once_per_connection_with_index_look
 
 
 async def test_current_record_updates_are_heap_only(db):
-    """Every heartbeat rewrites its installation's current record: no index may cover a column it
-    changes (last_seen_at among them, in a key or a partial index's predicate), so PostgreSQL can
-    update the row in place (HOT) without touching the indexes (migration 0014)."""
+    """A heartbeat that changes its installation's current record rewrites it: no index may cover a
+    column it changes (last_seen_at among them, in a key or a partial index's predicate), so PostgreSQL
+    can update the row in place (HOT) without touching the indexes (migration 0014)."""
     import datetime as dt
 
     from storage import installations
@@ -477,6 +477,93 @@ async def test_current_record_updates_are_heap_only(db):
         "WHERE x.indrelid = 'installations'::regclass AND (a.attnum = ANY(x.indkey) "
         "OR pg_get_expr(x.indpred, x.indrelid) LIKE '%last_seen_at%')")
     assert covered == 0
+
+
+@pytest.mark.parametrize("change", ["license_type", "version", "asset_count", "db_server_type", "web_server_type",
+                                    "email_ct", "ip_prefix", "a second later"])
+async def test_a_heartbeat_that_repeats_the_current_record_leaves_the_row_alone(db, change):
+    """Data migration 0017: a stored heartbeat that repeats its installation's current record, less
+    than a second after last_seen_at, is appended to the history and leaves the row as it was (no new
+    row version); one that differs in any field, or comes a second or more later, rewrites it."""
+    import datetime as dt
+
+    from storage import installations
+    from storage.partitions import ensure_partitions
+
+    t0 = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    await ensure_partitions(db, t0.date())
+    install_id = uuid.uuid4()
+    await db.execute("INSERT INTO installations (install_id) VALUES ($1)", install_id)
+    first = installations.HeartbeatRow(install_id, t0, "pro", "1.0", 5, None, "nginx", b"sealed-1", "192.0.2.0/24")
+
+    async def write(row):
+        assert await installations.write_heartbeats(db, [row]) == [installations.STORED]
+        return await db.fetchrow("SELECT xmin::text AS row_version, * FROM installations WHERE install_id = $1", install_id)
+
+    before = await write(first)
+    assert before["last_seen_at"] == t0 and before["email_ct"] == b"sealed-1"
+    repeat = await write(first._replace(received_at=t0 + dt.timedelta(milliseconds=999)))
+    assert repeat["row_version"] == before["row_version"] and repeat["last_seen_at"] == t0
+    changed = {"license_type": "enterprise", "version": "1.1", "asset_count": 6, "db_server_type": "postgresql",
+               "web_server_type": None, "email_ct": b"sealed-2", "ip_prefix": "198.51.100.0/24"}
+    if change == "a second later":
+        row = first._replace(received_at=t0 + dt.timedelta(seconds=1))
+    else:
+        row = first._replace(received_at=t0 + dt.timedelta(milliseconds=999), **{change: changed[change]})
+    after = await write(row)
+    assert after["row_version"] != before["row_version"] and after["last_seen_at"] == row.received_at
+    stored = {"ip_prefix": str(after["ip_prefix"]), "email_ct": bytes(after["email_ct"])}
+    assert all(stored.get(f, after[f]) == getattr(row, f) for f in changed)
+    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", install_id) == 3
+
+
+async def test_repeated_seals_hand_out_one_ciphertext_per_email_and_key():
+    """The heartbeat path's e-mail sealing (ingest.pipeline.sealed.RepeatedSeals): the same e-mail under the
+    same data key gets the same ciphertext again, which opens to it; another e-mail, another data key (a new
+    epoch, or a key of the same id after an erasure and re-enrollment) or another installation is sealed
+    anew; the oldest entry goes past the bound, and no e-mail is kept in plaintext."""
+    import os
+
+    from ingest.pipeline.sealed import RepeatedSeals
+
+    seals = RepeatedSeals(max_entries=2)
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    key1, key2, key1_again = DataKey.from_bytes(1, os.urandom(32)), DataKey.from_bytes(2, os.urandom(32)), DataKey.from_bytes(1, os.urandom(32))
+    first = seals.seal(key1, a, "ops@example.org")
+    assert seals.seal(key1, a, "ops@example.org") is first
+    assert open_(key1, first, email_context(a)) == b"ops@example.org"
+    other = seals.seal(key1, a, "it@example.org")
+    assert other != first and open_(key1, other, email_context(a)) == b"it@example.org"
+    assert seals.seal(key1, a, "ops@example.org") not in (first, other)  # the entry holds the last e-mail only
+    for key in (key2, key1_again):
+        fresh = seals.seal(key, a, "ops@example.org")
+        assert open_(key, fresh, email_context(a)) == b"ops@example.org"
+    elsewhere = seals.seal(key1, b, "ops@example.org")
+    assert open_(key1, elsewhere, email_context(b)) == b"ops@example.org"
+    seals.seal(key1, c, "ops@example.org")
+    assert len(seals) == 2
+    assert b"ops@example.org" not in repr(seals._last).encode() and "ops@example.org" not in repr(seals._last)
+
+
+async def test_a_repeated_heartbeat_over_http_keeps_the_row_and_its_email(service, db):
+    """End to end: the same heartbeat twice within a second is two history rows and one version of the
+    current record (the worker handed out the e-mail's ciphertext again)."""
+    import datetime as dt
+
+    install_id, token = await service.enroll()
+    body = heartbeat_body(install_id, email="ops@example.org")
+    versions = set()
+    for _ in range(2):
+        assert (await service.request("POST", "/v1/heartbeats", token=token, json=body))[0] == 200
+        versions.add(await db.fetchval("SELECT xmin::text FROM installations WHERE install_id = $1", install_id))
+    received = [r[0] for r in await db.fetch(
+        "SELECT received_at FROM heartbeats WHERE install_id = $1 ORDER BY received_at", install_id)]
+    last_seen = await db.fetchval("SELECT last_seen_at FROM installations WHERE install_id = $1", install_id)
+    assert len(received) == 2
+    if received[1] - received[0] < dt.timedelta(seconds=1):  # the second left the row alone: same ciphertext
+        assert len(versions) == 1 and last_seen == received[0]
+    else:  # the second came a second or more later (a slow machine): it rewrote the row
+        assert len(versions) == 2 and last_seen == received[1]
 
 
 async def test_the_ten_array_form_of_older_code_judges_and_writes_as_the_row_form(db):

@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from crypto.datakeys import wrap_context
-from crypto.envelope import new_key_bytes, seal
+from crypto.envelope import new_key_bytes
 from crypto.tokens import new_token
 from ingest import deadline
 from ingest.errors import Conflict, Forbidden, Invalid, Unauthorized
@@ -29,7 +29,7 @@ from ingest.keys import (
     SETTINGS,
 )
 from ingest.pipeline.filter import Allowlist
-from ingest.pipeline.sealed import email_context
+from ingest.pipeline.sealed import RepeatedSeals
 from policy.categories import ENROLLMENT, INSTALLATION, declares
 from storage import installations, keystore
 from storage import tokens as token_store
@@ -83,6 +83,7 @@ class Heartbeats:
         self.decoded_bytes = metrics.deferred(metrics.request_bytes.labels("/v1/heartbeats", "decoded"))
         self.dropped = metrics.deferred(metrics.fields_dropped.labels("installation"))
         self.encrypt_latency = metrics.deferred(metrics.encrypt_latency.labels("installation"))
+        self.seals = RepeatedSeals()
         self._parts: tuple | None = None  # what the app's start-up makes (auth, restrictions, keys, writer): bound at the first request
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -113,7 +114,7 @@ class Heartbeats:
         if email is not None:
             key = await data_keys.current(install_id)  # may wait for the database: not sealing time
             started = time.perf_counter()
-            email_ct = seal(key, email.encode(), email_context(install_id))
+            email_ct = self.seals.seal(key, install_id, email)
             self.encrypt_latency.observe(time.perf_counter() - started)
         row = installations.HeartbeatRow(
             install_id,
