@@ -139,10 +139,18 @@ class DataKeyCache:
 
     async def current(self, install_id: uuid.UUID) -> DataKey:
         """The newest data key of an installation, for sealing (counted as one use of it)."""
-        keys = await self._entry(install_id)
-        key = keys[self._newest[install_id]]
-        self._uses[(install_id, key.key_id)] += 1
+        key = await self.newest(install_id)
+        self.count_use(install_id, key.key_id)
         return key
+
+    async def newest(self, install_id: uuid.UUID) -> DataKey:
+        """The newest data key of an installation, not counted: whoever seals with it calls count_use."""
+        keys = await self._entry(install_id)
+        return keys[self._newest[install_id]]
+
+    def count_use(self, install_id: uuid.UUID, key_id: int) -> None:
+        """One seal with this key (added up in the key store through drain_uses)."""
+        self._uses[(install_id, key_id)] += 1
 
     async def for_expiry(self, install_id: uuid.UUID, expires_at: dt.datetime) -> DataKey:
         """The key that seals records expiring at expires_at: its epoch's key, made in the key store on

@@ -479,12 +479,12 @@ async def test_current_record_updates_are_heap_only(db):
     assert covered == 0
 
 
-@pytest.mark.parametrize("change", ["license_type", "version", "asset_count", "db_server_type", "web_server_type",
-                                    "email_ct", "ip_prefix", "a second later"])
-async def test_a_heartbeat_that_repeats_the_current_record_leaves_the_row_alone(db, change):
-    """Data migration 0017: a stored heartbeat that repeats its installation's current record, less
-    than a second after last_seen_at, is appended to the history and leaves the row as it was (no new
-    row version); one that differs in any field, or comes a second or more later, rewrites it."""
+_CHANGES = {"license_type": "enterprise", "version": "1.1", "asset_count": 6, "db_server_type": "postgresql",
+            "web_server_type": None, "email_ct": b"sealed-2", "ip_prefix": "198.51.100.0/24"}
+
+
+async def _repeat_fixture(db):
+    """An installation whose current record holds `first` (received at t0), and a writer that returns its row."""
     import datetime as dt
 
     from storage import installations
@@ -496,25 +496,60 @@ async def test_a_heartbeat_that_repeats_the_current_record_leaves_the_row_alone(
     await db.execute("INSERT INTO installations (install_id) VALUES ($1)", install_id)
     first = installations.HeartbeatRow(install_id, t0, "pro", "1.0", 5, None, "nginx", b"sealed-1", "192.0.2.0/24")
 
-    async def write(row):
-        assert await installations.write_heartbeats(db, [row]) == [installations.STORED]
+    async def write(*rows):
+        assert await installations.write_heartbeats(db, list(rows)) == [installations.STORED] * len(rows)
         return await db.fetchrow("SELECT xmin::text AS row_version, * FROM installations WHERE install_id = $1", install_id)
 
     before = await write(first)
     assert before["last_seen_at"] == t0 and before["email_ct"] == b"sealed-1"
+    return first, write, before
+
+
+@pytest.mark.parametrize("change", [*_CHANGES, "e-mail cleared", "a second later"])
+async def test_a_heartbeat_that_repeats_the_current_record_leaves_the_row_alone(db, change):
+    """Data migration 0017: a stored heartbeat that repeats its installation's current record, less
+    than a second after last_seen_at, is appended to the history and leaves the row as it was (no new
+    row version); one that differs in any field (an e-mail left out clears the stored one), or comes a
+    second or more later, rewrites it."""
+    import datetime as dt
+
+    first, write, before = await _repeat_fixture(db)
+    t0 = first.received_at
     repeat = await write(first._replace(received_at=t0 + dt.timedelta(milliseconds=999)))
     assert repeat["row_version"] == before["row_version"] and repeat["last_seen_at"] == t0
-    changed = {"license_type": "enterprise", "version": "1.1", "asset_count": 6, "db_server_type": "postgresql",
-               "web_server_type": None, "email_ct": b"sealed-2", "ip_prefix": "198.51.100.0/24"}
     if change == "a second later":
         row = first._replace(received_at=t0 + dt.timedelta(seconds=1))
     else:
-        row = first._replace(received_at=t0 + dt.timedelta(milliseconds=999), **{change: changed[change]})
+        field, value = ("email_ct", None) if change == "e-mail cleared" else (change, _CHANGES[change])
+        row = first._replace(received_at=t0 + dt.timedelta(milliseconds=999), **{field: value})
     after = await write(row)
     assert after["row_version"] != before["row_version"] and after["last_seen_at"] == row.received_at
-    stored = {"ip_prefix": str(after["ip_prefix"]), "email_ct": bytes(after["email_ct"])}
-    assert all(stored.get(f, after[f]) == getattr(row, f) for f in changed)
-    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", install_id) == 3
+    stored = {"ip_prefix": str(after["ip_prefix"]),
+              "email_ct": None if after["email_ct"] is None else bytes(after["email_ct"])}
+    assert all(stored.get(f, after[f]) == getattr(row, f) for f in _CHANGES)
+    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", first.install_id) == 3
+
+
+async def test_a_repeat_judged_by_the_batch_s_latest_heartbeat_and_never_moving_last_seen_back(db):
+    """The batch's latest heartbeat of an installation decides: an earlier one that differs is history only.
+    A repeat stamped before last_seen_at (another worker's clock) leaves last_seen_at where it is. The
+    ten-array form of older code (migration 0014) takes the same path."""
+    import datetime as dt
+
+    first, write, before = await _repeat_fixture(db)
+    t0 = first.received_at
+    after = await write(first._replace(received_at=t0 + dt.timedelta(milliseconds=300), version="1.1"),
+                        first._replace(received_at=t0 + dt.timedelta(milliseconds=600)))
+    assert after["row_version"] == before["row_version"] and after["version"] == "1.0"
+    skewed = await write(first._replace(received_at=t0 - dt.timedelta(seconds=5)))
+    assert skewed["row_version"] == before["row_version"] and skewed["last_seen_at"] == t0
+    row = first._replace(received_at=t0 + dt.timedelta(milliseconds=900))
+    outcomes = await db.fetchval(
+        "SELECT write_heartbeat_batch($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::int[], "
+        "$6::text[], $7::text[], $8::bytea[], $9::text[], $10::text[])", *[[v] for v in row])
+    assert outcomes == ["stored"]
+    assert await db.fetchval("SELECT xmin::text FROM installations WHERE install_id = $1", first.install_id) == before["row_version"]
+    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", first.install_id) == 5
 
 
 async def test_repeated_seals_hand_out_one_ciphertext_per_email_and_key():
@@ -529,17 +564,18 @@ async def test_repeated_seals_hand_out_one_ciphertext_per_email_and_key():
     seals = RepeatedSeals(max_entries=2)
     a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     key1, key2, key1_again = DataKey.from_bytes(1, os.urandom(32)), DataKey.from_bytes(2, os.urandom(32)), DataKey.from_bytes(1, os.urandom(32))
-    first = seals.seal(key1, a, "ops@example.org")
-    assert seals.seal(key1, a, "ops@example.org") is first
+    first, sealed_now = seals.seal(key1, a, "ops@example.org")
+    assert sealed_now and seals.seal(key1, a, "ops@example.org") == (first, False)
     assert open_(key1, first, email_context(a)) == b"ops@example.org"
-    other = seals.seal(key1, a, "it@example.org")
-    assert other != first and open_(key1, other, email_context(a)) == b"it@example.org"
-    assert seals.seal(key1, a, "ops@example.org") not in (first, other)  # the entry holds the last e-mail only
+    other, sealed_now = seals.seal(key1, a, "it@example.org")
+    assert sealed_now and other != first and open_(key1, other, email_context(a)) == b"it@example.org"
+    again, sealed_now = seals.seal(key1, a, "ops@example.org")
+    assert sealed_now and again not in (first, other)  # the entry holds the last e-mail only
     for key in (key2, key1_again):
-        fresh = seals.seal(key, a, "ops@example.org")
-        assert open_(key, fresh, email_context(a)) == b"ops@example.org"
-    elsewhere = seals.seal(key1, b, "ops@example.org")
-    assert open_(key1, elsewhere, email_context(b)) == b"ops@example.org"
+        fresh, sealed_now = seals.seal(key, a, "ops@example.org")
+        assert sealed_now and open_(key, fresh, email_context(a)) == b"ops@example.org"
+    elsewhere, sealed_now = seals.seal(key1, b, "ops@example.org")
+    assert sealed_now and open_(key1, elsewhere, email_context(b)) == b"ops@example.org"
     seals.seal(key1, c, "ops@example.org")
     assert len(seals) == 2
     assert b"ops@example.org" not in repr(seals._last).encode() and "ops@example.org" not in repr(seals._last)

@@ -674,8 +674,9 @@ async def test_sweep_once_from_the_command_line(service, db, ks):
 
 async def test_seals_are_counted_and_a_worn_key_is_replaced(service, db, ks):
     install_id, token = await service.enroll()
-    for _ in range(3):
-        status, _, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, email="a@example.com"))
+    # three seals; the repeated e-mail's ciphertext is handed out again (RepeatedSeals): no seal, not counted
+    for email in ("a0@example.com", "a1@example.com", "a2@example.com", "a2@example.com"):
+        status, _, _ = await service.request("POST", "/v1/heartbeats", token=token, json=heartbeat_body(install_id, email=email))
         assert status == 200
     sweeper = service.app[SWEEPER]
     sweeper.rules = Rules(data_key_max_uses=4)

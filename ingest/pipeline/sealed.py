@@ -38,29 +38,30 @@ class RepeatedSeals:
     e-mail and its ciphertext from the last heartbeat it sealed; the same e-mail under the same key
     gets that ciphertext again, anything else is sealed anew. The digest is keyed with the data
     key's MAC key (it dies with the key, as the ciphertext does): no e-mail is kept in plaintext.
-    Bounded: past max_entries the oldest entry goes. Different workers seal the same e-mail
-    differently, so an installation whose heartbeats reach several workers rewrites its record.
+    Bounded: past max_entries the oldest entry goes (at most about 10 MB). Different workers seal the
+    same e-mail differently, so an installation whose heartbeats reach several workers rewrites its record.
     """
 
-    def __init__(self, max_entries: int = 16384) -> None:
+    def __init__(self, max_entries: int = 50_000) -> None:  # as many installations as the data-key cache
         self._max = max_entries
         self._last: dict[uuid.UUID, tuple[int, bytes, bytes]] = {}
 
     def __len__(self) -> int:
         return len(self._last)
 
-    def seal(self, key: DataKey, install_id: uuid.UUID, email: str) -> bytes:
-        """The sealed e-mail (crypto.envelope.seal with email_context)."""
+    def seal(self, key: DataKey, install_id: uuid.UUID, email: str) -> tuple[bytes, bool]:
+        """The sealed e-mail (crypto.envelope.seal with email_context), and whether it was sealed now
+        (False: handed out again; no use of the key to count)."""
         plaintext = email.encode()
-        digest = hashlib.blake2b(plaintext, key=key.mac_key, digest_size=16).digest()
+        digest = hashlib.blake2b(plaintext, key=key.mac_key, digest_size=16, person=b"ti-email-seal").digest()
         last = self._last.get(install_id)
         if last is not None and last[0] == key.key_id and hmac.compare_digest(last[1], digest):
-            return last[2]
+            return last[2], False
         sealed = seal(key, plaintext, email_context(install_id))
         if last is None and len(self._last) >= self._max:
             del self._last[next(iter(self._last))]
         self._last[install_id] = (key.key_id, digest, sealed)
-        return sealed
+        return sealed, True
 
 
 def scan_context(install_id: uuid.UUID, scan_id: uuid.UUID, fmt: int = DOCUMENT_FORMAT) -> bytes:

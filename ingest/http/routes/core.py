@@ -112,10 +112,12 @@ class Heartbeats:
         email = kept.get("email")
         email_ct = None
         if email is not None:
-            key = await data_keys.current(install_id)  # may wait for the database: not sealing time
+            key = await data_keys.newest(install_id)  # may wait for the database: not sealing time
             started = time.perf_counter()
-            email_ct = self.seals.seal(key, install_id, email)
-            self.encrypt_latency.observe(time.perf_counter() - started)
+            email_ct, sealed_now = self.seals.seal(key, install_id, email)
+            if sealed_now:  # a use of the key, and a seal timed; a ciphertext handed out again is neither
+                data_keys.count_use(install_id, key.key_id)
+                self.encrypt_latency.observe(time.perf_counter() - started)
         row = installations.HeartbeatRow(
             install_id,
             dt.datetime.now(dt.timezone.utc),
