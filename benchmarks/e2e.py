@@ -329,6 +329,7 @@ async def allowlist_filter(ctx: Context) -> list[Result]:
 
 
 PAIRED_ROUNDS = 5
+PAIRED_ORDERS = (("bare", "naive", "service"), ("service", "naive", "bare"))
 
 
 @benchmark("e2e_paired")
@@ -338,7 +339,7 @@ async def e2e_paired(ctx: Context) -> list[Result]:
     The machine's speed drifts on a shared host (the bare ceiling has read from 18,000 to 32,000
     req/s within minutes here), so ratios of measurements a minute apart carry that drift. Here the
     three servers run side by side (idle while another is loaded) and each round loads them one
-    after another (the order turning from round to round), half of --duration each (at least 3 s, after 1 s of uncounted load); every
+    after another (bare, naive, service, then the other way round), half of --duration each (at least 3 s, after 1 s of uncounted load); every
     figure is the median of the five rounds' ratios, each taken from measurements seconds apart.
     One worker each (the issue's --workers 1), whatever --workers says.
     Needs wrk (the aiohttp driver cannot load the bare app hard enough to be its ceiling).
@@ -370,12 +371,12 @@ async def e2e_paired(ctx: Context) -> list[Result]:
         scripts = {who: WrkScript(ctx, f"paired-{who}", factory, INSTALLATIONS, needle)
                    for who, (_, factory, needle) in targets.items()}
         rounds: list[dict[str, dict[str, float]]] = []
-        order = list(targets)
         for n in range(PAIRED_ROUNDS):
             row = {}
-            # The order turns each round: what one server leaves PostgreSQL (WAL, autovacuum) lands
-            # in the next one's slice, so no server is always the one after the naive peer.
-            for who in order[n % 3:] + order[:n % 3]:
+            # What one server leaves PostgreSQL (WAL, autovacuum) lands in the next one's slice, so the
+            # server after the naive peer alternates: bare, naive, service, then service, naive, bare.
+            # (Turning one order round by round would not do: it keeps who follows whom.)
+            for who in PAIRED_ORDERS[n % 2]:
                 stats, usage = await scripts[who].measure(targets[who][0].pid, duration=slice_s, warmup=1.0)
                 if stats.errors:
                     raise RuntimeError(f"e2e_paired: {who} answered {dict(stats.statuses)}")
