@@ -577,8 +577,25 @@ async def test_repeated_seals_hand_out_one_ciphertext_per_email_and_key():
     elsewhere, sealed_now = seals.seal(key1, b, "ops@example.org")
     assert sealed_now and open_(key1, elsewhere, email_context(b)) == b"ops@example.org"
     seals.seal(key1, c, "ops@example.org")
-    assert len(seals) == 2
+    assert len(seals) == 2 and a not in seals and b in seals
+    seals.forget(b)
+    assert b not in seals and len(seals) == 1
     assert b"ops@example.org" not in repr(seals._last).encode() and "ops@example.org" not in repr(seals._last)
+
+
+async def test_a_worker_forgets_a_sealed_email_once_its_installation_s_token_is_revoked(service):
+    """A revoked installation token (an erasure revokes them all) drops the installation's entry from
+    the worker's repeated seals, as it drops its data keys: nothing of it stays for the next heartbeat."""
+    from ingest.keys import AUTH, EMAIL_SEALS
+
+    install_id, token = await service.enroll()
+    body = heartbeat_body(install_id, email="ops@example.org")
+    assert (await service.request("POST", "/v1/heartbeats", token=token, json=body))[0] == 200
+    seals = service.app[EMAIL_SEALS]
+    assert install_id in seals
+    assert service.cli("tokens", "revoke", "-", input=token + "\n").returncode == 0
+    await service.app[AUTH].poll_revocations()
+    assert install_id not in seals
 
 
 async def test_a_repeated_heartbeat_over_http_keeps_the_row_and_its_email(service, db):

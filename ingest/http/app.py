@@ -22,6 +22,7 @@ from ingest.http.routes import scans as routes_scans
 from ingest.keys import (
     ACCESS_LOG,
     DATA_KEYS,
+    EMAIL_SEALS,
     HEARTBEAT_WRITER,
     KEY_FILE,
     KEYRING,
@@ -36,6 +37,7 @@ from ingest.keys import (
 from ingest.logs import AccessSampler
 from ingest.metrics import SAMPLE_INTERVAL, Metrics
 from ingest.pipeline.batching import GroupCommitWriter
+from ingest.pipeline.sealed import RepeatedSeals
 from ingest.settings import Settings
 from ingest.worker.background import background
 from ingest.worker.nodes import nodes_ctx
@@ -104,6 +106,7 @@ async def keys_ctx(app: web.Application):
 
     app[KEYRING] = ring
     app[DATA_KEYS] = DataKeyCache(ring, load, create=create)
+    app[EMAIL_SEALS] = RepeatedSeals()
     yield
 
 

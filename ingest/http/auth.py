@@ -198,14 +198,20 @@ class Authenticator:
 
 async def auth_ctx(app: web.Application):
     """cleanup_ctx: the authenticator and its revocation follower."""
-    from ingest.keys import AUTH, DATA_KEYS, POOL, SETTINGS
+    from ingest.keys import AUTH, DATA_KEYS, EMAIL_SEALS, POOL, SETTINGS
 
     s = app[SETTINGS]
     # Each worker enforces its share of the per-token rate: the port spreads connections over workers.
     limiter = TokenBuckets(s.rate_limit / s.workers, max(1, s.rate_burst // s.workers)) if s.rate_limit > 0 else None
     address_limiter = (TokenBuckets(s.address_rate_limit / s.workers, max(1, s.address_rate_burst // s.workers))
                        if s.address_rate_limit > 0 else None)
-    auth = Authenticator(app[POOL], on_revoke=app[DATA_KEYS].evict, limiter=limiter, db_timeout=s.db_timeout,
+    keys, seals = app[DATA_KEYS], app[EMAIL_SEALS]
+
+    def forget(install_id: uuid.UUID) -> None:  # an installation whose token was revoked: its keys reloaded, its e-mail sealed anew
+        keys.evict(install_id)
+        seals.forget(install_id)
+
+    auth = Authenticator(app[POOL], on_revoke=forget, limiter=limiter, db_timeout=s.db_timeout,
                          address_limiter=address_limiter, trusted_proxies=s.trusted_proxies)
     await auth.start_following()
     app[AUTH] = auth

@@ -49,6 +49,13 @@ class RepeatedSeals:
     def __len__(self) -> int:
         return len(self._last)
 
+    def __contains__(self, install_id: uuid.UUID) -> bool:
+        return install_id in self._last
+
+    def forget(self, install_id: uuid.UUID) -> None:
+        """Drop an installation's entry (its tokens were revoked: erased, or about to be)."""
+        self._last.pop(install_id, None)
+
     def seal(self, key: DataKey, install_id: uuid.UUID, email: str) -> tuple[bytes, bool]:
         """The sealed e-mail (crypto.envelope.seal with email_context), and whether it was sealed now
         (False: handed out again; no use of the key to count)."""

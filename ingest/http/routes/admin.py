@@ -21,6 +21,7 @@ from ingest.http.routes import json_response
 from ingest.keys import (
     AUTH,
     DATA_KEYS,
+    EMAIL_SEALS,
     KEYRING,
     KEYSTORE_POOL,
     POLICY,
@@ -94,12 +95,14 @@ async def erase(request: web.Request) -> web.Response:
         raise NotFoundProblem("no such installation")
     # This worker forgets at once; the others follow through their revocation pollers.
     app[DATA_KEYS].evict(install_id)
+    app[EMAIL_SEALS].forget(install_id)
     await app[AUTH].poll_revocations()
     # Finishing waits up to rights.UNLINK_GRACE for every worker to see the revocation: that much more
     # time. Cut off, the erasure stays begun (keys destroyed, tokens revoked); the sweeper finishes it.
     async with deadline.connection(app, extra=rights.UNLINK_GRACE) as conn:
         await rights.finish_erasure(conn, install_id, principal.token_id)
     app[DATA_KEYS].evict(install_id)
+    app[EMAIL_SEALS].forget(install_id)
     return web.Response(status=204)
 
 

@@ -20,6 +20,7 @@ from ingest.http.routes import json_response, refuse_unless_written
 from ingest.keys import (
     AUTH,
     DATA_KEYS,
+    EMAIL_SEALS,
     HEARTBEAT_WRITER,
     KEYRING,
     KEYSTORE_POOL,
@@ -29,7 +30,6 @@ from ingest.keys import (
     SETTINGS,
 )
 from ingest.pipeline.filter import Allowlist
-from ingest.pipeline.sealed import RepeatedSeals
 from policy.categories import ENROLLMENT, INSTALLATION, declares
 from storage import installations, keystore
 from storage import tokens as token_store
@@ -83,7 +83,6 @@ class Heartbeats:
         self.decoded_bytes = metrics.deferred(metrics.request_bytes.labels("/v1/heartbeats", "decoded"))
         self.dropped = metrics.deferred(metrics.fields_dropped.labels("installation"))
         self.encrypt_latency = metrics.deferred(metrics.encrypt_latency.labels("installation"))
-        self.seals = RepeatedSeals()
         self._parts: tuple | None = None  # what the app's start-up makes (auth, restrictions, keys, writer): bound at the first request
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -91,8 +90,8 @@ class Heartbeats:
         parts = self._parts
         if parts is None:
             app = self.app
-            parts = self._parts = (app[AUTH], app[RESTRICTIONS], app[DATA_KEYS], app[HEARTBEAT_WRITER])
-        auth, restrictions, data_keys, writer = parts
+            parts = self._parts = (app[AUTH], app[RESTRICTIONS], app[DATA_KEYS], app[EMAIL_SEALS], app[HEARTBEAT_WRITER])
+        auth, restrictions, data_keys, seals, writer = parts
         principal = await auth.authenticate(request, "installation")
         restrictions.check(principal.install_id)  # early; the writer checks again, locked
         limit = settings.heartbeat_max_bytes
@@ -114,7 +113,7 @@ class Heartbeats:
         if email is not None:
             key = await data_keys.newest(install_id)  # may wait for the database: not sealing time
             started = time.perf_counter()
-            email_ct, sealed_now = self.seals.seal(key, install_id, email)
+            email_ct, sealed_now = seals.seal(key, install_id, email)
             if sealed_now:  # a use of the key, and a seal timed; a ciphertext handed out again is neither
                 data_keys.count_use(install_id, key.key_id)
                 self.encrypt_latency.observe(time.perf_counter() - started)
