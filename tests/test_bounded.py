@@ -508,3 +508,79 @@ def test_decode_takes_any_bytes_and_answers_only_400_or_413(data, encoding, max_
     except BadRequest:
         return
     assert _values(doc) <= max_values and _depth(doc) <= max_depth
+
+
+class _Clock:
+    """A loop stand-in for _Deadlines: a settable time, and the timers asked for (cancellable)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[list] = []  # [when, callback, args, cancelled]
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when, callback, *args):
+        timer = [when, callback, args, False]
+        self.timers.append(timer)
+
+        class Handle:
+            def cancel(self_inner) -> None:
+                timer[3] = True
+
+        return Handle()
+
+    def run_until(self, until: float, on_fire) -> None:
+        """Fire due timers in time order, up to `until`."""
+        while True:
+            due = [t for t in self.timers if not t[3] and t[0] <= until]
+            if not due:
+                self.now = until
+                return
+            timer = min(due, key=lambda t: t[0])
+            self.timers.remove(timer)
+            self.now = max(self.now, timer[0])
+            timer[1](*timer[2])
+            on_fire(self.now)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 10), st.floats(0, 5), st.booleans()), min_size=1, max_size=40))
+def test_deadlines_fail_each_waiting_record_at_most_slack_after_its_deadline_and_never_before(records):
+    """The group-commit writer's deadlines (ingest.pipeline.batching._Deadlines: one timer for the records
+    queued nearly in deadline order, one of its own for a record far out of order): a record not answered
+    in time fails once its deadline has passed and at most SLACK after it; an answered one never fails."""
+    from ingest.pipeline.batching import _Deadlines, _Expired
+
+    loop = asyncio.new_event_loop()
+    try:
+        clock = _Clock()
+        deadlines = _Deadlines(clock)
+        failed_at: dict[int, float] = {}
+        futures = []
+        # queued in order of (queued at); each deadline is its own, answers come at `answered_after` unless None
+        for n, (queued_at, budget, answered) in enumerate(sorted(records)):
+            clock.run_until(queued_at, lambda now: _note(futures, failed_at, now))
+            fut = loop.create_future()
+            deadline = queued_at + budget
+            handle = deadlines.add(deadline, fut)
+            futures.append((fut, deadline, answered, handle))
+            if answered and budget > 0.5:
+                fut.set_result("stored")  # answered before its deadline (within the same turn here)
+        clock.run_until(20.0, lambda now: _note(futures, failed_at, now))
+        for n, (fut, deadline, _, _) in enumerate(futures):
+            assert fut.done(), (n, deadline)
+            if fut.exception() is None:  # answered: never failed
+                assert n not in failed_at
+            else:
+                assert isinstance(fut.exception(), _Expired)
+                assert deadline <= failed_at[n] <= deadline + _Deadlines.SLACK + 1e-9, (n, deadline, failed_at[n])
+        assert len(deadlines._waiting) == 0
+    finally:
+        loop.close()
+
+
+def _note(futures, failed_at, now) -> None:
+    for n, (fut, _, _, _) in enumerate(futures):
+        if n not in failed_at and fut.done() and not fut.cancelled() and fut.exception() is not None:
+            failed_at[n] = now
