@@ -55,11 +55,16 @@ class _Deadlines:
     deadline has passed when it fires, then is armed for the next. A record whose deadline is more than
     SLACK earlier than the latest deadline waiting (its request spent longer before queuing) gets a
     timer of its own instead. So every record in the deque has a deadline at most SLACK before any
-    queued ahead of it, and none fails more than SLACK after its deadline. Answered records leave
-    from the front as new ones come, so the deque holds about what is in flight.
+    queued ahead of it, and none fails more than SLACK (plus LATE) after its deadline. uvloop rounds
+    a timer to the millisecond, so it may fire up to half a millisecond early: timers are armed LATE
+    after the deadline, so none fails before it (and the first one does not spin on call_soon until
+    its deadline comes). Answered records leave from the front as new ones come: the deque holds what
+    arrived since the oldest record still waiting, under load about what is in flight, during an
+    outage up to TELEMETRY_DB_TIMEOUT + SLACK of arrivals.
     """
 
     SLACK = 0.05
+    LATE = 0.001
 
     __slots__ = ("_loop", "_waiting", "_timer", "_armed", "_latest")
 
@@ -78,7 +83,7 @@ class _Deadlines:
         if not waiting:
             self._latest = deadline
         elif deadline < self._latest - self.SLACK:
-            return self._loop.call_at(deadline, _expire, fut)
+            return self._loop.call_at(deadline + self.LATE, _expire, fut)
         elif deadline > self._latest:
             self._latest = deadline
         waiting.append((deadline, fut))
@@ -91,7 +96,7 @@ class _Deadlines:
     def _arm(self, when: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self._loop.call_at(when, self._fire)
+        self._timer = self._loop.call_at(when + self.LATE, self._fire)
         self._armed = when
 
     def _fire(self) -> None:
@@ -105,11 +110,6 @@ class _Deadlines:
                 return
             waiting.popleft()
             _expire(fut)
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
 
 class _Held:
@@ -360,5 +360,3 @@ class GroupCommitWriter(Generic[T]):
         for task in self._tasks:
             with suppress(asyncio.CancelledError):
                 await task
-        if self._deadlines is not None:
-            self._deadlines.close()
