@@ -666,3 +666,59 @@ async def test_stored_scan_helpers(service, db):
     found = await scan_store.find_scan(db, install_id, uuid.UUID(bodies[0]["scan_id"]))
     assert found is not None and found.key_id == epoch_key_id(found.expires_at)
     assert await scan_store.find_scan(db, uuid.uuid4(), uuid.UUID(bodies[0]["scan_id"])) is None
+
+
+async def test_one_batch_judges_each_scan_in_order(db):
+    """write_scans (one call of write_scan_batch, data migration 0018) judges a batch row by row: gone, being
+    erased, restricted and revoked-token scans are refused; a scan_id stored earlier, or earlier in the same
+    batch, is EXISTS with the stored scan's expiry, key and MAC; the quota is spent in batch order (a scan
+    over it refused, a smaller later one of the same installation stored); a scan expires with its
+    installation's retention or its key's epoch, whichever comes first; the usage rows add up."""
+    from storage.partitions import ensure_partitions
+
+    now = dt.datetime.now(dt.timezone.utc)
+    await ensure_partitions(db, now.date())
+    ok, other, restricted, erasing, gone = (uuid.uuid4() for _ in range(5))
+    await db.execute("INSERT INTO installations (install_id, scan_retention_hours) VALUES ($1, 24), ($2, 720)", ok, other)
+    await db.execute("INSERT INTO installations (install_id, restricted) VALUES ($1, true)", restricted)
+    await db.execute("INSERT INTO installations (install_id, erasing) VALUES ($1, true)", erasing)
+    live, revoked = "tok_live_" + uuid.uuid4().hex, "tok_revoked_" + uuid.uuid4().hex
+    await db.execute("INSERT INTO tokens (token_id, token_hash, role, install_id, revoked_at) VALUES "
+                     "($1, $3, 'agent', $5, NULL), ($2, $4, 'agent', $5, now())", live, revoked, os.urandom(32), os.urandom(32), ok)
+    stored_before = uuid.uuid4()
+    key_end = now + dt.timedelta(hours=100)
+
+    def row(install_id, scan_id=None, *, size=100, token=live, mac=None, key_id=7, key_expires=key_end):
+        return scan_store.ScanRow(install_id, uuid.uuid4(), scan_id or uuid.uuid4(), now, key_id, key_expires,
+                                  mac or os.urandom(32), size, size, size, os.urandom(size), token)
+
+    first = await scan_store.write_scans(db, [row(ok, stored_before, mac=b"m" * 32, key_id=5)], max_bytes=1000)
+    assert first == [scan_store.ScanOutcome("stored", now + dt.timedelta(hours=24))]
+    repeated = uuid.uuid4()
+    batch = [
+        row(gone), row(erasing), row(restricted), row(ok, token=revoked),
+        row(ok, stored_before),                                          # stored by the batch before
+        row(ok, repeated, mac=b"a" * 32, key_id=6, size=300),            # stored ...
+        row(ok, repeated, mac=b"b" * 32),                                # ... and found later in this batch
+        row(ok, size=700),                                               # 100 + 300 + 700 > 1000
+        row(ok, size=500),                                               # 100 + 300 + 500 fits
+        row(other, key_expires=now + dt.timedelta(hours=3)),             # its key's epoch ends first
+        row(other, token=None),                                          # no token to check
+    ]
+    out = await scan_store.write_scans(db, batch, max_bytes=1000)
+    assert [o.status for o in out] == ["gone", "gone", "restricted", "revoked", "exists", "stored", "exists",
+                                       "over_quota", "stored", "stored", "stored"]
+    assert out[4] == scan_store.ScanOutcome("exists", now + dt.timedelta(hours=24), 5, b"m" * 32)
+    assert out[6] == scan_store.ScanOutcome("exists", now + dt.timedelta(hours=24), 6, b"a" * 32)
+    assert out[5].expires_at == out[8].expires_at == now + dt.timedelta(hours=24)
+    assert out[9].expires_at == now + dt.timedelta(hours=3)
+    assert out[10].expires_at == key_end
+    stored = await db.fetch("SELECT install_id, scan_id, key_id, content_mac, size_plain FROM scans "
+                            "WHERE install_id = ANY($1::uuid[]) ORDER BY install_id, size_plain", [ok, other, restricted, erasing, gone])
+    assert sorted((r["install_id"], r["size_plain"]) for r in stored) == sorted(
+        [(ok, 100), (ok, 300), (ok, 500), (other, 100), (other, 100)])
+    assert await db.fetchval("SELECT count(*) FROM scans WHERE install_id = $1 AND scan_id = $2", ok, repeated) == 1
+    usage = {r["install_id"]: r["bytes"] for r in await db.fetch(
+        "SELECT install_id, sum(bytes)::bigint AS bytes FROM scan_usage WHERE install_id = ANY($1::uuid[]) GROUP BY 1", [ok, other])}
+    assert usage == {ok: 900, other: 200}
+    assert await scan_store.write_scans(db, [], max_bytes=1000) == []
