@@ -38,8 +38,7 @@ SCAN_WRITER = web.AppKey("scan_writer", "GroupCommitWriter")
 RECORD_WRITER = web.AppKey("record_writer", "GroupCommitWriter")  # POST /v1/records/{category}
 SCAN_PREPARE = web.AppKey("scan_prepare", ThreadPoolExecutor)
 SCAN_RETENTION = web.AppKey("scan_retention", "Retentions")
-SCAN_SLOTS = web.AppKey("scan_slots", "PrepareSlots")  # large scans and large record bodies
-SMALL_SCAN_SLOTS = web.AppKey("small_scan_slots", "PrepareSlots")  # scans that inflate to SMALL_DECODED at most
+SCAN_SLOTS = web.AppKey("scan_slots", "PrepareSlots")
 RESTRICTIONS = web.AppKey("restrictions", "Restrictions")
 SWEEPER = web.AppKey("sweeper", "Sweeper")
 # Embedded mode: the key file the worker's ring came from (watched: ingest.worker.nodes); None otherwise.

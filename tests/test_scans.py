@@ -722,35 +722,3 @@ async def test_one_batch_judges_each_scan_in_order(db):
         "SELECT install_id, sum(bytes)::bigint AS bytes FROM scan_usage WHERE install_id = ANY($1::uuid[]) GROUP BY 1", [ok, other])}
     assert usage == {ok: 900, other: 200}
     assert await scan_store.write_scans(db, [], max_bytes=1000) == []
-
-
-@pytest.mark.parametrize("encoding", ["gzip", "zstd"])
-async def test_small_scans_take_small_slots_and_one_inflating_past_them_a_large_one(service, db, encoding):
-    """A scan that inflates to SMALL_DECODED at most is prepared in a small prepare slot: with both large slots
-    taken it is stored all the same. One that is small on the wire but inflates past SMALL_DECODED gives its
-    small slot back and waits for a large one: while they stay taken it gets 503 with Retry-After after
-    PREPARE_WAIT and nothing is stored; once one is free it is stored whole and reads back."""
-    import contextlib
-
-    from ingest.http.routes.scans import LARGE_SLOTS, SMALL_DECODED
-    from ingest.keys import SCAN_SLOTS, SMALL_SCAN_SLOTS
-
-    install_id, _, _, agent_token = await installation_with_agent(service)
-    large = scan_body(apps=5000)
-    raw = orjson.dumps(large)
-    assert len(raw) > SMALL_DECODED and len(gzip.compress(raw)) <= SMALL_DECODED
-    async with contextlib.AsyncExitStack() as taken:
-        for i in range(LARGE_SLOTS):  # as large scans of other tokens would
-            await taken.enter_async_context(service.app[SCAN_SLOTS].hold(f"other-token-{i}"))
-        small = scan_body(apps=50)
-        status, resp, _ = await upload(service, agent_token, small, encoding)
-        assert status == 201, resp
-        status, resp, headers = await upload(service, agent_token, large, encoding)
-        assert status == 503 and headers["Retry-After"], resp
-        assert service.app[SMALL_SCAN_SLOTS].busy == 0  # given back before waiting for a large slot
-    assert await db.fetchval("SELECT count(*) FROM scans WHERE scan_id = $1", uuid.UUID(large["scan_id"])) == 0
-    status, resp, _ = await upload(service, agent_token, large, encoding)
-    assert status == 201, resp
-    assert await decrypted(service, db, install_id, large["scan_id"]) == large
-    assert await decrypted(service, db, install_id, small["scan_id"]) == small
-    assert service.app[SCAN_SLOTS].busy == service.app[SMALL_SCAN_SLOTS].busy == 0

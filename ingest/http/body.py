@@ -20,10 +20,6 @@ _CHUNK = 64 * 1024
 ENCODINGS = ("identity", "gzip", "zstd")
 
 
-class InflatesPast(TooLarge):
-    """413: the body is, or inflates to, more than the decoded limit it was read with."""
-
-
 def check_content_type(request: web.Request) -> None:
     """415 unless the body is declared application/json (charset, if any, utf-8)."""
     if request.headers.get("Content-Type") == "application/json":  # the usual header, without parsing it
@@ -87,7 +83,7 @@ def inflate(data: bytes, encoding: str, limit: int, budget: JsonBudget | None = 
     """
     if encoding == "identity":
         if len(data) > limit:
-            raise InflatesPast(f"body is larger than {limit} bytes")
+            raise TooLarge(f"body is larger than {limit} bytes")
         if budget is not None:
             budget.feed(data)
         return data
@@ -138,7 +134,7 @@ def _take(chunks: list[bytes] | None, chunk: bytes, size: int, limit: int, budge
     """Append one chunk of output (413 once past limit; counted by budget); the new size."""
     size += len(chunk)
     if size > limit:
-        raise InflatesPast(f"body inflates past {limit} bytes")
+        raise TooLarge(f"body inflates past {limit} bytes")
     if budget is not None:
         budget.feed(chunk)
     if chunks is not None:

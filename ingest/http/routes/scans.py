@@ -37,7 +37,6 @@ from ingest.errors import (
     Unauthorized,
 )
 from ingest.http.body import (
-    InflatesPast,
     check_content_type,
     content_encoding,
     decode,
@@ -59,7 +58,6 @@ from ingest.keys import (
     SCAN_SLOTS,
     SCAN_WRITER,
     SETTINGS,
-    SMALL_SCAN_SLOTS,
 )
 from ingest.pipeline.batching import GroupCommitWriter
 from ingest.pipeline.filter import Allowlist
@@ -76,19 +74,10 @@ SCAN_BATCH_BYTES = 2 << 20  # sealed bytes per scan batch (at most batch_max_byt
 SCAN_QUEUE_BYTES = 64 << 20  # sealed bytes waiting for commit per worker before 503
 # Every scan is inflated, parsed, filtered and sealed on a worker thread, so the event loop keeps
 # answering heartbeats meanwhile, whatever a body's size on the wire says about its size decoded.
-# The prepare slots bound how many are prepared at once, and with that the memory of inflated and
-# parsed documents: LARGE_SLOTS of them may inflate up to scan_max_decoded_bytes, SMALL_SLOTS
-# more only up to SMALL_DECODED. A scan of at most SMALL_DECODED on the wire takes a small slot
-# first; if it inflates past SMALL_DECODED, it gives that slot back and is prepared again in a
-# large one (the small attempt's work, a bounded SMALL_DECODED of inflating, is lost). Six small
-# slots besides the two large ones: measured with 50 KiB scans, more slots make the event loop
-# cheaper per scan and the batches larger (benchmarks/README.md, the sixth round); the large
-# ones stay at two, which bounds a worker's memory under large scans as before. A scan waits up
-# to PREPARE_WAIT seconds for a slot of its kind (503 after), and one token holds at most
-# PREPARE_PER_TOKEN slots of each kind at once. One thread per slot.
-LARGE_SLOTS = 2
-SMALL_SLOTS = 6
-SMALL_DECODED = 256 * 1024
+# Threads per worker process preparing scans: also bounds the memory of parsed documents. A scan
+# waits up to PREPARE_WAIT seconds for one of them (503 after), and one token holds at most
+# PREPARE_PER_TOKEN of them at once.
+PREPARE_THREADS = 2
 PREPARE_PER_TOKEN = 1
 PREPARE_WAIT = 2.0
 
@@ -282,9 +271,11 @@ class Scans:
         # Sealed under the key of the retention epoch it will expire in: that key is destroyed
         # when the epoch ends, and with it this scan in every copy of the data database.
         key = await app[DATA_KEYS].for_expiry(install_id, received_at + dt.timedelta(hours=hours))
+        prepare = functools.partial(self.prepare, raw, encoding, install_id, key)
         with deadline.not_counted():  # waiting for a slot and CPU time, not the database's
-            sealed = await self._prepared(raw, encoding, install_id, key, principal.token_id)
-        del raw
+            async with app[SCAN_SLOTS].hold(principal.token_id):
+                sealed = await asyncio.get_running_loop().run_in_executor(app[SCAN_PREPARE], prepare)
+        del raw, prepare
         row = scan_store.ScanRow(
             install_id, principal.agent_id, sealed.scan_id, received_at, key.key_id, epoch_end(key.key_id),
             sealed.content_mac, size_wire, sealed.size_decoded, sealed.size_plain, sealed.ciphertext, principal.token_id,
@@ -305,27 +296,10 @@ class Scans:
             raise Conflict("this scan_id was already stored with other content")
         return json_response(body)
 
-    async def _prepared(self, raw: bytes, encoding: str, install_id: uuid.UUID, key: DataKey, token_id: str) -> Sealed:
-        """The scan prepared on a worker thread, holding a small prepare slot if it inflates to
-        SMALL_DECODED at most, else a large one (see PREPARE_WAIT)."""
-        app, limit = self.app, self.settings.scan_max_decoded_bytes
-        run = functools.partial(asyncio.get_running_loop().run_in_executor, app[SCAN_PREPARE], self.prepare, raw, encoding,
-                                install_id, key)
-        if len(raw) <= SMALL_DECODED:
-            small = min(SMALL_DECODED, limit)
-            async with app[SMALL_SCAN_SLOTS].hold(token_id):
-                try:
-                    return await run(small)
-                except InflatesPast:
-                    if small == limit:
-                        raise  # past the decoded limit itself: 413
-        async with app[SCAN_SLOTS].hold(token_id):
-            return await run(limit)
-
-    def prepare(self, raw: bytes, encoding: str, install_id: uuid.UUID, key: DataKey, limit: int) -> Sealed:
-        """Inflate (to limit bytes at most), parse, filter, serialise, hash and seal (CPU only: may run on a worker thread)."""
+    def prepare(self, raw: bytes, encoding: str, install_id: uuid.UUID, key: DataKey) -> Sealed:
+        """Inflate, parse, filter, serialise, hash and seal (CPU only: may run on a worker thread)."""
         s = self.settings
-        data = decode(raw, encoding, limit, max_values=s.json_max_values, max_depth=s.json_max_depth)
+        data = decode(raw, encoding, s.scan_max_decoded_bytes, max_values=s.json_max_values, max_depth=s.json_max_depth)
         size_decoded = len(data)
         self.decoded_bytes.inc(size_decoded)
         doc = parse_object(data)
@@ -376,10 +350,9 @@ async def scan_writer_ctx(app: web.Application):
     """cleanup_ctx: the threads that prepare scans (and the slots that bound how many wait for them), and the
     scan group-commit writer, apart from the heartbeats' so large scans never queue before them."""
     s = app[SETTINGS]
-    executor = ThreadPoolExecutor(LARGE_SLOTS + SMALL_SLOTS, thread_name_prefix="scan-prepare")
+    executor = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="scan-prepare")
     app[SCAN_PREPARE] = executor
-    app[SCAN_SLOTS] = PrepareSlots(LARGE_SLOTS, PREPARE_PER_TOKEN, PREPARE_WAIT, s.retry_after)
-    app[SMALL_SCAN_SLOTS] = PrepareSlots(SMALL_SLOTS, PREPARE_PER_TOKEN, PREPARE_WAIT, s.retry_after)
+    app[SCAN_SLOTS] = PrepareSlots(PREPARE_THREADS, PREPARE_PER_TOKEN, PREPARE_WAIT, s.retry_after)
     batch_bytes = min(s.batch_max_bytes, SCAN_BATCH_BYTES)
     writer: GroupCommitWriter[scan_store.ScanRow] = GroupCommitWriter(
         "scan", app[POOL], functools.partial(scan_store.write_scans, max_bytes=s.scan_bytes_per_installation), app[METRICS],
