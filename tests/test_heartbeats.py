@@ -552,6 +552,27 @@ async def test_a_repeat_judged_by_the_batch_s_latest_heartbeat_and_never_moving_
     assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", first.install_id) == 5
 
 
+async def test_a_changed_heartbeat_committed_after_a_later_one_is_history_only(db):
+    """Data migration 0018: heartbeats of one installation may commit out of order (two workers, two
+    nodes). One received before last_seen_at, changed or not, is appended to the history and leaves the
+    current record as the later one made it; one received at or after it still rewrites it."""
+    import datetime as dt
+
+    first, write, before = await _repeat_fixture(db)
+    t0 = first.received_at
+    late = await write(first._replace(received_at=t0 - dt.timedelta(seconds=2), version="0.9", asset_count=1,
+                                      email_ct=b"sealed-0"))
+    assert late["row_version"] == before["row_version"]
+    assert (late["last_seen_at"], late["version"], late["asset_count"], bytes(late["email_ct"])) == (t0, "1.0", 5, b"sealed-1")
+    same_time = await write(first._replace(version="1.1"))
+    assert same_time["row_version"] != before["row_version"] and same_time["version"] == "1.1"
+    assert same_time["last_seen_at"] == t0
+    history = await db.fetch("SELECT received_at, version FROM heartbeats WHERE install_id = $1 ORDER BY received_at, version",
+                             first.install_id)
+    assert [(r["received_at"], r["version"]) for r in history] == [
+        (t0 - dt.timedelta(seconds=2), "0.9"), (t0, "1.0"), (t0, "1.1")]
+
+
 async def test_repeated_seals_hand_out_one_ciphertext_per_email_and_key():
     """The heartbeat path's e-mail sealing (ingest.pipeline.sealed.RepeatedSeals): the same e-mail under the
     same data key gets the same ciphertext again, which opens to it; another e-mail, another data key (a new
