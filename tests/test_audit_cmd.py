@@ -9,7 +9,6 @@ import pytest
 from crypto.tokens import new_token
 from ingest.admin.compliance import audit_database, report
 from ingest.admin import rights
-from storage import admin
 from storage.partitions import ensure_partitions
 from storage.tokens import insert_token
 from tests.support import heartbeat_body

@@ -10,7 +10,6 @@ import gzip
 import ipaddress
 import json
 import os
-import string
 import subprocess
 import sys
 import zlib

@@ -12,11 +12,10 @@ import ipaddress
 import time
 import uuid
 
-import orjson
 import pytest
 
 from storage.pool import connect
-from tests.fault_tools import JSON, agent_of, raw_http, scan_body
+from tests.fault_tools import agent_of, raw_http, scan_body
 from tests.support import heartbeat_body, run_cli, start_service
 
 

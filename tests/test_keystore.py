@@ -26,7 +26,7 @@ from ingest.keys import DATA_KEYS, KEYSTORE_POOL, SWEEPER
 from ingest.pipeline.sealed import email_context
 from ingest.pipeline.sealed import scan_context
 from storage import keystore
-from storage.databases import migrate_both, replay_erasures
+from storage.databases import replay_erasures
 from storage.pool import connect
 from storage.sweeper import Rules, sweep
 from tests.fault_tools import PgProxy, agent_of, scan_body

@@ -17,7 +17,6 @@ import uuid
 from pathlib import Path
 
 import orjson
-import pytest
 
 from crypto.datakeys import hash_key_context
 from crypto.documents import open_document_json

@@ -17,10 +17,8 @@ import psutil
 import pytest
 import zstandard
 
-from crypto.datakeys import epoch_key_id, wrap_context
-from crypto.envelope import new_key_bytes
+from crypto.datakeys import epoch_key_id
 from crypto.errors import DecryptionError
-from crypto.keyring import KeyRing
 from ingest.keys import AUTH, DATA_KEYS, RESTRICTIONS
 from ingest.pipeline.sealed import read_scan, read_scans
 from storage import scans as scan_store

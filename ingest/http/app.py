@@ -93,8 +93,6 @@ async def storage_ctx(app: web.Application):
 async def keys_ctx(app: web.Application):
     """The key ring (checked here, so a bad key fails start-up) and the data-key cache over the key store."""
     ring = KeyRing.from_setting(app[SETTINGS].master_key)
-    ks_pool = app[KEYSTORE_POOL]
-    timeout = app[SETTINGS].db_timeout
 
     async def load(install_id):
         async with deadline.connection(app, pool=KEYSTORE_POOL) as conn:  # within the request's deadline, if a request loads it

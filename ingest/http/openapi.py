@@ -118,7 +118,6 @@ def build(policy: Policy | None = None) -> dict[str, Any]:
     """The whole document, for the policy in force (default: the built-in one): its paths and bodies."""
     policy = policy or builtin()
     uuid_param = lambda name: {"name": name, "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}  # noqa: E731
-    token = {"type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}}
     paths: dict[str, Any] = {
         "/v1/enroll": {"post": {
             "summary": "Enroll an installation (enrollment secret)", "security": [{"bearer": []}],

@@ -246,7 +246,7 @@ class Scans:
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
-        self.settings = s = app[SETTINGS]
+        self.settings = app[SETTINGS]
         self.filter = Allowlist(SCAN.root)
         metrics = app[METRICS]
         self.wire_bytes = metrics.request_bytes.labels("/v1/scans", "wire")
