@@ -87,7 +87,7 @@ TABLES: dict[str, Table] = {
     "installations": Table(
         policy=policy_columns(INSTALLATION, CLEAR),
         sealed=policy_columns(INSTALLATION, ("encrypted",)),
-        bookkeeping=("enrolled_at", "last_seen_at", "scan_retention_hours", "restricted", "erasing", "restriction_seq",
+        bookkeeping=("enrolled_at", "last_seen_at", "heartbeat_at", "scan_retention_hours", "restricted", "erasing", "restriction_seq",
                      "retention_shortened_at"),
     ),
     # Heartbeat history: the plaintext and anonymised fields (the e-mail lives in the current record only).

@@ -462,7 +462,7 @@ async def erase_inactive(conn: asyncpg.Connection, ks: asyncpg.Connection, cutof
 
     A sequential scan of installations (once per sweep): last_seen_at has no index, so that a
     heartbeat updates its current record in place (HOT, migration 0014). last_seen_at trails the
-    latest heartbeat by under a second (migration 0017): nothing at the scale of days.
+    latest heartbeat or record by under a second (migrations 0017, 0019): nothing at the scale of days.
     """
     erased = 0
     while True:

@@ -553,24 +553,45 @@ async def test_a_repeat_judged_by_the_batch_s_latest_heartbeat_and_never_moving_
 
 
 async def test_a_changed_heartbeat_committed_after_a_later_one_is_history_only(db):
-    """Data migration 0018: heartbeats of one installation may commit out of order (two workers, two
-    nodes). One received before last_seen_at, changed or not, is appended to the history and leaves the
-    current record as the later one made it; one received at or after it still rewrites it."""
+    """Data migrations 0018 and 0019: heartbeats of one installation may commit out of order (two
+    workers, two nodes). One received before the heartbeat the current record came from, changed or
+    not, even by a microsecond, is appended to the history and leaves the record as the later one made
+    it; one received at or after it still rewrites it."""
     import datetime as dt
 
     first, write, before = await _repeat_fixture(db)
     t0 = first.received_at
-    late = await write(first._replace(received_at=t0 - dt.timedelta(seconds=2), version="0.9", asset_count=1,
-                                      email_ct=b"sealed-0"))
-    assert late["row_version"] == before["row_version"]
-    assert (late["last_seen_at"], late["version"], late["asset_count"], bytes(late["email_ct"])) == (t0, "1.0", 5, b"sealed-1")
+    for earlier in (dt.timedelta(seconds=2), dt.timedelta(microseconds=1)):
+        late = await write(first._replace(received_at=t0 - earlier, version="0.9", asset_count=1, email_ct=b"sealed-0"))
+        assert late["row_version"] == before["row_version"]
+        assert (late["last_seen_at"], late["version"], late["asset_count"], bytes(late["email_ct"])) == (t0, "1.0", 5, b"sealed-1")
     same_time = await write(first._replace(version="1.1"))
     assert same_time["row_version"] != before["row_version"] and same_time["version"] == "1.1"
-    assert same_time["last_seen_at"] == t0
+    assert same_time["last_seen_at"] == same_time["heartbeat_at"] == t0
     history = await db.fetch("SELECT received_at, version FROM heartbeats WHERE install_id = $1 ORDER BY received_at, version",
                              first.install_id)
     assert [(r["received_at"], r["version"]) for r in history] == [
-        (t0 - dt.timedelta(seconds=2), "0.9"), (t0, "1.0"), (t0, "1.1")]
+        (t0 - dt.timedelta(seconds=2), "0.9"), (t0 - dt.timedelta(microseconds=1), "0.9"), (t0, "1.0"), (t0, "1.1")]
+
+
+async def test_a_heartbeat_is_judged_by_its_own_time_not_by_last_seen_at_which_records_move(db):
+    """Data migration 0019: a stored record moves last_seen_at to the database's clock
+    (storage.records), possibly past a heartbeat received earlier and committed later; that heartbeat
+    still updates the current record (judged against heartbeat_at), and last_seen_at does not move
+    back. Within one batch, the latest heartbeat of an installation by receipt time decides, whatever
+    its position."""
+    import datetime as dt
+
+    first, write, before = await _repeat_fixture(db)
+    t0 = first.received_at
+    record_time = t0 + dt.timedelta(seconds=10)
+    await db.execute("UPDATE installations SET last_seen_at = $2 WHERE install_id = $1", first.install_id, record_time)
+    after = await write(first._replace(received_at=t0 + dt.timedelta(milliseconds=500), version="1.1"))
+    assert after["version"] == "1.1" and after["heartbeat_at"] == t0 + dt.timedelta(milliseconds=500)
+    assert after["last_seen_at"] == record_time
+    batch = await write(first._replace(received_at=t0 + dt.timedelta(seconds=12), version="2.0"),
+                        first._replace(received_at=t0 + dt.timedelta(seconds=11), version="1.5"))
+    assert batch["version"] == "2.0" and batch["heartbeat_at"] == batch["last_seen_at"] == t0 + dt.timedelta(seconds=12)
 
 
 async def test_repeated_seals_hand_out_one_ciphertext_per_email_and_key():
