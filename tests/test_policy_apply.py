@@ -118,23 +118,30 @@ def test_strip_removes_a_path_at_every_depth_and_what_it_leaves_empty():
 # ------------------------------------------------------------------ serve at its next start
 
 
-async def test_serve_records_the_first_policy_and_an_added_field_just_starts(env, db):
+async def serve_once(env: dict[str, str]) -> None:
+    """Start serve, wait until it is ready, stop it: it must exit 0. A start that fails raises with
+    serve's output (a try/finally asserting the stop's code hid that error behind "-15 == 0")."""
     srv = ServeProcess(env)
     try:
         await srv.wait_ready()
-    finally:
-        assert srv.stop() == 0
+    except BaseException:
+        srv.stop()
+        raise
+    output = srv.stderr
+    code = srv.stop()
+    assert code == 0, output[-3000:]
+
+
+
+async def test_serve_records_the_first_policy_and_an_added_field_just_starts(env, db):
+    await serve_once(env)
     held = await applied.held(db)
     assert held == (declared(policy.builtin()), "built-in")
     # The database held one field less (an older file): the field is added, serve starts and records the file.
     older = declared(policy.builtin())
     older["installation"].remove("web_server_type")
     await hold(db, older)
-    srv = ServeProcess(env)
-    try:
-        await srv.wait_ready()
-    finally:
-        assert srv.stop() == 0
+    await serve_once(env)
     assert await applied.held(db) == (declared(policy.builtin()), "built-in")
     detail = await db.fetchval("SELECT detail::text FROM audit_log WHERE action = 'policy.apply' ORDER BY id DESC LIMIT 1")
     assert orjson.loads(detail) == {"categories_added": 0, "fields_added": 1}
@@ -175,11 +182,7 @@ async def test_serve_refuses_what_the_file_no_longer_declares_until_policy_apply
 
     again = await asyncio.to_thread(run_cli, "policy", "apply", "--confirm", env=env)
     assert "nothing to change" in again.stdout
-    srv = ServeProcess(env)
-    try:
-        await srv.wait_ready()
-    finally:
-        assert srv.stop() == 0
+    await serve_once(env)
 
 
 # ------------------------------------------------------------------ policy apply FILE: fields at every depth
