@@ -60,12 +60,29 @@ class ServeProcess:
                     raise AssertionError(f"serve exited {self.proc.returncode}: {self.stderr}")
                 try:
                     async with http.get(self.url + "/readyz") as r:
-                        if r.status == 200:
+                        if r.status == 200 and self.listening():
                             return
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.2)
         raise AssertionError("serve did not become ready")
+
+    def listening(self) -> bool:
+        """Whether this serve (or one of its workers) holds the listening socket of self.port: under
+        xdist another test's server can take the port free_port() gave before this one binds it, and
+        its /readyz is not this one's (this serve then fails to bind and exits, which wait_ready reports)."""
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return False
+        for proc in procs:
+            try:
+                if any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in proc.net_connections("tcp")):
+                    return True
+            except psutil.Error:
+                pass
+        return False
 
     def workers(self) -> list[int]:
         """The live workers' pids: a killed one the supervisor has not reaped yet (a zombie) is not one."""
