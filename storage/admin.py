@@ -19,7 +19,7 @@ from storage.tokens import revoke_installation
 async def exportable(conn, install_id: uuid.UUID) -> asyncpg.Record | None:
     """The installation's current record, unless it is unknown or being erased."""
     return await conn.fetchrow(
-        "SELECT install_id, enrolled_at, last_seen_at, license_type, version, asset_count, db_server_type, "
+        "SELECT install_id, enrolled_at, last_seen_at, heartbeat_at, license_type, version, asset_count, db_server_type, "
         "web_server_type, email_ct, ip_prefix, scan_retention_hours, restricted "
         "FROM installations WHERE install_id = $1 AND NOT erasing",
         install_id,

@@ -158,6 +158,8 @@ async def test_export_is_one_document_with_everything_decrypted(service, db, adm
     assert (inst["license_type"], inst["version"], inst["asset_count"]) == ("enterprise", "4.2.1", 102)
     assert inst["ip_prefix"] == "127.0.0.0/24" and inst["restricted"] is False and inst["scan_retention_hours"] == 720
     assert [h["asset_count"] for h in doc["heartbeats"]] == [100, 101, 102]
+    # the record came from the latest heartbeat, and says when it was received (data migration 0019)
+    assert inst["heartbeat_at"] == doc["heartbeats"][-1]["received_at"] and inst["last_seen_at"] >= inst["heartbeat_at"]
     assert set(doc["heartbeats"][0]) == {"received_at", "license_type", "version", "asset_count", "db_server_type",
                                          "web_server_type", "ip_prefix"}
     assert doc["agents"] == [{"agent_id": str(subject.agent_id), "name": "scanner-1",
@@ -185,6 +187,7 @@ async def test_export_of_installation_without_history(service, admin_token):
     status, doc, _ = await export(service, admin_token, install_id)
     assert status == 200
     assert doc["installation"]["email"] is None and doc["installation"]["last_seen_at"] is None
+    assert doc["installation"]["heartbeat_at"] is None
     assert doc["heartbeats"] == [] and doc["agents"] == [] and doc["scans"] == []
 
 

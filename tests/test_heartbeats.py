@@ -472,11 +472,12 @@ async def test_current_record_updates_are_heap_only(db):
         upd, hot = await db.fetchrow(
             "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables WHERE relname = 'installations'")
     assert upd == 3 and hot == 3
-    covered = await db.fetchval(
-        "SELECT count(*) FROM pg_index x JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attname = 'last_seen_at' "
-        "WHERE x.indrelid = 'installations'::regclass AND (a.attnum = ANY(x.indkey) "
-        "OR pg_get_expr(x.indpred, x.indrelid) LIKE '%last_seen_at%')")
-    assert covered == 0
+    for column in ("last_seen_at", "heartbeat_at"):  # the columns every heartbeat's update sets
+        covered = await db.fetchval(
+            "SELECT count(*) FROM pg_index x JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attname = $1 "
+            "WHERE x.indrelid = 'installations'::regclass AND (a.attnum = ANY(x.indkey) "
+            "OR pg_get_expr(x.indpred, x.indrelid) LIKE '%' || $1 || '%')", column)
+        assert covered == 0, column
 
 
 _CHANGES = {"license_type": "enterprise", "version": "1.1", "asset_count": 6, "db_server_type": "postgresql",
@@ -508,7 +509,7 @@ async def _repeat_fixture(db):
 @pytest.mark.parametrize("change", [*_CHANGES, "e-mail cleared", "a second later"])
 async def test_a_heartbeat_that_repeats_the_current_record_leaves_the_row_alone(db, change):
     """Data migration 0017: a stored heartbeat that repeats its installation's current record, less
-    than a second after last_seen_at, is appended to the history and leaves the row as it was (no new
+    than a second after the heartbeat it came from (heartbeat_at since 0019), is appended to the history and leaves the row as it was (no new
     row version); one that differs in any field (an e-mail left out clears the stored one), or comes a
     second or more later, rewrites it."""
     import datetime as dt
@@ -592,6 +593,22 @@ async def test_a_heartbeat_is_judged_by_its_own_time_not_by_last_seen_at_which_r
     batch = await write(first._replace(received_at=t0 + dt.timedelta(seconds=12), version="2.0"),
                         first._replace(received_at=t0 + dt.timedelta(seconds=11), version="1.5"))
     assert batch["version"] == "2.0" and batch["heartbeat_at"] == batch["last_seen_at"] == t0 + dt.timedelta(seconds=12)
+
+
+async def test_a_record_from_before_heartbeat_at_is_judged_against_last_seen_at(db):
+    """Data migration 0020: an installation whose current record was written before heartbeat_at existed
+    (heartbeat_at NULL, last_seen_at set) is judged against last_seen_at, so an older changed heartbeat is
+    history only there too; its first heartbeat at or after last_seen_at sets heartbeat_at."""
+    import datetime as dt
+
+    first, write, before = await _repeat_fixture(db)
+    t0 = first.received_at
+    await db.execute("UPDATE installations SET heartbeat_at = NULL WHERE install_id = $1", first.install_id)
+    before = await db.fetchrow("SELECT xmin::text AS row_version FROM installations WHERE install_id = $1", first.install_id)
+    older = await write(first._replace(received_at=t0 - dt.timedelta(seconds=5), version="0.1"))
+    assert older["row_version"] == before["row_version"] and older["version"] == "1.0" and older["heartbeat_at"] is None
+    newer = await write(first._replace(received_at=t0 + dt.timedelta(milliseconds=10), version="1.1"))
+    assert newer["version"] == "1.1" and newer["heartbeat_at"] == t0 + dt.timedelta(milliseconds=10)
 
 
 async def test_repeated_seals_hand_out_one_ciphertext_per_email_and_key():
