@@ -577,22 +577,31 @@ async def test_a_changed_heartbeat_committed_after_a_later_one_is_history_only(d
 
 async def test_a_heartbeat_is_judged_by_its_own_time_not_by_last_seen_at_which_records_move(db):
     """Data migration 0019: a stored record moves last_seen_at to the database's clock
-    (storage.records), possibly past a heartbeat received earlier and committed later; that heartbeat
+    (storage.records.write_records), possibly past a heartbeat received earlier and committed later; that heartbeat
     still updates the current record (judged against heartbeat_at), and last_seen_at does not move
     back. Within one batch, the latest heartbeat of an installation by receipt time decides, whatever
-    its position."""
+    its position (at equal times, the later one in the batch)."""
     import datetime as dt
 
+    from storage import records
+
     first, write, before = await _repeat_fixture(db)
-    t0 = first.received_at
-    record_time = t0 + dt.timedelta(seconds=10)
-    await db.execute("UPDATE installations SET last_seen_at = $2 WHERE install_id = $1", first.install_id, record_time)
-    after = await write(first._replace(received_at=t0 + dt.timedelta(milliseconds=500), version="1.1"))
-    assert after["version"] == "1.1" and after["heartbeat_at"] == t0 + dt.timedelta(milliseconds=500)
+    t0 = first.received_at  # the fixture's now, cut to the second
+    record = records.RecordRow("diagnostic", first.install_id, "r-1", dt.datetime.now(dt.timezone.utc), 24, b"{}",
+                               None, None, None, None, False)
+    assert [o.status for o in await records.write_records(db, [record])] == [records.STORED]
+    record_time = await db.fetchval("SELECT last_seen_at FROM installations WHERE install_id = $1", first.install_id)
+    received = t0 + dt.timedelta(microseconds=1)  # after the record's heartbeat, before the stored record
+    assert received < record_time
+    after = await write(first._replace(received_at=received, version="1.1"))
+    assert after["version"] == "1.1" and after["heartbeat_at"] == received
     assert after["last_seen_at"] == record_time
     batch = await write(first._replace(received_at=t0 + dt.timedelta(seconds=12), version="2.0"),
                         first._replace(received_at=t0 + dt.timedelta(seconds=11), version="1.5"))
     assert batch["version"] == "2.0" and batch["heartbeat_at"] == batch["last_seen_at"] == t0 + dt.timedelta(seconds=12)
+    same = t0 + dt.timedelta(seconds=13)  # received at the same time: the later in the batch decides
+    tie = await write(first._replace(received_at=same, version="3.0"), first._replace(received_at=same, version="3.1"))
+    assert tie["version"] == "3.1" and tie["heartbeat_at"] == same
 
 
 async def test_a_record_from_before_heartbeat_at_is_judged_against_last_seen_at(db):
