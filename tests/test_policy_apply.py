@@ -132,7 +132,6 @@ async def serve_once(env: dict[str, str]) -> None:
     assert code == 0, output[-3000:]
 
 
-
 async def test_serve_records_the_first_policy_and_an_added_field_just_starts(env, db):
     await serve_once(env)
     held = await applied.held(db)
