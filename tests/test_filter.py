@@ -146,6 +146,22 @@ def test_large_software_list_fast_path_matches_reference():
     assert kept["software"][778] is software[778]  # kept items are the parsed dicts, not copies
 
 
+@pytest.mark.parametrize("extras", [("path",), ("path", "license_key"), ("path", "license_key", "arch", "size")])
+def test_undeclared_keys_in_list_items_are_found_by_lookup_or_walk_in_first_met_order(extras):
+    # Up to two undeclared keys are looked up item by item, more by walking each item's keys: both give
+    # the items holding one, and the dropped paths in the order an item-by-item walk meets them.
+    software = [{"name": f"App {i}", "version": "1.0"} for i in range(200)]
+    for n, key in enumerate(reversed(extras)):  # the last-named key met first, the others later
+        for i in range(10 + 30 * n, 200, 37):
+            software[i] = {key: "x", **software[i]} if n % 2 else {**software[i], key: "x"}
+    doc = scan(software=software)
+    kept, dropped = FAST.filter_document(doc)
+    assert (kept, dropped) == REFERENCE.filter_document(doc)
+    assert set(dropped) >= {f"software[].{k}" for k in extras}
+    assert dropped[0] == f"software[].{extras[-1]}"
+    assert all(set(s) <= {"name", "version"} for s in kept["software"])
+
+
 # ------------------------------------------------------------------ properties
 
 KEY = st.text(min_size=0, max_size=12)
