@@ -8,6 +8,8 @@ import secrets
 
 PREFIXES = {"enroll": "tie_", "installation": "tii_", "agent": "tia_", "admin": "tiadm_"}
 _ROLE_BY_PREFIX = {v: k for k, v in PREFIXES.items()}
+# Longest prefix first: "tiadm_" must not be read as something shorter. Sorted once, not per request.
+_PREFIXES_LONGEST_FIRST = tuple(sorted(_ROLE_BY_PREFIX, key=len, reverse=True))
 MAX_TOKEN_LENGTH = 128
 
 
@@ -24,8 +26,7 @@ def hash_token(token: str) -> bytes:
 
 def role_of(token: str) -> str | None:
     """The role a token's prefix claims, or None if it has no known prefix."""
-    # Longest prefix first: "tiadm_" must not be read as something shorter.
-    for prefix in sorted(_ROLE_BY_PREFIX, key=len, reverse=True):
+    for prefix in _PREFIXES_LONGEST_FIRST:
         if token.startswith(prefix):
             return _ROLE_BY_PREFIX[prefix]
     return None
