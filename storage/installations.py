@@ -48,7 +48,7 @@ async def enroll(conn, install_id: uuid.UUID, *, token_id: str, token_hash: byte
 async def write_heartbeats(conn, rows: Sequence[HeartbeatRow]) -> list[str]:
     """Store a batch: update each current record that changed, append history; the outcome of each row, in order.
 
-    One call of write_heartbeat_batch (migrations 0014, 0016 to 0021), the rows sent as one array of
+    One call of write_heartbeat_batch (migrations 0014, 0016 to 0022), the rows sent as one array of
     heartbeat_row: alone, one implicit transaction and one round trip; inside the caller's
     transaction, part of it. Inside, two statements: row locks on the installations in a fixed
     order (concurrent batches cannot deadlock; an erasure, restriction or revocation, each of which
