@@ -30,7 +30,9 @@ Strings are excluded without visiting them one by one in Python:
    closes a string.
 2. translate deletes every byte but `" { } [ ] , :` (whitespace, scalars, string contents).
 3. Two strings are always separated by a `,` or `:` (outside strings), so `""` is now
-   exactly a string whose contents held none of those bytes: replaced by a marker `0`.
+   exactly a string whose contents held none of those bytes: replaced by a marker `00` (two
+   bytes for two, which bytes.replace does in place: 27 against 67 us for a one-byte marker
+   on the 50 KiB benchmark scan).
    The few strings left (those that held structural bytes) are replaced by a regex.
 
 A run of backslashes at a chunk's end is cut after its last complete pair (an odd run's last
@@ -122,7 +124,7 @@ class JsonBudget:
                 return  # the whole chunk is inside one string
             t = b"0" + t[end + 1 :]
             self._inside = False
-        t = t.replace(b'""', b"0")
+        t = t.replace(b'""', b"00")  # same length: no second pass to size the result
         if b'"' in t:
             t = _STRING.sub(b"0", t)
             opened = t.find(b'"')
