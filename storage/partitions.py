@@ -1,14 +1,25 @@
-"""Daily range partitions on receive time, created ahead and dropped whole."""
+"""Daily range partitions on receive time, created ahead, some indexes built once their day ends, dropped whole."""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 
 # Tables partitioned by day on received_at. Later migrations append to this tuple.
 PARTITIONED_TABLES: tuple[str, ...] = ("heartbeats", "scans")
 DAYS_AHEAD = 3
+
+# Indexes built on a table's daily partition only once its day has ended (migration 0023), not kept
+# up row by row while the day is written: table -> {name suffix: columns}. Each serves reads that are
+# rare next to the day's inserts (an installation's export and erasure); until its day ends, they
+# read the partition in full.
+DAY_END_INDEXES: dict[str, dict[str, str]] = {"heartbeats": {"install": "install_id, received_at"}}
+# How long after its day ends a partition gets them: longer than a request may take between its
+# receipt and its batch's commit, so that no write into the partition is left to wait behind the
+# build (CREATE INDEX holds the partition's SHARE lock while it reads the day).
+PARTITION_INDEX_GRACE = dt.timedelta(minutes=10)
 
 
 def partition_name(table: str, day: dt.date) -> str:
@@ -52,6 +63,35 @@ async def ensure_partitions(conn: asyncpg.Connection, today: dt.date, *, days_ba
                 continue
             made += status == "CREATE TABLE"
     return made
+
+
+async def index_ended_days(conn: asyncpg.Connection, now: dt.datetime, *, lock_timeout_ms: int | None = None,
+                           tick: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[str]:
+    """Build DAY_END_INDEXES on every partition whose day ended PARTITION_INDEX_GRACE before now; yields each index built.
+
+    One transaction per index (a plain CREATE INDEX: it commits whole or not at all, no invalid
+    index is ever left behind). With lock_timeout_ms it waits at most that long for the
+    partition's lock and raises asyncpg.LockNotAvailableError past it. `tick` runs before each build.
+    """
+    for table, indexes in DAY_END_INDEXES.items():
+        for name, day in await partitions_of(conn, table):
+            if dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc) + PARTITION_INDEX_GRACE > now:
+                break  # oldest first: this day and the later ones are still written
+            for suffix, columns in indexes.items():
+                index = f"{name}_{suffix}"
+                if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", index):
+                    continue
+                if tick is not None:
+                    await tick()
+                # Two overlapping sweeps may build the same index; the loser's duplicate is harmless.
+                try:
+                    async with conn.transaction():
+                        if lock_timeout_ms is not None:
+                            await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+                        await conn.execute(f"CREATE INDEX {index} ON {name} ({columns})")
+                except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+                    continue
+                yield index
 
 
 async def partitions_of(conn: asyncpg.Connection, table: str) -> list[tuple[str, dt.date]]:

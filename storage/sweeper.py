@@ -12,6 +12,9 @@ One sweep, `sweep(conn, now, rules)`, in this order:
    scan retention). Detach and drop are one transaction that waits at most
    PARTITION_LOCK_TIMEOUT_MS for the parent's lock (writers queue behind it only that long; a
    partition behind a long transaction is left for the next sweep, its rows go by step 5);
+   then build the heartbeat history's index by installation on each partition whose day ended
+   (storage.partitions.index_ended_days, migration 0023: one transaction per partition, waiting
+   at most PARTITION_LOCK_TIMEOUT_MS for its lock; the day being written has no such index);
 5. delete the remaining expired rows in batches of `batch_rows` (one statement and transaction
    each, by ctid within one partition): scans with expires_at <= now, heartbeat history with
    received_at <= now - retention, and the records of the policy file's categories (`records`,
@@ -120,6 +123,7 @@ class SweepResult:
     rows_deleted: dict[str, int] = field(default_factory=dict)
     partitions_dropped: dict[str, int] = field(default_factory=dict)
     partitions_created: int = 0
+    partitions_indexed: int = 0  # day-end indexes built (storage.partitions.index_ended_days)
     installations_erased: int = 0
     data_keys_added: int = 0
     data_keys_destroyed: int = 0  # epoch keys whose epoch ended
@@ -144,6 +148,7 @@ class SweepResult:
             "rows_deleted": dict(self.rows_deleted),
             "partitions_dropped": dict(self.partitions_dropped),
             "partitions_created": self.partitions_created,
+            "partitions_indexed": self.partitions_indexed,
             "installations_erased": self.installations_erased,
             "data_keys_added": self.data_keys_added,
             "data_keys_destroyed": self.data_keys_destroyed,
@@ -185,6 +190,10 @@ async def sweep(conn: asyncpg.Connection, ks: asyncpg.Connection, now: dt.dateti
             async with _unless_locked(result, f"dropping partitions of {table}"):
                 await _finish_detaches(conn, table, cutoff, result)
                 await _drop_expired_partitions(conn, table, cutoff, result)
+        async with _unless_locked(result, "indexing ended days"):
+            # The history's index by installation, on each day that has ended (migration 0023).
+            async for _ in partitions.index_ended_days(conn, now, lock_timeout_ms=PARTITION_LOCK_TIMEOUT_MS, tick=lease.renew):
+                result.partitions_indexed += 1
         if "heartbeats" in result.rows_deleted:
             async with _unless_locked(result, "deleting heartbeats"):
                 await delete_expired_rows(conn, "heartbeats", "received_at", now - rules.heartbeat_retention, rules.batch_rows,

@@ -19,8 +19,8 @@ from crypto.envelope import key_id_of, open_
 from crypto.keyring import KeyRing
 from ingest.keys import DATA_KEYS, SWEEPER
 from ingest.pipeline.sealed import email_context
-from storage import keystore
-from storage.partitions import ensure_partitions, partition_name, partitions_of
+from storage import admin, keystore
+from storage.partitions import PARTITION_INDEX_GRACE, ensure_partitions, partition_name, partitions_of
 from storage.pool import connect
 from storage.sweeper import Lease, Rules, sweep
 from tests.support import enroll_direct, heartbeat_body, start_service
@@ -457,6 +457,66 @@ async def test_a_long_transaction_delays_a_partition_drop_but_not_the_deletion(d
     assert not result.deferred and result.partitions_dropped["heartbeats"] >= 1
     assert await db.fetchval("SELECT count(*) FROM pg_inherits WHERE inhdetachpending") == 0
     assert min(await partition_days(db, "heartbeats")) == (T0 - 30 * DAY).date()
+
+
+async def history_indexes(conn, day: dt.date) -> list[str]:
+    """The column lists of the valid indexes on the heartbeat history's partition of `day`."""
+    rows = await conn.fetch(
+        "SELECT pg_get_indexdef(x.indexrelid) AS d FROM pg_index x WHERE x.indrelid = $1::regclass AND x.indisvalid",
+        partition_name("heartbeats", day))
+    return sorted(r["d"].rpartition(" USING btree ")[2] for r in rows)
+
+
+BY_AGE, BY_INSTALLATION = "(received_at)", "(install_id, received_at)"
+
+
+async def test_a_days_history_gets_its_index_by_installation_once_the_day_has_ended(db, ring, ks):
+    await partitions_around(db, T0, back=3)
+    mine = await add_installation(db, ks, ring, last_seen_at=T0)
+    other = await add_installation(db, ks, ring, last_seen_at=T0)
+    for days in (3, 2, 1, 0):
+        for install_id in (mine, other):
+            await add_heartbeat(db, install_id, T0 - days * DAY)
+    midnight = dt.datetime.combine(T0.date(), dt.time(), UTC)  # the end of the day before T0's
+
+    # Just short of the grace after yesterday's end: the two days before it are indexed, not yesterday.
+    result = await sweep(db, ks, midnight + PARTITION_INDEX_GRACE - SECOND)
+    assert result.partitions_indexed == 2
+    for days, indexes in ((3, [BY_INSTALLATION, BY_AGE]), (2, [BY_INSTALLATION, BY_AGE]), (1, [BY_AGE]), (0, [BY_AGE])):
+        assert await history_indexes(db, (T0 - days * DAY).date()) == indexes
+    result = await sweep(db, ks, midnight + PARTITION_INDEX_GRACE)
+    assert result.partitions_indexed == 1 and not result.deferred
+    assert await history_indexes(db, (T0 - DAY).date()) == [BY_INSTALLATION, BY_AGE]
+    # The day being written, and the days ahead, keep one index only; a later sweep builds nothing new.
+    for days in (0, -1, -3):
+        assert await history_indexes(db, (T0 - days * DAY).date()) == [BY_AGE]
+    assert (await sweep(db, ks, T0)).partitions_indexed == 0
+
+    # Lookups by installation find its rows of every day, indexed or not, and only its rows.
+    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", mine) == 4
+    await db.execute("UPDATE installations SET erasing = true WHERE install_id = $1", mine)
+    await admin.delete_rows(db, mine)
+    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", mine) == 0
+    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", other) == 4
+
+
+async def test_indexing_an_ended_day_waits_briefly_behind_a_writer_and_is_left_for_the_next_sweep(db_dsn, db, ring, ks):
+    await partitions_around(db, T0, back=1, ahead=3)  # nothing to create: that would wait for the writer too
+    install_id = await add_installation(db, ks, ring, last_seen_at=T0)
+    writer = await connect(db_dsn)
+    try:
+        tx = writer.transaction()
+        await tx.start()
+        await add_heartbeat(writer, install_id, T0 - DAY)  # a late write into yesterday, not committed
+        result = await sweep(db, ks, T0, Rules(lock_timeout=5))
+        assert result.deferred == ["indexing ended days"] and result.partitions_indexed == 0
+        await tx.commit()
+    finally:
+        await writer.close()
+    assert await history_indexes(db, (T0 - DAY).date()) == [BY_AGE]
+    result = await sweep(db, ks, T0)
+    assert not result.deferred and result.partitions_indexed == 1
+    assert await history_indexes(db, (T0 - DAY).date()) == [BY_INSTALLATION, BY_AGE]
 
 
 async def test_making_a_partition_never_keeps_writers_waiting_long(db_dsn, db, ring, ks):

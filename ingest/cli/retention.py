@@ -38,6 +38,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"installations erased: {result.installations_erased}")
     print(f"data keys added: {result.data_keys_added}")
     print(f"partitions created: {result.partitions_created}")
+    print(f"partitions indexed: {result.partitions_indexed}")
     print(f"swept in {result.seconds:.3f} s")
     if result.deferred:
         print(f"left for the next sweep (a lock was held too long): {', '.join(result.deferred)}")
