@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
+from typing import NamedTuple
 
 import asyncpg
 
@@ -17,8 +18,10 @@ DAYS_AHEAD = 3
 # read the partition in full.
 DAY_END_INDEXES: dict[str, dict[str, str]] = {"heartbeats": {"install": "install_id, received_at"}}
 # How long after its day ends a partition gets them: longer than a request may take between its
-# receipt and its batch's commit, so that no write into the partition is left to wait behind the
-# build (CREATE INDEX holds the partition's SHARE lock while it reads the day).
+# receipt and its batch's commit (at the default TELEMETRY_DB_TIMEOUT), and than the nodes' clocks
+# should differ, so that no write into the partition is left to wait behind the build (CREATE
+# INDEX holds the partition's SHARE lock while it reads the day). A later write is stored all the
+# same: it waits for the build, then goes into the index.
 PARTITION_INDEX_GRACE = dt.timedelta(minutes=10)
 
 
@@ -65,33 +68,57 @@ async def ensure_partitions(conn: asyncpg.Connection, today: dt.date, *, days_ba
     return made
 
 
-async def index_ended_days(conn: asyncpg.Connection, now: dt.datetime, *, lock_timeout_ms: int | None = None,
-                           tick: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[str]:
-    """Build DAY_END_INDEXES on every partition whose day ended PARTITION_INDEX_GRACE before now; yields each index built.
+class DayIndex(NamedTuple):
+    """One of DAY_END_INDEXES, on one partition."""
 
-    One transaction per index (a plain CREATE INDEX: it commits whole or not at all, no invalid
-    index is ever left behind). With lock_timeout_ms it waits at most that long for the
-    partition's lock and raises asyncpg.LockNotAvailableError past it. `tick` runs before each build.
+    table: str
+    partition: str
+    name: str
+    columns: str
+
+
+async def day_indexes_due(conn: asyncpg.Connection, now: dt.datetime, *,
+                          kept_after: Callable[[str], dt.datetime | None] = lambda table: None) -> list[DayIndex]:
+    """The DAY_END_INDEXES missing on partitions whose day ended PARTITION_INDEX_GRACE before now, oldest first.
+
+    A partition whose day ended at or before kept_after(table) is past retention, left to be dropped.
+    An index counts as there whatever its name if one of the same columns is (after a rollback of
+    migration 0023 the parent's index names its partitions' copies itself).
     """
+    due = []
     for table, indexes in DAY_END_INDEXES.items():
+        cutoff = kept_after(table)
         for name, day in await partitions_of(conn, table):
-            if dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc) + PARTITION_INDEX_GRACE > now:
+            end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
+            if end + PARTITION_INDEX_GRACE > now:
                 break  # oldest first: this day and the later ones are still written
-            for suffix, columns in indexes.items():
-                index = f"{name}_{suffix}"
-                if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", index):
-                    continue
-                if tick is not None:
-                    await tick()
-                # Two overlapping sweeps may build the same index; the loser's duplicate is harmless.
-                try:
-                    async with conn.transaction():
-                        if lock_timeout_ms is not None:
-                            await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
-                        await conn.execute(f"CREATE INDEX {index} ON {name} ({columns})")
-                except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
-                    continue
-                yield index
+            if cutoff is not None and end <= cutoff:
+                continue
+            have = {r["d"].rpartition(" USING btree (")[2].rstrip(")") for r in await conn.fetch(
+                "SELECT pg_get_indexdef(indexrelid) AS d FROM pg_index WHERE indrelid = $1::regclass", name)}
+            due += [DayIndex(table, name, f"{name}_{suffix}", columns) for suffix, columns in indexes.items() if columns not in have]
+    return due
+
+
+# A day's index is built in one statement, longer than a pool's command timeout may allow.
+INDEX_BUILD_TIMEOUT = 3600.0
+
+
+async def build_day_index(conn: asyncpg.Connection, index: DayIndex, *, lock_timeout_ms: int | None = None) -> bool:
+    """Build one day-end index; False if another process built it first.
+
+    One transaction (a plain CREATE INDEX: it commits whole or not at all, no invalid index is
+    ever left behind). With lock_timeout_ms it waits at most that long for the partition's lock (a
+    write into it not yet committed) and raises asyncpg.LockNotAvailableError past it.
+    """
+    try:
+        async with conn.transaction():
+            if lock_timeout_ms is not None:
+                await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+            await conn.execute(f"CREATE INDEX {index.name} ON {index.partition} ({index.columns})", timeout=INDEX_BUILD_TIMEOUT)
+    except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+        return False
+    return True
 
 
 async def partitions_of(conn: asyncpg.Connection, table: str) -> list[tuple[str, dt.date]]:

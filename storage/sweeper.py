@@ -12,9 +12,6 @@ One sweep, `sweep(conn, now, rules)`, in this order:
    scan retention). Detach and drop are one transaction that waits at most
    PARTITION_LOCK_TIMEOUT_MS for the parent's lock (writers queue behind it only that long; a
    partition behind a long transaction is left for the next sweep, its rows go by step 5);
-   then build the heartbeat history's index by installation on each partition whose day ended
-   (storage.partitions.index_ended_days, migration 0023: one transaction per partition, waiting
-   at most PARTITION_LOCK_TIMEOUT_MS for its lock; the day being written has no such index);
 5. delete the remaining expired rows in batches of `batch_rows` (one statement and transaction
    each, by ctid within one partition): scans with expires_at <= now, heartbeat history with
    received_at <= now - retention, and the records of the policy file's categories (`records`,
@@ -34,6 +31,11 @@ One sweep, `sweep(conn, now, rules)`, in this order:
    of them); vacuum the key store's tables so the destroyed keys leave them now;
 8. give installations whose newest record key is worn a new one (storage.keystore); delete
    audit log rows older than `audit_retention` (never younger than 30 days: storage.audit);
+   last, so that a long build holds up nothing else, build the heartbeat history's index by
+   installation on each partition whose day ended PARTITION_INDEX_GRACE (10 minutes) ago and is
+   still within retention (storage.partitions.day_indexes_due, migration 0023; the day being
+   written has no such index): one transaction each, waiting at most PARTITION_LOCK_TIMEOUT_MS
+   for the partition's lock; one that fails or waits too long is left for the next sweep;
 9. write an audit row if anything was removed; release the lease.
 
 No session state, so all of this holds behind PgBouncer in transaction mode and across nodes:
@@ -52,7 +54,8 @@ No session state, so all of this holds behind PgBouncer in transaction mode and 
 Every step commits on its own and is idempotent, so a sweep killed at any point leaves nothing
 inconsistent and the next one carries on. A step that waits longer than its lock timeout
 (`Rules.lock_timeout` for row deletions; PARTITION_LOCK_TIMEOUT_MS for making, detaching and
-dropping partitions, which need the parent table exclusively) for a lock (a long transaction on
+dropping partitions, which need the parent table exclusively, and for indexing an ended day,
+which needs that day's partition against writes) for a lock (a long transaction on
 the table) is left for the next sweep and listed in `SweepResult.deferred`; the other steps go on. `now` is an argument (tests use a fixed clock).
 """
 
@@ -123,7 +126,7 @@ class SweepResult:
     rows_deleted: dict[str, int] = field(default_factory=dict)
     partitions_dropped: dict[str, int] = field(default_factory=dict)
     partitions_created: int = 0
-    partitions_indexed: int = 0  # day-end indexes built (storage.partitions.index_ended_days)
+    partitions_indexed: int = 0  # day-end indexes built (storage.partitions.build_day_index)
     installations_erased: int = 0
     data_keys_added: int = 0
     data_keys_destroyed: int = 0  # epoch keys whose epoch ended
@@ -190,10 +193,6 @@ async def sweep(conn: asyncpg.Connection, ks: asyncpg.Connection, now: dt.dateti
             async with _unless_locked(result, f"dropping partitions of {table}"):
                 await _finish_detaches(conn, table, cutoff, result)
                 await _drop_expired_partitions(conn, table, cutoff, result)
-        async with _unless_locked(result, "indexing ended days"):
-            # The history's index by installation, on each day that has ended (migration 0023).
-            async for _ in partitions.index_ended_days(conn, now, lock_timeout_ms=PARTITION_LOCK_TIMEOUT_MS, tick=lease.renew):
-                result.partitions_indexed += 1
         if "heartbeats" in result.rows_deleted:
             async with _unless_locked(result, "deleting heartbeats"):
                 await delete_expired_rows(conn, "heartbeats", "received_at", now - rules.heartbeat_retention, rules.batch_rows,
@@ -222,6 +221,7 @@ async def sweep(conn: asyncpg.Connection, ks: asyncpg.Connection, now: dt.dateti
         if new_key is not None:
             result.data_keys_added = await keystore.replace_worn_keys(
                 ks, now, new_key, max_uses=rules.data_key_max_uses, max_age=rules.data_key_max_age)
+        await _index_ended_days(conn, now, rules, lease, result)
         result.seconds = time.perf_counter() - started
         if result.removed_anything:
             await record(conn, "sweeper", "sweep", detail=result.audit_detail())
@@ -294,6 +294,23 @@ async def _unless_locked(result: SweepResult, step: str) -> AsyncIterator[None]:
 
 def _upper_bound(day: dt.date) -> dt.datetime:
     return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
+
+
+async def _index_ended_days(conn: asyncpg.Connection, now: dt.datetime, rules: Rules, lease: Lease, result: SweepResult) -> None:
+    """Build the day-end indexes (migration 0023) due now, one at a time; one that fails is left for the next sweep.
+
+    Last in the sweep, so that a long build holds up no deletion; a build that waits too long for
+    its partition's lock, or fails otherwise (a timeout, the disk), is logged and listed in
+    `result.deferred`, and the others go on.
+    """
+    for index in await partitions.day_indexes_due(conn, now, kept_after=lambda table: rules.partition_cutoff(table, now)):
+        await lease.renew(force=True)  # a build may take longer than a quarter of the lease
+        try:
+            result.partitions_indexed += await partitions.build_day_index(conn, index, lock_timeout_ms=PARTITION_LOCK_TIMEOUT_MS)
+        except (asyncpg.PostgresError, TimeoutError) as exc:
+            log.warning("sweeper: building %s failed (%s); the next sweep tries again", index.name,
+                        getattr(exc, "sqlstate", None) or type(exc).__name__)
+            result.deferred.append(f"indexing {index.partition}")
 
 
 async def _finish_detaches(conn: asyncpg.Connection, table: str, cutoff: dt.datetime, result: SweepResult) -> None:

@@ -492,7 +492,13 @@ async def test_a_days_history_gets_its_index_by_installation_once_the_day_has_en
         assert await history_indexes(db, (T0 - days * DAY).date()) == [BY_AGE]
     assert (await sweep(db, ks, T0)).partitions_indexed == 0
 
-    # Lookups by installation find its rows of every day, indexed or not, and only its rows.
+    # Lookups by installation read the ended days by their index (the planner made to prefer one
+    # over reading these tiny tables), and find its rows of every day, indexed or not, and only its rows.
+    async with db.transaction():
+        await db.execute("SET LOCAL enable_seqscan = off")
+        plan = "\n".join(r[0] for r in await db.fetch(f"EXPLAIN SELECT * FROM heartbeats WHERE install_id = '{mine}'"))
+    for days in (3, 2, 1):
+        assert f"{partition_name('heartbeats', (T0 - days * DAY).date())}_install" in plan
     assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", mine) == 4
     await db.execute("UPDATE installations SET erasing = true WHERE install_id = $1", mine)
     await admin.delete_rows(db, mine)
@@ -500,22 +506,34 @@ async def test_a_days_history_gets_its_index_by_installation_once_the_day_has_en
     assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE install_id = $1", other) == 4
 
 
-async def test_indexing_an_ended_day_waits_briefly_behind_a_writer_and_is_left_for_the_next_sweep(db_dsn, db, ring, ks):
-    await partitions_around(db, T0, back=1, ahead=3)  # nothing to create: that would wait for the writer too
+async def test_indexing_an_ended_day_waits_briefly_behind_a_writer_and_the_other_days_go_on(db_dsn, db, ring, ks):
+    await partitions_around(db, T0, back=3, ahead=3)  # nothing to create: that would wait for the writer too
     install_id = await add_installation(db, ks, ring, last_seen_at=T0)
+    busy = (T0 - 2 * DAY).date()
     writer = await connect(db_dsn)
     try:
         tx = writer.transaction()
         await tx.start()
-        await add_heartbeat(writer, install_id, T0 - DAY)  # a late write into yesterday, not committed
-        result = await sweep(db, ks, T0, Rules(lock_timeout=5))
-        assert result.deferred == ["indexing ended days"] and result.partitions_indexed == 0
+        await add_heartbeat(writer, install_id, T0 - 2 * DAY)  # a late write into an ended day, not committed
+        # Rules.lock_timeout is 30 s here: a build that waited that long (or for ever) fails the wait_for.
+        result = await asyncio.wait_for(sweep(db, ks, T0, Rules(lock_timeout=30)), 20)
+        assert result.deferred == [f"indexing {partition_name('heartbeats', busy)}"]
+        assert result.partitions_indexed == 2  # the day before it and the day after it
         await tx.commit()
     finally:
         await writer.close()
-    assert await history_indexes(db, (T0 - DAY).date()) == [BY_AGE]
+    assert await history_indexes(db, busy) == [BY_AGE]
+    assert await history_indexes(db, (T0 - 3 * DAY).date()) == await history_indexes(db, (T0 - DAY).date()) == [BY_INSTALLATION, BY_AGE]
     result = await sweep(db, ks, T0)
     assert not result.deferred and result.partitions_indexed == 1
+    assert await history_indexes(db, busy) == [BY_INSTALLATION, BY_AGE]
+
+
+async def test_an_index_of_the_same_columns_under_another_name_counts_as_built(db, ks):
+    """After a rollback of migration 0023 the parent's index names its partitions' copies itself."""
+    await partitions_around(db, T0, back=2, ahead=3)
+    await db.execute("CREATE INDEX heartbeats_install ON heartbeats (install_id, received_at)")
+    assert (await sweep(db, ks, T0)).partitions_indexed == 0
     assert await history_indexes(db, (T0 - DAY).date()) == [BY_INSTALLATION, BY_AGE]
 
 

@@ -3,17 +3,17 @@
 --
 -- Every stored heartbeat appends one history row, and heartbeats_install (0001: install_id,
 -- received_at) took an insertion at a random place of a btree for each: a descent through its
--- inner pages and a leaf write, about a sixth of the database's CPU per batch (measured with the
+-- inner pages and a leaf write, about 15 % of the database's CPU per batch (measured with the
 -- batch function alone, 24 heartbeats from 164 installations: 800 -> 680 us of backend CPU a
 -- batch without it). The index serves two rare operations, an installation's export and its
 -- erasure, never the write path. So the parent's index goes, and the sweeper
--- (storage.partitions.index_ended_days) builds the same index on each partition of a day that
--- ended PARTITION_INDEX_GRACE ago, one short transaction each; until then an export or an
--- erasure reads that day's partition (today's, and yesterday's in the first minutes of a day)
--- in full. heartbeats_received (0004) stays on every partition: the sweeper's deletes by age and
+-- (storage.partitions.day_indexes_due, build_day_index) builds the same index on each partition
+-- of a day that ended PARTITION_INDEX_GRACE ago, one transaction each, last in a sweep; until
+-- then an export or an erasure reads that day's partition (today's, and yesterday's in the first
+-- minutes of a day) in full. heartbeats_received (0004) stays on every partition: the sweeper's deletes by age and
 -- the oldest-row metric read it, and appending at its right edge costs little.
 --
 -- Dropping the parent's index drops its partitions' copies too (PostgreSQL cannot detach one),
 -- so right after this migration no partition has it; the next sweep (one runs at each worker's
--- start) builds it on every partition of an ended day.
+-- start) builds it on every partition of an ended day still within retention.
 DROP INDEX IF EXISTS heartbeats_install;
