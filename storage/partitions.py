@@ -29,6 +29,11 @@ def partition_name(table: str, day: dt.date) -> str:
     return f"{table}_p{day:%Y%m%d}"
 
 
+def day_end(day: dt.date) -> dt.datetime:
+    """The upper bound of day's partition: the next midnight, UTC."""
+    return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
+
+
 async def ensure_partitions(conn: asyncpg.Connection, today: dt.date, *, days_back: int = 1, days_ahead: int = DAYS_AHEAD,
                             lock_timeout_ms: int | None = None) -> int:
     """Create any missing daily partition from today-days_back to today+days_ahead; returns how many were made.
@@ -71,7 +76,6 @@ async def ensure_partitions(conn: asyncpg.Connection, today: dt.date, *, days_ba
 class DayIndex(NamedTuple):
     """One of DAY_END_INDEXES, on one partition."""
 
-    table: str
     partition: str
     name: str
     columns: str
@@ -88,15 +92,19 @@ async def day_indexes_due(conn: asyncpg.Connection, now: dt.datetime, *,
     due = []
     for table, indexes in DAY_END_INDEXES.items():
         cutoff = kept_after(table)
+        have: dict[str, set[str]] = {}  # partition -> the column lists of its btree indexes, in one query
+        for r in await conn.fetch(
+                "SELECT c.relname, pg_get_indexdef(x.indexrelid) AS d FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "JOIN pg_index x ON x.indrelid = c.oid WHERE i.inhparent = $1::regclass", table):
+            have.setdefault(r["relname"], set()).add(r["d"].rpartition(" USING btree (")[2].rstrip(")"))
         for name, day in await partitions_of(conn, table):
-            end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
+            end = day_end(day)
             if end + PARTITION_INDEX_GRACE > now:
                 break  # oldest first: this day and the later ones are still written
             if cutoff is not None and end <= cutoff:
                 continue
-            have = {r["d"].rpartition(" USING btree (")[2].rstrip(")") for r in await conn.fetch(
-                "SELECT pg_get_indexdef(indexrelid) AS d FROM pg_index WHERE indrelid = $1::regclass", name)}
-            due += [DayIndex(table, name, f"{name}_{suffix}", columns) for suffix, columns in indexes.items() if columns not in have]
+            due += [DayIndex(name, f"{name}_{suffix}", columns) for suffix, columns in indexes.items()
+                    if columns not in have.get(name, ())]
     return due
 
 

@@ -292,10 +292,6 @@ async def _unless_locked(result: SweepResult, step: str) -> AsyncIterator[None]:
         result.deferred.append(step)
 
 
-def _upper_bound(day: dt.date) -> dt.datetime:
-    return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
-
-
 async def _index_ended_days(conn: asyncpg.Connection, now: dt.datetime, rules: Rules, lease: Lease, result: SweepResult) -> None:
     """Build the day-end indexes (migration 0023) due now, one at a time; one that fails is left for the next sweep.
 
@@ -333,14 +329,14 @@ async def _finish_detaches(conn: asyncpg.Connection, table: str, cutoff: dt.date
         if not m or m["table"] != table:
             continue
         day = dt.datetime.strptime(m["day"], "%Y%m%d").date()
-        if _upper_bound(day) <= cutoff:  # only what the sweeper itself would have dropped
+        if partitions.day_end(day) <= cutoff:  # only what the sweeper itself would have dropped
             result.rows_deleted[table] += await _count_and_drop(conn, r["relname"])
             result.partitions_dropped[table] += 1
 
 
 async def _drop_expired_partitions(conn: asyncpg.Connection, table: str, cutoff: dt.datetime, result: SweepResult) -> None:
     for name, day in await partitions.partitions_of(conn, table):
-        if _upper_bound(day) > cutoff:
+        if partitions.day_end(day) > cutoff:
             break  # oldest first: the rest are newer
         try:
             rows = await detach_and_drop(conn, table, name)

@@ -10,8 +10,8 @@
 -- (storage.partitions.day_indexes_due, build_day_index) builds the same index on each partition
 -- of a day that ended PARTITION_INDEX_GRACE ago, one transaction each, last in a sweep; until
 -- then an export or an erasure reads that day's partition (today's, and yesterday's in the first
--- minutes of a day) in full. heartbeats_received (0004) stays on every partition: the sweeper's deletes by age and
--- the oldest-row metric read it, and appending at its right edge costs little.
+-- minutes of a day) in full. heartbeats_received (0004) stays on every partition: the sweeper's
+-- deletes by age and the oldest-row metric read it, and appending at its right edge costs little.
 --
 -- Dropping the parent's index drops its partitions' copies too (PostgreSQL cannot detach one),
 -- so right after this migration no partition has it; the next sweep (one runs at each worker's
