@@ -14,18 +14,11 @@ from typing import NamedTuple
 
 import asyncpg
 
-from storage.installations import GONE, RESTRICTED, REVOKED
 from storage.pool import cursor
-from storage.tokens import revoked_tokens
 
-# Outcomes of a scan in a batch, besides RESTRICTED, GONE and REVOKED (from storage.installations);
+# Outcomes of a scan in a batch, besides "restricted", "gone" and "revoked" (storage.installations);
 # OVER_QUOTA: storing it would take its installation past its stored scan bytes.
 STORED, EXISTS, OVER_QUOTA = "stored", "exists", "over_quota"
-
-_COLUMNS = (
-    "install_id", "agent_id", "scan_id", "received_at", "expires_at", "key_id", "content_mac",
-    "size_wire", "size_decoded", "size_plain", "ciphertext",
-)
 
 
 class ScanRow(NamedTuple):
@@ -83,92 +76,18 @@ async def write_scans(conn, rows: Sequence[ScanRow], *, max_bytes: int | None = 
     revoked before this commit is REVOKED; one that would take its installation's unexpired
     sealed bytes past max_bytes is OVER_QUOTA (batches of one installation committing at
     the same moment may each pass, so the quota can be exceeded by about one batch each).
+
+    One call of write_scan_batch (data migration 0024, where its steps are listed), the rows sent
+    as one array of scan_row: alone, one implicit transaction and one round trip; inside the
+    caller's transaction, part of it.
     """
-    ids = sorted({r.install_id for r in rows})
-    async with conn.transaction():
-        # FOR SHARE: batches of scans do not wait for each other, but a restriction, erasure or
-        # retention change (which update the row) is ordered before or after this whole batch.
-        state = {
-            r["install_id"]: r
-            for r in await conn.fetch(
-                "SELECT install_id, restricted, erasing, scan_retention_hours FROM installations "
-                "WHERE install_id = ANY($1::uuid[]) ORDER BY install_id FOR SHARE",
-                ids,
-            )
-        }
-        revoked = await revoked_tokens(conn, [r.token_id for r in rows])
-        candidates = [r for r in rows if (s := state.get(r.install_id)) is not None and not s["erasing"] and not s["restricted"]
-                      and r.token_id not in revoked]
-        existing: dict[tuple[uuid.UUID, uuid.UUID], ScanOutcome] = {}
-        if candidates:
-            keys = sorted({(r.install_id, r.scan_id) for r in candidates})
-            # Sorted, so two batches never wait for each other's locks in a cycle. Held until commit:
-            # a concurrent writer of the same scan_id sees this batch's row after it.
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k",
-                sorted({lock_key(i, s) for i, s in keys}),
-            )
-            for r in await conn.fetch(
-                "SELECT DISTINCT ON (s.install_id, s.scan_id) s.install_id, s.scan_id, s.key_id, s.content_mac, s.expires_at "
-                "FROM scans s JOIN unnest($1::uuid[], $2::uuid[]) AS u(install_id, scan_id) "
-                "ON s.install_id = u.install_id AND s.scan_id = u.scan_id "
-                "WHERE s.expires_at > now() ORDER BY s.install_id, s.scan_id, s.received_at",
-                [k[0] for k in keys], [k[1] for k in keys],
-            ):
-                existing[(r["install_id"], r["scan_id"])] = ScanOutcome(EXISTS, r["expires_at"], r["key_id"], bytes(r["content_mac"]))
-        usage: dict[uuid.UUID, int] = {}
-        if candidates and max_bytes is not None:
-            # Days already past count no more: their rows are deleted here (same snapshot, disjoint rows).
-            usage = dict(await conn.fetch(
-                "WITH past AS (DELETE FROM scan_usage WHERE install_id = ANY($1::uuid[]) "
-                "AND expires_on < (now() AT TIME ZONE 'UTC')::date) "
-                "SELECT install_id, sum(bytes)::bigint FROM scan_usage WHERE install_id = ANY($1::uuid[]) "
-                "AND expires_on >= (now() AT TIME ZONE 'UTC')::date GROUP BY install_id",
-                sorted({r.install_id for r in candidates}),
-            ))
-        added: dict[tuple[uuid.UUID, dt.date], int] = {}
-        outcomes: list[ScanOutcome] = []
-        records = []
-        for r in rows:
-            s = state.get(r.install_id)
-            if s is None or s["erasing"]:
-                outcomes.append(ScanOutcome(GONE))
-                continue
-            if s["restricted"]:
-                outcomes.append(ScanOutcome(RESTRICTED))
-                continue
-            if r.token_id in revoked:
-                outcomes.append(ScanOutcome(REVOKED))
-                continue
-            key = (r.install_id, r.scan_id)
-            found = existing.get(key)
-            if found is not None:
-                outcomes.append(found)
-                continue
-            size = len(r.ciphertext)
-            if max_bytes is not None and usage.get(r.install_id, 0) + size > max_bytes:
-                outcomes.append(ScanOutcome(OVER_QUOTA))
-                continue
-            usage[r.install_id] = usage.get(r.install_id, 0) + size
-            # The key was chosen for the retention the handler knew; if it has since grown, the scan
-            # still expires with its key (a shorter one only makes the key outlive it).
-            expires_at = min(r.received_at + dt.timedelta(hours=s["scan_retention_hours"]), r.key_expires_at)
-            day = (r.install_id, expires_at.astimezone(dt.timezone.utc).date())
-            added[day] = added.get(day, 0) + size
-            existing[key] = ScanOutcome(EXISTS, expires_at, r.key_id, r.content_mac)  # a repeat later in this batch
-            outcomes.append(ScanOutcome(STORED, expires_at))
-            records.append((r.install_id, r.agent_id, r.scan_id, r.received_at, expires_at, r.key_id, r.content_mac,
-                            r.size_wire, r.size_decoded, r.size_plain, r.ciphertext))
-        if records:
-            await conn.copy_records_to_table("scans", records=records, columns=_COLUMNS)
-            days = sorted(added)  # one order for every batch: concurrent upserts cannot deadlock
-            await conn.execute(
-                "INSERT INTO scan_usage AS u (install_id, expires_on, bytes) "
-                "SELECT * FROM unnest($1::uuid[], $2::date[], $3::bigint[]) "
-                "ON CONFLICT (install_id, expires_on) DO UPDATE SET bytes = u.bytes + excluded.bytes",
-                [d[0] for d in days], [d[1] for d in days], [added[d] for d in days],
-            )
-    return outcomes
+    if not rows:
+        return []
+    batch = [(*r, lock_key(r.install_id, r.scan_id)) for r in rows]
+    return [ScanOutcome(*r) for r in await conn.fetch(_WRITE_BATCH, batch, max_bytes)]
+
+
+_WRITE_BATCH = "SELECT status, expires_at, key_id, content_mac FROM write_scan_batch($1::scan_row[], $2::bigint)"
 
 
 async def retention_of(conn, install_id: uuid.UUID) -> int | None:

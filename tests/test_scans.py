@@ -720,3 +720,34 @@ async def test_one_batch_judges_each_scan_in_order(db):
         "SELECT install_id, sum(bytes)::bigint AS bytes FROM scan_usage WHERE install_id = ANY($1::uuid[]) GROUP BY 1", [ok, other])}
     assert usage == {ok: 900, other: 200}
     assert await scan_store.write_scans(db, [], max_bytes=1000) == []
+
+
+async def test_a_batch_of_interleaved_installations_keeps_its_order_and_each_quota(db):
+    """write_scan_batch (data migration 0024) decides per installation but answers in the batch's order:
+    one scan_id in two installations is two scans, each installation spends its own quota, a quota of
+    None stores everything, and usage of days already past is dropped before the quota is counted."""
+    from storage.partitions import ensure_partitions
+
+    now = dt.datetime.now(dt.timezone.utc)
+    await ensure_partitions(db, now.date())
+    a, b = sorted((uuid.uuid4(), uuid.uuid4()), reverse=True)  # the later install_id first in the batch
+    await db.execute("INSERT INTO installations (install_id) VALUES ($1), ($2)", a, b)
+    # A past day's usage that would put a over its quota if it still counted.
+    await db.execute("INSERT INTO scan_usage (install_id, expires_on, bytes) VALUES ($1, $2, 10000)", a,
+                     (now - dt.timedelta(days=2)).date())
+    shared = uuid.uuid4()
+
+    def row(install_id, scan_id=None, size=400):
+        return scan_store.ScanRow(install_id, uuid.uuid4(), scan_id or uuid.uuid4(), now, 1, now + dt.timedelta(days=40),
+                                  os.urandom(32), size, size, size, os.urandom(size), None)
+
+    batch = [row(a, shared), row(b, shared), row(a), row(b), row(a), row(b, shared)]
+    out = await scan_store.write_scans(db, batch, max_bytes=1000)
+    assert [o.status for o in out] == ["stored", "stored", "stored", "stored", "over_quota", "exists"]
+    assert out[5].content_mac == batch[1].content_mac and out[5].key_id == 1
+    assert await db.fetchval("SELECT count(*) FROM scan_usage WHERE install_id = $1 AND expires_on < $2", a, now.date()) == 0
+    out = await scan_store.write_scans(db, [row(a, size=5000), row(b, shared, size=5000)], max_bytes=None)
+    assert [o.status for o in out] == ["stored", "exists"]
+    sizes = {r["install_id"]: r["n"] for r in await db.fetch(
+        "SELECT install_id, sum(size_plain)::bigint AS n FROM scans WHERE install_id = ANY($1::uuid[]) GROUP BY 1", [a, b])}
+    assert sizes == {a: 5800, b: 800}
