@@ -41,7 +41,7 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, statem
     mode that runs on whichever server connection comes next and can drop a session lock or setting
     another client holds there. This service keeps no session state to reset; an open transaction
     is still rolled back (asyncpg does that before any reset). One setting may move: the first use
-    of the composite type `heartbeat_row` on a connection makes asyncpg look the type up with
+    of a composite type (`heartbeat_row`, `scan_row`) on a connection makes asyncpg look the type up with
     `jit` switched off for the lookup and restored after, three statements that a pooler may send
     to different server connections, leaving one with `jit = off` (a planner setting only; this
     service's short statements gain nothing from JIT compilation).

@@ -168,7 +168,7 @@ async def test_the_pooler_is_in_transaction_mode(bouncer, db_dsn):
 
 
 async def test_serve_restarted_three_times_behind_pgbouncer(pooled_env, db, bouncer):
-    stored = 0
+    stored = scans = 0
     for start in range(4):  # the first start and three restarts
         server = ServeProcess({**pooled_env, "TELEMETRY_SWEEP_INTERVAL": "0.5"}, "--workers", "2")
         try:
@@ -185,6 +185,19 @@ async def test_serve_restarted_three_times_behind_pgbouncer(pooled_env, db, boun
                                          headers={"Authorization": f"Bearer {token}"}) as r:
                         assert r.status == 200, await r.text()
                     stored += 1
+                # Scans too: their batch is one call of write_scan_batch, whose array of the composite
+                # type scan_row asyncpg must describe on every pooled connection (no statement cache).
+                async with http.post(server.url + "/v1/agents", json={"name": f"agent-{start}"},
+                                     headers={"Authorization": f"Bearer {token}"}) as r:
+                    assert r.status == 201, await r.text()
+                    agent_token = (await r.json())["token"]
+                for _ in range(3):
+                    scan = {"scan_id": str(uuid.uuid4()), "scanned_at": "2026-12-01T10:00:00Z"}
+                    async with http.post(server.url + "/v1/scans", json=scan,
+                                         headers={"Authorization": f"Bearer {agent_token}"}) as r:
+                        assert r.status == 201, await r.text()
+                        assert (await r.json())["scan_id"] == scan["scan_id"]
+                    scans += 1
             await asyncio.sleep(1.5)  # a few sweeps behind the pooler
             stderr = server.stderr
         finally:
@@ -192,6 +205,7 @@ async def test_serve_restarted_three_times_behind_pgbouncer(pooled_env, db, boun
         assert code == 0, stderr
         _clean(stderr)
     assert await db.fetchval("SELECT count(*) FROM heartbeats") == stored == 20
+    assert await db.fetchval("SELECT count(*) FROM scans") == scans == 12
     assert await db.fetchval("SELECT count(*) FROM audit_log WHERE action = 'enroll_secret.create'") == 4
 
 

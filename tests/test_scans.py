@@ -751,3 +751,77 @@ async def test_a_batch_of_interleaved_installations_keeps_its_order_and_each_quo
     sizes = {r["install_id"]: r["n"] for r in await db.fetch(
         "SELECT install_id, sum(size_plain)::bigint AS n FROM scans WHERE install_id = ANY($1::uuid[]) GROUP BY 1", [a, b])}
     assert sizes == {a: 5800, b: 800}
+
+
+async def _wait_for_lock(db, conn, task: asyncio.Task) -> None:
+    """Until conn's statement waits for a lock (a row lock or an advisory lock), or task is done without waiting."""
+    pid = conn.get_server_pid()
+    while not task.done() and not await db.fetchval(
+            "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid):
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(("change", "outcome"), [
+    ("UPDATE installations SET restricted = true WHERE install_id = $1", "restricted"),
+    ("UPDATE installations SET erasing = true WHERE install_id = $1", "gone"),
+    ("DELETE FROM installations WHERE install_id = $1", "gone"),
+])
+async def test_a_restriction_or_erasure_committed_while_the_scan_batch_waits_for_its_lock_wins(db, db_dsn, change, outcome):
+    """write_scan_batch locks the installations first and judges them in a fresh snapshot afterwards: a
+    restriction, an erasure's start or a deletion that holds the row lock and commits while the batch
+    waits for it is seen, and nothing is stored."""
+    from storage.partitions import ensure_partitions
+    from storage.pool import connect
+
+    now = dt.datetime.now(dt.timezone.utc)
+    await ensure_partitions(db, now.date())
+    install_id = uuid.uuid4()
+    await db.execute("INSERT INTO installations (install_id) VALUES ($1)", install_id)
+    row = scan_store.ScanRow(install_id, uuid.uuid4(), uuid.uuid4(), now, 1, now + dt.timedelta(days=40),
+                             os.urandom(32), 100, 100, 100, os.urandom(100), None)
+    admin, writer = await connect(db_dsn), await connect(db_dsn)
+    try:
+        tx = admin.transaction()
+        await tx.start()
+        await admin.execute(change, install_id)
+        batch = asyncio.create_task(scan_store.write_scans(writer, [row], max_bytes=None))
+        await _wait_for_lock(db, writer, batch)
+        await tx.commit()
+        assert [o.status for o in await batch] == [outcome]
+    finally:
+        await admin.close()
+        await writer.close()
+    assert await db.fetchval("SELECT count(*) FROM scans WHERE install_id = $1", install_id) == 0
+    assert await db.fetchval("SELECT count(*) FROM scan_usage WHERE install_id = $1", install_id) == 0
+
+
+async def test_a_scan_id_committed_while_the_batch_waits_for_its_advisory_lock_is_found(db, db_dsn):
+    """The replay lookup comes after the (installation, scan_id) advisory lock, in a snapshot of its own: a
+    batch that waits for another writer of the same scan_id finds that writer's scan once it commits
+    (EXISTS, with its MAC and key), and stores no second copy."""
+    from storage.partitions import ensure_partitions
+    from storage.pool import connect
+
+    now = dt.datetime.now(dt.timezone.utc)
+    await ensure_partitions(db, now.date())
+    install_id, scan_id = uuid.uuid4(), uuid.uuid4()
+    await db.execute("INSERT INTO installations (install_id) VALUES ($1)", install_id)
+
+    def row(mac, key_id):
+        return scan_store.ScanRow(install_id, uuid.uuid4(), scan_id, now, key_id, now + dt.timedelta(days=40),
+                                  mac, 100, 100, 100, os.urandom(100), None)
+
+    first, second = await connect(db_dsn), await connect(db_dsn)
+    try:
+        tx = first.transaction()
+        await tx.start()
+        assert [o.status for o in await scan_store.write_scans(first, [row(b"f" * 32, 3)], max_bytes=None)] == ["stored"]
+        batch = asyncio.create_task(scan_store.write_scans(second, [row(b"s" * 32, 4)], max_bytes=None))
+        await _wait_for_lock(db, second, batch)
+        await tx.commit()
+        [out] = await batch
+    finally:
+        await first.close()
+        await second.close()
+    assert (out.status, out.key_id, out.content_mac) == ("exists", 3, b"f" * 32)
+    assert await db.fetchval("SELECT count(*) FROM scans WHERE install_id = $1 AND scan_id = $2", install_id, scan_id) == 1
