@@ -825,3 +825,13 @@ async def test_a_scan_id_committed_while_the_batch_waits_for_its_advisory_lock_i
         await second.close()
     assert (out.status, out.key_id, out.content_mac) == ("exists", 3, b"f" * 32)
     assert await db.fetchval("SELECT count(*) FROM scans WHERE install_id = $1 AND scan_id = $2", install_id, scan_id) == 1
+
+
+async def test_a_scan_row_is_sent_in_the_order_of_the_databases_type(db):
+    """write_scans sends each ScanRow as it is, plus its lock key, as the composite type scan_row: the
+    fields must be the type's attributes, in its order (a field added to one and not the other, or two
+    swapped, would write values into the wrong columns or fail only at the first batch)."""
+    attributes = [r["attname"] for r in await db.fetch(
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'scan_row'::regclass AND attnum > 0 AND NOT attisdropped"
+        " ORDER BY attnum")]
+    assert attributes == [*scan_store.ScanRow._fields, "lock_key"]
