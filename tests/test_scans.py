@@ -835,3 +835,41 @@ async def test_a_scan_row_is_sent_in_the_order_of_the_databases_type(db):
         "SELECT attname FROM pg_attribute WHERE attrelid = 'scan_row'::regclass AND attnum > 0 AND NOT attisdropped"
         " ORDER BY attnum")]
     assert attributes == [*scan_store.ScanRow._fields, "lock_key"]
+
+
+async def test_two_batches_naming_the_same_scans_in_opposite_orders_do_not_deadlock(db, db_dsn):
+    """write_scan_batch takes a batch's advisory locks in sorted order, whatever the batch's order: two
+    batches holding the same two scans in opposite orders queue behind each other instead of each
+    holding one lock and waiting for the other (a deadlock, which PostgreSQL would break by failing one
+    batch: 503s under contention). Made deterministic: a third session holds the lower lock while both
+    batches line up behind it."""
+    from storage.partitions import ensure_partitions
+    from storage.pool import connect
+
+    now = dt.datetime.now(dt.timezone.utc)
+    await ensure_partitions(db, now.date())
+    a, b = uuid.uuid4(), uuid.uuid4()
+    await db.execute("INSERT INTO installations (install_id) VALUES ($1), ($2)", a, b)
+
+    def row(install_id, scan_id):
+        return scan_store.ScanRow(install_id, uuid.uuid4(), scan_id, now, 1, now + dt.timedelta(days=40),
+                                  os.urandom(32), 100, 100, 100, os.urandom(100), None)
+
+    rows = sorted((row(a, uuid.uuid4()), row(b, uuid.uuid4())), key=lambda r: scan_store.lock_key(r.install_id, r.scan_id))
+    low, high = rows  # by lock key
+    holder, first, second = [await connect(db_dsn) for _ in range(3)]
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", scan_store.lock_key(low.install_id, low.scan_id))
+        one = asyncio.create_task(scan_store.write_scans(first, [low, high], max_bytes=None))
+        await _wait_for_lock(db, first, one)
+        two = asyncio.create_task(scan_store.write_scans(second, [high, low], max_bytes=None))
+        await _wait_for_lock(db, second, two)
+        await tx.commit()
+        outcomes = await asyncio.gather(one, two)
+    finally:
+        for conn in (holder, first, second):
+            await conn.close()
+    assert [[o.status for o in out] for out in outcomes] == [["stored", "stored"], ["exists", "exists"]]
+    assert await db.fetchval("SELECT count(*) FROM scans WHERE install_id = ANY($1::uuid[])", [a, b]) == 2
