@@ -873,3 +873,36 @@ async def test_two_batches_naming_the_same_scans_in_opposite_orders_do_not_deadl
             await conn.close()
     assert [[o.status for o in out] for out in outcomes] == [["stored", "stored"], ["exists", "exists"]]
     assert await db.fetchval("SELECT count(*) FROM scans WHERE install_id = ANY($1::uuid[])", [a, b]) == 2
+
+
+async def test_a_batch_refused_whole_and_a_repeat_after_an_over_quota_scan(db):
+    """Two paths of write_scan_batch the larger batch tests do not take: a batch in which every scan is
+    refused (answered before any advisory lock or lookup, nothing stored, no usage row), and a scan_id
+    refused over the quota and repeated later in the same batch, smaller: the repeat is judged afresh
+    (an over-quota scan is not stored, so there is nothing for it to repeat) and stored."""
+    from storage.partitions import ensure_partitions
+
+    now = dt.datetime.now(dt.timezone.utc)
+    await ensure_partitions(db, now.date())
+    ok, restricted, gone = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await db.execute("INSERT INTO installations (install_id) VALUES ($1)", ok)
+    await db.execute("INSERT INTO installations (install_id, restricted) VALUES ($1, true)", restricted)
+    revoked = "tok_revoked_" + uuid.uuid4().hex
+    await db.execute("INSERT INTO tokens (token_id, token_hash, role, install_id, revoked_at) VALUES ($1, $2, 'agent', $3, now())",
+                     revoked, os.urandom(32), ok)
+
+    def row(install_id, scan_id=None, *, size=100, token=None):
+        return scan_store.ScanRow(install_id, uuid.uuid4(), scan_id or uuid.uuid4(), now, 1, now + dt.timedelta(days=40),
+                                  os.urandom(32), size, size, size, os.urandom(size), token)
+
+    out = await scan_store.write_scans(db, [row(gone), row(restricted), row(ok, token=revoked), row(restricted)], max_bytes=1000)
+    assert [o.status for o in out] == ["gone", "restricted", "revoked", "restricted"]
+    assert all(o.expires_at is None for o in out)
+    assert await db.fetchval("SELECT count(*) FROM scans WHERE install_id = ANY($1::uuid[])", [ok, restricted, gone]) == 0
+    assert await db.fetchval("SELECT count(*) FROM scan_usage WHERE install_id = ANY($1::uuid[])", [ok, restricted, gone]) == 0
+
+    again = uuid.uuid4()
+    out = await scan_store.write_scans(db, [row(ok, again, size=1200), row(ok, again, size=300)], max_bytes=1000)
+    assert [o.status for o in out] == ["over_quota", "stored"]
+    assert await db.fetchval("SELECT size_plain FROM scans WHERE install_id = $1 AND scan_id = $2", ok, again) == 300
+    assert await db.fetchval("SELECT sum(bytes) FROM scan_usage WHERE install_id = $1", ok) == 300
