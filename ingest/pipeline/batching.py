@@ -3,7 +3,9 @@
 A request submits its record and waits; a flusher takes everything queued (up to
 a row and a byte bound), writes it in one transaction, and only then resolves
 each waiting request with its outcome. The queue is bounded: when full, the
-request is refused at once with 503 instead of waiting without limit.
+request is refused at once with 503 instead of waiting without limit. A writer
+may linger: wait a few milliseconds after a batch's first record for others to
+join it, when fewer than a batch's worth are queued.
 """
 
 from __future__ import annotations
@@ -138,8 +140,13 @@ class GroupCommitWriter(Generic[T]):
         flushers: int = 2,
         max_queue_bytes: int | None = None,
         timeout: float | None = None,
+        linger: float = 0.0,
     ) -> None:
         self.name = name
+        # Seconds a flusher waits after taking a batch's first record, so that records arriving
+        # meanwhile join that batch (one commit, one wake-up, instead of one each); skipped when the
+        # queue already holds a full batch. Every record it delays waits at most this much longer.
+        self._linger = linger
         self._pool = pool
         self._write = write
         self._queue: asyncio.Queue[Item] = asyncio.Queue(max_queue)
@@ -240,6 +247,8 @@ class GroupCommitWriter(Generic[T]):
                 first = await self._next_record(held)
                 if first is None:  # stop sentinel from close(): everything before it is flushed
                     return
+                if self._linger and self._queue.qsize() + 1 < self._max_rows and self._queued_bytes < self._max_bytes:
+                    await asyncio.sleep(self._linger)
                 batch, stop = self._take_batch(first)
                 batch = self._in_time(batch)
                 if batch:
