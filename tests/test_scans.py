@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import gzip
 import os
 import struct
@@ -668,6 +669,14 @@ async def test_stored_scan_helpers(service, db):
     assert await scan_store.find_scan(db, uuid.uuid4(), uuid.UUID(bodies[0]["scan_id"])) is None
 
 
+def sealed_row(install_id, scan_id=None, *, now, size=100, token=None, mac=None, key_id=1, key_expires=None):
+    """A ScanRow for storage.scans.write_scans: size random sealed bytes (its sizes on the wire, decoded and
+    plain all size), a fresh agent, a random MAC and a key epoch ending 40 days after now unless given."""
+    return scan_store.ScanRow(install_id, uuid.uuid4(), scan_id or uuid.uuid4(), now, key_id,
+                              key_expires or now + dt.timedelta(days=40), mac or os.urandom(32), size, size, size,
+                              os.urandom(size), token)
+
+
 async def test_one_batch_judges_each_scan_in_order(db):
     """write_scans judges one batch row by row: gone, being erased, restricted and revoked-token scans are
     refused; a scan_id stored earlier, or earlier in the same
@@ -688,9 +697,7 @@ async def test_one_batch_judges_each_scan_in_order(db):
     stored_before = uuid.uuid4()
     key_end = now + dt.timedelta(hours=100)
 
-    def row(install_id, scan_id=None, *, size=100, token=live, mac=None, key_id=7, key_expires=key_end):
-        return scan_store.ScanRow(install_id, uuid.uuid4(), scan_id or uuid.uuid4(), now, key_id, key_expires,
-                                  mac or os.urandom(32), size, size, size, os.urandom(size), token)
+    row = functools.partial(sealed_row, now=now, token=live, key_id=7, key_expires=key_end)
 
     first = await scan_store.write_scans(db, [row(ok, stored_before, mac=b"m" * 32, key_id=5)], max_bytes=1000)
     assert first == [scan_store.ScanOutcome("stored", now + dt.timedelta(hours=24))]
@@ -739,9 +746,7 @@ async def test_a_batch_of_interleaved_installations_keeps_its_order_and_each_quo
                      (now - dt.timedelta(days=2)).date())
     shared = uuid.uuid4()
 
-    def row(install_id, scan_id=None, size=400):
-        return scan_store.ScanRow(install_id, uuid.uuid4(), scan_id or uuid.uuid4(), now, 1, now + dt.timedelta(days=40),
-                                  os.urandom(32), size, size, size, os.urandom(size), None)
+    row = functools.partial(sealed_row, now=now, size=400)
 
     batch = [row(a, shared), row(b, shared), row(a), row(b), row(a), row(b, shared)]
     out = await scan_store.write_scans(db, batch, max_bytes=1000)
@@ -779,8 +784,7 @@ async def test_a_restriction_or_erasure_committed_while_the_scan_batch_waits_for
     await ensure_partitions(db, now.date())
     install_id = uuid.uuid4()
     await db.execute("INSERT INTO installations (install_id) VALUES ($1)", install_id)
-    row = scan_store.ScanRow(install_id, uuid.uuid4(), uuid.uuid4(), now, 1, now + dt.timedelta(days=40),
-                             os.urandom(32), 100, 100, 100, os.urandom(100), None)
+    row = sealed_row(install_id, now=now)
     admin, writer = await connect(db_dsn), await connect(db_dsn)
     try:
         tx = admin.transaction()
@@ -810,8 +814,7 @@ async def test_a_scan_id_committed_while_the_batch_waits_for_its_advisory_lock_i
     await db.execute("INSERT INTO installations (install_id) VALUES ($1)", install_id)
 
     def row(mac, key_id):
-        return scan_store.ScanRow(install_id, uuid.uuid4(), scan_id, now, key_id, now + dt.timedelta(days=40),
-                                  mac, 100, 100, 100, os.urandom(100), None)
+        return sealed_row(install_id, scan_id, now=now, mac=mac, key_id=key_id)
 
     first, second = await connect(db_dsn), await connect(db_dsn)
     try:
@@ -853,11 +856,7 @@ async def test_two_batches_naming_the_same_scans_in_opposite_orders_do_not_deadl
     a, b = uuid.uuid4(), uuid.uuid4()
     await db.execute("INSERT INTO installations (install_id) VALUES ($1), ($2)", a, b)
 
-    def row(install_id, scan_id):
-        return scan_store.ScanRow(install_id, uuid.uuid4(), scan_id, now, 1, now + dt.timedelta(days=40),
-                                  os.urandom(32), 100, 100, 100, os.urandom(100), None)
-
-    rows = sorted((row(a, uuid.uuid4()), row(b, uuid.uuid4())), key=lambda r: scan_store.lock_key(r.install_id, r.scan_id))
+    rows = sorted((sealed_row(a, now=now), sealed_row(b, now=now)), key=lambda r: scan_store.lock_key(r.install_id, r.scan_id))
     low, high = rows  # by lock key
     holder, first, second = [await connect(db_dsn) for _ in range(3)]
     try:
@@ -893,9 +892,7 @@ async def test_a_batch_refused_whole_and_a_repeat_after_an_over_quota_scan(db):
     await db.execute("INSERT INTO tokens (token_id, token_hash, role, install_id, revoked_at) VALUES ($1, $2, 'agent', $3, now())",
                      revoked, os.urandom(32), ok)
 
-    def row(install_id, scan_id=None, *, size=100, token=None):
-        return scan_store.ScanRow(install_id, uuid.uuid4(), scan_id or uuid.uuid4(), now, 1, now + dt.timedelta(days=40),
-                                  os.urandom(32), size, size, size, os.urandom(size), token)
+    row = functools.partial(sealed_row, now=now)
 
     out = await scan_store.write_scans(db, [row(gone), row(restricted), row(ok, token=revoked), row(restricted)], max_bytes=1000)
     assert [o.status for o in out] == ["gone", "restricted", "revoked", "restricted"]
