@@ -9,6 +9,9 @@
 - crypto_ceiling: AES-256-GCM seal of 1 KiB and 64 KiB, one core.
 - json_ceiling: orjson.loads of the 5,000-entry scan, one core (the allowlist
   filter parses and walks the same document).
+- scan_floor: the library calls one 50 KiB scan of the scan figures makes
+  whatever code surrounds them (inflate, parse, canonical form, digest, zstd,
+  AES-GCM), CPU per scan on one core: what `e2e_scans.wN.cpu` is a multiple of.
 - naive_baseline: benchmarks.apps naive (stdlib json, one INSERT and commit per
   request, pool of 10 per worker) under the same load as the service.
 """
@@ -22,6 +25,7 @@ import os
 import sys
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -319,6 +323,42 @@ async def json_ceiling(ctx: Context) -> list[Result]:
         Result("json_ceiling.scan5000", calls / elapsed, "docs/s", None, details),
         Result("json_ceiling.scan5000.bytes", calls * len(raw) / elapsed / 1e6, "MB/s", None, details),
     ]
+
+
+@benchmark("scan_floor")
+async def scan_floor(ctx: Context) -> list[Result]:
+    """The library calls of one 50 KiB scan (inflate, parse, canonical form, digest, zstd, AES-GCM), one core."""
+    from crypto.documents import canonical, content_digest, seal_document
+    from crypto.envelope import DataKey
+    from ingest.pipeline.filter import Allowlist
+    from ingest.pipeline.sealed import scan_context
+    from policy.categories import SCAN
+
+    body = fifty_kib_scans().body(str(uuid.UUID(int=4)))
+    data = zlib.decompress(body, wbits=31)
+    kept, _ = Allowlist(SCAN.root).filter_document(orjson.loads(data))
+    plain = canonical(kept)
+    key = DataKey.from_bytes(1, os.urandom(32))
+    context = scan_context(uuid.UUID(int=1), uuid.UUID(int=4))
+    compressed = seal_document(key, plain, context)
+    parts: dict[str, Callable[[], object]] = {
+        "inflate": lambda: zlib.decompress(body, wbits=31),
+        "parse": lambda: orjson.loads(data),
+        "canonical": lambda: canonical(kept),
+        "digest": lambda: content_digest(plain),
+        "compress_seal": lambda: seal_document(key, plain, context),
+    }
+    seconds = max(0.2, ctx.micro_duration / len(parts))
+    us = {}
+    for part, op in parts.items():
+        started = time.process_time()
+        calls, _ = rate_of(op, seconds, 16)
+        us[part] = (time.process_time() - started) / calls * 1e6
+    total = sum(us.values())
+    details = {**{f"{k}_us": round(v, 1) for k, v in us.items()}, "decoded_bytes": len(data), "plain_bytes": len(plain),
+               "sealed_bytes": len(compressed), "cores": 1,
+               "note": "µs: " + ", ".join(f"{k} {v:.0f}" for k, v in us.items()) + "; no HTTP, no filter, no database"}
+    return [Result("scan_floor.us", total, "µs", None, details)]
 
 
 # --- naive baseline ---------------------------------------------------------------------------

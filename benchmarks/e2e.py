@@ -263,7 +263,7 @@ async def e2e_heartbeats(ctx: Context) -> list[Result]:
     return results
 
 
-@benchmark("e2e_scans", needs=("http_ceiling", "db_ceiling"))
+@benchmark("e2e_scans", needs=("http_ceiling", "db_ceiling", "scan_floor"))
 async def e2e_scans(ctx: Context) -> list[Result]:
     """50 KiB scans (gzip) through `telemetry-ingest serve` at the largest worker count."""
     service_cli()
@@ -290,7 +290,18 @@ async def e2e_scans(ctx: Context) -> list[Result]:
             found, closed = await measure(
                 ctx, name, factory, ceiling=http_scan_ceiling_name(workers), server_pid=srv.pid
             )
-    return [*found, scan_bytes_result(name, closed.rps, scans, "db_ceiling.scans.bytes"), rss.result(name)]
+    return [*found, scan_bytes_result(name, closed.rps, scans, "db_ceiling.scans.bytes"), *scan_cpu_result(found[0]),
+            rss.result(name)]
+
+
+def scan_cpu_result(closed: Result) -> list[Result]:
+    """The service's CPU per scan (its process tree), whose ratio is the multiple of the scan's library calls
+    (``scan_floor.us``): a figure that moves with the code, not with the disk as the MB/s ratio does."""
+    if "server_us_per_req" not in closed.details:  # the server's CPU was not read: no figure
+        return []
+    details = {"pg_us_per_req": closed.details.get("pg_us_per_req"),
+               "note": "CPU per scan of the service's process tree; ratio: the multiple of scan_floor.us"}
+    return [Result(f"{closed.name}.cpu", closed.details["server_us_per_req"], "µs", "scan_floor.us", details)]
 
 
 def _answers_scan(body: bytes, scan_id: str) -> bool:
