@@ -448,6 +448,43 @@ def test_counter_bounds_values_and_depth_however_the_text_is_cut(value, indent, 
             check_budget(text, true - 1, 1000)
 
 
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(JSON_VALUES, st.lists(st.integers(1, 40), max_size=8), st.integers(-3, 3))
+@example([0] * 60, [10] * 12, -1)
+def test_a_count_left_for_later_keeps_the_limit_exactly_however_the_text_is_cut(value, cuts, slack):
+    """While what was fed cannot pass max_values, its values are counted only when asked for or when more comes:
+    a limit under the count is still refused while feeding, one above it never, wherever the text is cut. (At
+    the count itself, an empty object cut between its braces is counted once until its "}" comes, as before.)"""
+    text = json.dumps(value).encode()
+    count = check_budget(text, 10**9, 1000)
+    limit = max(count + slack, 1)
+
+    def feed_all(budget: JsonBudget) -> None:
+        start = 0
+        for n in cuts:
+            budget.feed(text[start : start + n])
+            start += n
+        budget.feed(text[start:])
+
+    budget = JsonBudget(limit, 1000)
+    if count > limit:
+        with pytest.raises(TooLarge):
+            feed_all(budget)
+    elif count < limit:
+        feed_all(budget)
+        assert budget.values == count
+
+
+def test_a_usual_body_is_counted_only_when_asked_for():
+    """The fifty software items of a small scan cannot pass the default limit: nothing is counted while feeding."""
+    text = json.dumps({"software": [{"name": f"app {i}", "version": "1.0"} for i in range(50)]}).encode()
+    budget = JsonBudget(1_000_000, 32)
+    budget.feed(text)
+    budget.finish()
+    assert budget._uncounted  # left for later
+    assert budget.values == _values(json.loads(text)) and not budget._uncounted
+
+
 @settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.sampled_from(["\\", '"', "\n", "a", "\u00e9", "/", "{", ",", ":"]), max_size=200))
 def test_escapes_are_cut_as_a_parser_reads_them_whether_few_or_many(parts):

@@ -41,6 +41,12 @@ it, are carried to the next. For text that is not valid JSON the count may be wr
 after the first syntax error, but the parser stops there too: what it would build lies in
 the valid prefix, which is counted right. Either way such a body gets a 4xx.
 
+The count waits while it cannot pass the limit: every value counted but the root is one byte of
+the structure left after step 3, so while `1 + its length <= max_values` the pieces' structure is
+kept (at most max_values bytes) and counted only when `values` is read or once more has come; from
+then on each piece is counted as it comes. A body over the limit is refused at the same byte as
+before, and a usual one is never counted (20 of the 90 us on the 50 KiB benchmark scan).
+
 Depth: the bytes `{[` and `}]` outside strings, kept (both mapped to one pair, the parser
 checks that they match), are peeled: each pass deletes every adjacent `{}`, which is one
 level of nesting; a document nests deeper than `max_depth` when `max_depth` passes leave
@@ -94,7 +100,9 @@ class JsonBudget:
     def __init__(self, max_values: int, max_depth: int) -> None:
         self.max_values = max_values
         self.max_depth = max_depth
-        self.values = 1
+        self._values = 1
+        self._structure = 0  # bytes of structure (outside strings) fed so far
+        self._uncounted: list[bytes] = []  # the structure whose values are not counted yet
         self._inside = False  # a string is open at the end of what was fed
         self._tail = b""  # the last piece's unpaired backslash (an odd run at its end), or nothing
         self._open_brace = False  # what was fed ends with a "{" (whitespace aside)
@@ -131,16 +139,35 @@ class JsonBudget:
             if opened >= 0:  # a string open at the chunk's end: its start is all that is left of one
                 t = t[:opened] + b"0"
                 self._inside = True
-        self.values += t.count(b",") + t.count(b"{") + t.count(b"[") - t.count(b"{}")
         if self._open_brace and t.startswith(b"}"):
-            self.values -= 1  # an empty object cut between two chunks
+            self._values -= 1  # an empty object cut between two chunks
         if t:
             self._open_brace = t.endswith(b"{")
-        if self.values > self.max_values:
-            raise TooLarge(f"body holds more than {self.max_values} JSON values")
+        self._structure += len(t)
+        if 1 + self._structure <= self.max_values:
+            # Within the limit whatever it holds (each value counted but the root is one byte of it,
+            # a ',', '{' or '['): counted only when asked for (values), or once more has come.
+            self._uncounted.append(t)
+        else:
+            self._values += self._count(t) + sum(map(self._count, self._uncounted))
+            self._uncounted.clear()
+            if self._values > self.max_values:
+                raise TooLarge(f"body holds more than {self.max_values} JSON values")
         brackets = t.translate(_BRACKETS, b",:0")
         if brackets:
             self._brackets.append(brackets)
+
+    @staticmethod
+    def _count(t: bytes) -> int:
+        return t.count(b",") + t.count(b"{") + t.count(b"[") - t.count(b"{}")
+
+    @property
+    def values(self) -> int:
+        """The values counted in what was fed (an upper bound, see the module docstring)."""
+        if self._uncounted:
+            self._values += sum(map(self._count, self._uncounted))
+            self._uncounted.clear()
+        return self._values
 
     def finish(self) -> None:
         """Check the depth of everything fed (BadRequest if deeper than max_depth)."""
