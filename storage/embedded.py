@@ -70,7 +70,7 @@ def _one_root_at_a_time(package: Path) -> Iterator[None]:
     The directory is the installation's own (not world-writable, unlike /tmp), shared by every
     process that runs these binaries.
     """
-    if os.name != "posix" or os.geteuid() != 0:
+    if os.geteuid() != 0:
         yield
         return
     fd = os.open(package, os.O_RDONLY | os.O_DIRECTORY)

@@ -485,7 +485,6 @@ def test_a_usual_body_is_counted_only_when_asked_for():
     assert budget.values == _values(json.loads(text)) and not budget._uncounted
 
 
-
 def test_pieces_left_for_later_hold_memory_by_the_structure_not_by_the_number_of_pieces():
     """A caller feeding a long run of whitespace a byte at a time keeps nothing for each piece."""
     import tracemalloc
@@ -503,6 +502,7 @@ def test_pieces_left_for_later_hold_memory_by_the_structure_not_by_the_number_of
     budget.finish()
     assert held < 64 * 1024  # one kept entry per piece was about 800 KB here
     assert budget.values == 2
+
 
 @settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.sampled_from(["\\", '"', "\n", "a", "\u00e9", "/", "{", ",", ":"]), max_size=200))

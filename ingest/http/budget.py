@@ -43,9 +43,10 @@ the valid prefix, which is counted right. Either way such a body gets a 4xx.
 
 The count waits while it cannot pass the limit: every value counted but the root is one byte of
 the structure left after step 3, so while `1 + its length <= max_values` the pieces' structure is
-kept (at most max_values bytes in at most as many pieces: one with no structure is not kept) and counted only when `values` is read or once more has come; from
-then on each piece is counted as it comes. A body over the limit is refused at the same byte as
-before, and a usual one is never counted (20 of the 90 us on the 50 KiB benchmark scan).
+kept (at most max_values bytes in at most as many pieces: one with no structure is not kept) and
+counted only when `values` is read or once more has come; from then on each piece is counted as it
+comes. A body over the limit is refused at the same byte as before, and a usual one is never
+counted (20 of the 90 us on the 50 KiB benchmark scan).
 
 Depth: the bytes `{[` and `}]` outside strings, kept (both mapped to one pair, the parser
 checks that they match), are peeled: each pass deletes every adjacent `{}`, which is one
